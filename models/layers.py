@@ -1,0 +1,309 @@
+"""Blocks shared by R2-D4 and the MOST family, and the geometry both need.
+
+Everything here exports to ONNX (opset 17) and builds in TensorRT without plugins: deformable
+convolution is written with ``grid_sample`` and a 1x1 reduction, homography warping with
+``grid_sample``, and the 4-point DLT and 3x3 inversion as closed-form arithmetic (``torch.linalg``
+solvers and ``torch.inverse`` do not export).
+
+Pixel-coordinate convention (used by models, data, metrics and the service alike): a point
+``(x, y)`` is continuous, the image spans ``[0, W] x [0, H]`` and pixel ``(i, j)`` has its centre at
+``(j + 0.5, i + 0.5)``. With it, changing scale by 2 is exactly ``S = diag(2, 2, 1)`` and the four
+image corners are ``(0, 0), (W, 0), (W, H), (0, H)``. An OpenCV homography (pixel centres at
+integers) converts with ``T^-1 H T``, ``T`` a translation by +0.5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Convolution blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias)
+
+
+def conv1x1(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, bias=bias)
+
+
+class MECA(nn.Module):
+    """Modulated efficient channel attention (eq. 3.8).
+
+    ECA (eq. 3.5) looks only at the channel means; MECA adds the channel maxima as a second
+    input channel of the 1-D convolution so the attention does not collapse to uniform weights.
+    """
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        avg = x.mean(dim=(2, 3))  # (b, c)
+        mx = x.amax(dim=(2, 3))  # (b, c)
+        weights = torch.sigmoid(self.conv(torch.stack((avg, mx), dim=1)))  # (b, 1, c)
+        return x * weights.transpose(1, 2).unsqueeze(-1)  # (b, c, 1, 1) broadcast
+
+
+class RDB(nn.Module):
+    """Residual dense block RDB_{c,g} (eq. 3.11); with dilations (1, 2, 3) it is MS-RDB (eq. 3.12).
+
+    Three 3x3 layers each add ``growth`` channels to a dense concatenation; a 1x1 convolution
+    brings ``c + 3g`` back to ``c`` before the residual sum. The text's dilation rates "0, 1, 2"
+    are read as no dilation, then 2, then 3 (spec decision).
+    """
+
+    def __init__(self, channels: int, growth: int, dilations: tuple[int, ...] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            conv3x3(channels + i * growth, growth, dilation=d) for i, d in enumerate(dilations)
+        )
+        self.fuse = conv1x1(channels + len(dilations) * growth, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = x
+        for layer in self.layers:
+            features = torch.cat((features, F.relu(layer(features))), dim=1)  # (b, c + k*g, h, w)
+        return x + self.fuse(features)
+
+
+class MSRDM(nn.Module):
+    """Multiscale residual dense module MS-RDM_{c,g} (eq. 3.13).
+
+    Coarse (dilated MS-RDB) then fine (plain RDB) features are concatenated, re-weighted by MECA_7
+    and reduced by a 1x1 convolution; the module is residual as RDMs are.
+    """
+
+    def __init__(self, channels: int, growth: int) -> None:
+        super().__init__()
+        self.coarse = RDB(channels, growth, dilations=(1, 2, 3))
+        self.fine = RDB(channels, growth)
+        self.attention = MECA(7)
+        self.fuse = conv1x1(2 * channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        coarse = self.coarse(x)
+        fine = self.fine(coarse)
+        return x + self.fuse(self.attention(torch.cat((coarse, fine), dim=1)))
+
+
+class ResBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity: MIMO-UNet's residual block with the batch norm of 6.2.1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(channels, channels, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            conv3x3(channels, channels, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention used to fuse current and warped previous features (ESTRNN-style, spec: SE)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.fc1 = conv1x1(channels, hidden)
+        self.fc2 = conv1x1(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Modulated deformable convolution (DCNv2) without custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_offsets(kernel_size: int, dilation: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(k*k, 2) displacements (dy, dx) of a regular kernel grid, row-major."""
+    r = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
+    dy, dx = torch.meshgrid(r * dilation, r * dilation, indexing="ij")
+    return torch.stack((dy.reshape(-1), dx.reshape(-1)), dim=1)
+
+
+def modulated_deform_conv2d(
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    dilation: int = 1,
+) -> Tensor:
+    """DCNv2 (stride 1, 'same' padding) as one ``grid_sample`` and one matrix product.
+
+    ``offset`` is (b, 2*k*k, h, w) with (dy, dx) pairs per kernel tap in row-major order (the
+    torchvision layout), ``mask`` (b, k*k, h, w) the modulation scalars, ``weight`` (out, in, k, k).
+    Every tap samples ``x`` bilinearly at ``p + p_k + dp_k`` with zeros outside; the k*k sampled
+    maps are stacked along the channel axis and reduced by ``weight`` reshaped to a 1x1 kernel.
+    """
+    b, c, h, w = x.shape
+    out_ch, _, k, _ = weight.shape
+    taps = k * k
+    ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
+    xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+    kernel = _kernel_offsets(k, dilation, x.device, x.dtype)  # (taps, 2)
+    offset = offset.view(b, taps, 2, h, w)
+    sample_y = ys + kernel[:, 0].view(1, taps, 1, 1) + offset[:, :, 0]  # (b, taps, h, w)
+    sample_x = xs + kernel[:, 1].view(1, taps, 1, 1) + offset[:, :, 1]
+    # Normalised coordinates for align_corners=False: pixel centre i lies at (2i + 1) / n - 1.
+    grid = torch.stack(((2 * sample_x + 1) / w - 1, (2 * sample_y + 1) / h - 1), dim=-1)
+    grid = grid.reshape(b, taps * h, w, 2)
+    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = sampled.view(b, c, taps, h, w) * mask.unsqueeze(1)  # (b, c, taps, h, w)
+    columns = sampled.reshape(b, c * taps, h, w)
+    out = F.conv2d(columns, weight.reshape(out_ch, c * taps, 1, 1), bias)
+    return out
+
+
+class DeformableAlignment(nn.Module):
+    """Aligns a neighbour's features to the reference ones (eq. 3.16-3.17).
+
+    A 3x3 convolution on the concatenated pair predicts 2k^2 offsets and k^2 modulation logits
+    (27 channels for k = 3); the modulated deformable convolution then samples the neighbour.
+    The offset branch starts at zero so training begins from a plain convolution (DCNv2 practice).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        taps = kernel_size * kernel_size
+        self.offset_mask = conv3x3(2 * in_ch, 3 * taps)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, reference: Tensor, neighbour: Tensor) -> Tensor:
+        taps = self.kernel_size * self.kernel_size
+        offset_mask = self.offset_mask(torch.cat((reference, neighbour), dim=1))
+        offset, mask_logits = offset_mask.split((2 * taps, taps), dim=1)
+        return modulated_deform_conv2d(neighbour, offset, torch.sigmoid(mask_logits), self.weight, self.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Homographies: closed-form 3x3 algebra, 4-point DLT, scale changes and warping
+# ----------------------------------------------------------------------------------------------
+
+
+def adjugate3x3(m: Tensor) -> Tensor:
+    """Adjugate of (..., 3, 3) matrices: the inverse up to the determinant, which a homography ignores."""
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    rows = (
+        torch.stack((e * i - f * h, c * h - b * i, b * f - c * e), dim=-1),
+        torch.stack((f * g - d * i, a * i - c * g, c * d - a * f), dim=-1),
+        torch.stack((d * h - e * g, b * g - a * h, a * e - b * d), dim=-1),
+    )
+    return torch.stack(rows, dim=-2)
+
+
+def normalize_homography(h: Tensor) -> Tensor:
+    """Scale so that h[..., 2, 2] == 1 (the DLT parametrisation's gauge)."""
+    return h / h[..., 2:3, 2:3]
+
+
+def inverse_homography(h: Tensor) -> Tensor:
+    return normalize_homography(adjugate3x3(h))
+
+
+def image_corners(height: float, width: float, like: Tensor) -> Tensor:
+    """(4, 2) corners (x, y) in the order the DLT expects: top-left, top-right, bottom-right, bottom-left."""
+    return torch.tensor(
+        [[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]], device=like.device, dtype=like.dtype
+    )
+
+
+def square_to_quad(quad: Tensor) -> Tensor:
+    """Projective map of the unit square onto ``quad`` (..., 4, 2) (Heckbert 1989), plain arithmetic.
+
+    Corners map as (0,0)->q0, (1,0)->q1, (1,1)->q2, (0,1)->q3. Exact for affine quads too, where
+    the projective terms vanish.
+    """
+    x0, x1, x2, x3 = quad[..., 0, 0], quad[..., 1, 0], quad[..., 2, 0], quad[..., 3, 0]
+    y0, y1, y2, y3 = quad[..., 0, 1], quad[..., 1, 1], quad[..., 2, 1], quad[..., 3, 1]
+    sx = x0 - x1 + x2 - x3
+    sy = y0 - y1 + y2 - y3
+    dx1, dx2 = x1 - x2, x3 - x2
+    dy1, dy2 = y1 - y2, y3 - y2
+    den = dx1 * dy2 - dx2 * dy1
+    g = (sx * dy2 - dx2 * sy) / den
+    h = (dx1 * sy - sx * dy1) / den
+    one = torch.ones_like(x0)
+    rows = (
+        torch.stack((x1 - x0 + g * x1, x3 - x0 + h * x3, x0), dim=-1),
+        torch.stack((y1 - y0 + g * y1, y3 - y0 + h * y3, y0), dim=-1),
+        torch.stack((g, h, one), dim=-1),
+    )
+    return torch.stack(rows, dim=-2)
+
+
+def dlt_4point(src: Tensor, dst: Tensor) -> Tensor:
+    """Homography mapping the 4 points ``src`` onto ``dst`` (both (..., 4, 2)), differentiable and exportable.
+
+    ``H = Q(dst) . Q(src)^-1`` with Q the square-to-quad map; when ``src`` is a constant (the image
+    corners) the inverse is constant-folded by the exporter.
+    """
+    return normalize_homography(square_to_quad(dst) @ adjugate3x3(square_to_quad(src)))
+
+
+def offsets_to_homography(offsets: Tensor, height: float, width: float) -> Tensor:
+    """(b, 8) corner displacements in pixels (HomographyNet parametrisation) -> (b, 3, 3)."""
+    src = image_corners(height, width, offsets)
+    dst = src.unsqueeze(0) + offsets.view(-1, 4, 2)
+    return dlt_4point(src.expand_as(dst), dst)
+
+
+def apply_homography(h: Tensor, points: Tensor) -> Tensor:
+    """Maps (..., n, 2) points by (..., 3, 3) homographies."""
+    ones = torch.ones_like(points[..., :1])
+    mapped = torch.cat((points, ones), dim=-1) @ h.transpose(-1, -2)  # (..., n, 3)
+    return mapped[..., :2] / mapped[..., 2:3]
+
+
+def rescale_homography(h: Tensor, factor: float) -> Tensor:
+    """H expressed at a resolution ``factor`` times larger: S H S^-1 with S = diag(f, f, 1)."""
+    scale = torch.tensor([factor, factor, 1.0], device=h.device, dtype=h.dtype)
+    return h * scale.view(3, 1) / scale.view(1, 3)
+
+
+def identity_homography(batch: int, like: Tensor) -> Tensor:
+    return torch.eye(3, device=like.device, dtype=like.dtype).expand(batch, 3, 3)
+
+
+def warp_by_homography(image: Tensor, h_prev_to_cur: Tensor) -> Tensor:
+    """Warps a previous frame's map into the current frame's coordinates.
+
+    ``h_prev_to_cur`` maps previous-frame points to current-frame points; the output pixel at
+    ``p`` samples the input at ``H^-1 p`` (bilinear, zeros outside).
+    """
+    b, _, height, width = image.shape
+    ys = torch.arange(height, device=image.device, dtype=image.dtype) + 0.5
+    xs = torch.arange(width, device=image.device, dtype=image.dtype) + 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=-1)  # (h*w, 2)
+    source = apply_homography(adjugate3x3(h_prev_to_cur), points.expand(b, -1, -1))  # (b, h*w, 2)
+    norm = torch.tensor([2.0 / width, 2.0 / height], device=image.device, dtype=image.dtype)
+    grid = (source * norm - 1).view(b, height, width, 2)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mean_corner_error(h_est: Tensor, h_true: Tensor, height: float, width: float) -> Tensor:
+    """MACE: mean distance between the image corners mapped by two homographies, per sample (b,)."""
+    corners = image_corners(height, width, h_est).expand(h_est.shape[0], 4, 2)
+    diff = apply_homography(h_est, corners) - apply_homography(h_true, corners)
+    return diff.norm(dim=-1).mean(dim=-1)

@@ -1,0 +1,422 @@
+"""MOST-NET++ and MOST-NSS++: multi-output, multi-scale, multi-task video enhancement.
+
+Katsaros 2024, chapter 6.2.1 (chapter 5.2.1 for what chapter 6 keeps). Per frame the network
+returns the restored frame (denoised, deblurred, colour-mapped), the teeth mask and the homography
+H_{t-1->t}. Scales are s = 1 (full), 2 (1/2), 3 (1/4); features at scale s have 2^(s+4) channels.
+
+MOST-NET++ and MOST-NSS++ are one class: which task is predicted at which scale is a
+:class:`Structure` (data saved with checkpoints). MOST-NET++ predicts every task at every scale;
+MOST-NSS++ keeps what Neural Scale Search found (Fig. 6.6): restoration at s = 1 and 3,
+segmentation at s = 2 and 3, homography at s = 3. Heads no scale uses are never built.
+
+Streaming: ``forward(frame, reset, *state)``. The state holds the previous frame's encoder
+features f_{t-1}^s (each step encodes only the new frame, as the text reuses them) and the
+previous homography-head features h_{t-1}^s. ``reset = 1`` makes the frame its own predecessor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.layers import (
+    ResBlock,
+    SqueezeExcitation,
+    conv1x1,
+    conv3x3,
+    identity_homography,
+    offsets_to_homography,
+    rescale_homography,
+    warp_by_homography,
+)
+from models.registry import register_model
+from models.spec import ModelSpec, StateSpec, TensorSpec
+
+SCALES = (1, 2, 3)
+TASKS = ("restoration", "segmentation", "homography")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Scales-to-tasks table: the scales at which each task has a head.
+
+    The lowest scale (3) is always kept: it is the baseline every higher-scale output refines.
+    """
+
+    restoration: tuple[int, ...] = (1, 2, 3)
+    segmentation: tuple[int, ...] = (1, 2, 3)
+    homography: tuple[int, ...] = (1, 2, 3)
+
+    def __post_init__(self) -> None:
+        for task in TASKS:
+            scales = getattr(self, task)
+            if 3 not in scales or any(s not in SCALES for s in scales) or len(set(scales)) != len(scales):
+                raise ValueError(f"{task}: scales {scales} must be distinct values of {SCALES} including 3")
+            object.__setattr__(self, task, tuple(sorted(scales)))
+
+    def scales(self, task: str) -> tuple[int, ...]:
+        return getattr(self, task)
+
+    def has(self, task: str, scale: int) -> bool:
+        return scale in getattr(self, task)
+
+    @property
+    def top_scale(self) -> int:
+        """The finest scale any task needs; decoding stops there."""
+        return min(min(getattr(self, t)) for t in TASKS)
+
+    def table(self) -> list[list[int]]:
+        """Rows are tasks, columns scales 1..3, 1 where a head exists (the form Fig. 6.6 shows)."""
+        return [[int(self.has(t, s)) for s in SCALES] for t in TASKS]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Structure:
+        return cls(**{k: tuple(v) for k, v in json.loads(text).items()})
+
+
+MOST_NET_STRUCTURE = Structure()
+MOST_NSS_STRUCTURE = Structure(restoration=(1, 3), segmentation=(2, 3), homography=(3,))
+
+
+@dataclass(frozen=True)
+class MostConfig:
+    structure: Structure = field(default_factory=Structure)
+    width: int = 32  # channels at s = 1; 2^(s+4) with the default
+    regressor_widths: tuple[int, ...] = (64, 128, 256, 256, 256)  # s = 1; s = 2, 3 start later
+    encoder_blocks: int = 5
+    decoder_blocks: int = 2
+    dropout: float = 0.2
+
+    def channels(self, scale: int) -> int:
+        return self.width * 2 ** (scale - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks only MOST uses
+# ----------------------------------------------------------------------------------------------
+
+
+class ShallowImageFeatures(nn.Module):
+    """MIMO-UNet's shallow convolutional module: image-level features of the downsampled input."""
+
+    def __init__(self, out_ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(3, out_ch // 4), nn.ReLU(inplace=True),
+            conv1x1(out_ch // 4, out_ch // 2), nn.ReLU(inplace=True),
+            conv3x3(out_ch // 2, out_ch // 2), nn.ReLU(inplace=True),
+            conv1x1(out_ch // 2, out_ch - 3), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.merge = conv1x1(out_ch, out_ch)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.merge(torch.cat((image, self.body(image)), dim=1))
+
+
+class AsymmetricFeatureFusion(nn.Module):
+    """MIMO-UNet AFF: all scales resized to one, concatenated, 1x1 + 3x3 convolution."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv1x1(in_ch, out_ch), nn.ReLU(inplace=True), conv3x3(out_ch, out_ch))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.body(torch.cat(features, dim=1))
+
+
+def resize_to(x: Tensor, scale_from: int, scale_to: int) -> Tensor:
+    """Moves a map between scales: average pooling down, bilinear up (both export as plain ops)."""
+    if scale_to > scale_from:
+        return F.avg_pool2d(x, 2 ** (scale_to - scale_from))
+    if scale_to < scale_from:
+        return F.interpolate(x, scale_factor=2.0 ** (scale_from - scale_to), mode="bilinear", align_corners=False)
+    return x
+
+
+class MostEncoder(nn.Module):
+    """Feature extraction (6.2.1): strided 3x3 convs, image-level features, 5 residual blocks, AFF."""
+
+    def __init__(self, cfg: MostConfig) -> None:
+        super().__init__()
+        c = [cfg.channels(s) for s in SCALES]
+        self.stem = nn.ModuleList(
+            nn.Sequential(conv3x3(3 if i == 0 else c[i - 1], c[i], stride=1 if i == 0 else 2), nn.ReLU(inplace=True))
+            for i in range(3)
+        )
+        self.image_features = nn.ModuleList(ShallowImageFeatures(c[i]) for i in (1, 2))
+        self.merge = nn.ModuleList(conv1x1(2 * c[i], c[i]) for i in (1, 2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(c[i]) for _ in range(cfg.encoder_blocks))) for i in range(3)
+        )
+        self.fusion = nn.ModuleList(AsymmetricFeatureFusion(sum(c), c[i]) for i in (0, 1))
+
+    def forward(self, frame: Tensor) -> list[Tensor]:
+        """Returns [f^1, f^2, f^3] for one frame."""
+        encoded: list[Tensor] = []
+        image = frame
+        x = frame
+        for i in range(3):
+            x = self.stem[i](x)
+            if i > 0:
+                image = F.avg_pool2d(image, 2)
+                x = self.merge[i - 1](torch.cat((x, self.image_features[i - 1](image)), dim=1))
+            x = self.blocks[i](x)
+            encoded.append(x)
+        fused = [
+            self.fusion[i]([resize_to(e, j + 1, i + 1) for j, e in enumerate(encoded)]) for i in (0, 1)
+        ]
+        return [fused[0], fused[1], encoded[2]]
+
+
+class FeatureAlignment(nn.Module):
+    """Fuses f_t^s with the homography-warped f_{t-1}^s through channel attention -> F_t^s."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.attention = SqueezeExcitation(2 * channels)
+        self.reduce = conv1x1(2 * channels, channels)
+
+    def forward(self, current: Tensor, previous_warped: Tensor) -> Tensor:
+        return self.reduce(self.attention(torch.cat((current, previous_warped), dim=1)))
+
+
+class DenseHead(nn.Module):
+    """Three 3x3 convolutions with ReLU between (6.2.1: the task heads gained one layer over ch. 5)."""
+
+    def __init__(self, in_ch: int, hidden: int, out_ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(in_ch, hidden), nn.ReLU(inplace=True),
+            conv3x3(hidden, hidden), nn.ReLU(inplace=True),
+            conv3x3(hidden, out_ch),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class HomographyHead(nn.Module):
+    """Motion-gated homography estimation at one scale (6.2.1, "Decoders: Homography Outputs").
+
+    g^s * sigmoid(M^s) keeps context on the teeth; a 3x3 conv halves it; a second 3x3 conv reads
+    R^s; together they form h_t^s. Offsets come from concat(h_t^s, W(h_{t-1}^s)) through
+    conv-BN-ReLU-maxpool blocks (64, 128, 256, 256, 256 at s = 1; s = 2 starts at the 2nd block,
+    s = 3 at the 3rd), adaptive average pooling (any size divisible by 8), dropout and a linear
+    layer regressing the 4 corner offsets in pixels of scale s. The linear layer starts at zero so
+    an untrained head predicts the identity.
+    """
+
+    def __init__(self, channels: int, scale: int, cfg: MostConfig) -> None:
+        super().__init__()
+        half = channels // 2
+        self.gate_conv = conv3x3(channels, half)
+        self.restored_conv = conv3x3(3, channels - half)
+        widths = cfg.regressor_widths[scale - 1 :]
+        blocks: list[nn.Module] = []
+        in_ch = 2 * channels
+        for w in widths:
+            blocks += [
+                conv3x3(in_ch, w, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            in_ch = w
+        self.regressor = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout))
+        self.offsets = nn.Linear(in_ch, 8)
+        nn.init.zeros_(self.offsets.weight)
+        nn.init.zeros_(self.offsets.bias)
+
+    def features(self, decoded: Tensor, mask_logits: Tensor, restored: Tensor) -> Tensor:
+        gated = decoded * torch.sigmoid(mask_logits)
+        return torch.cat((F.relu(self.gate_conv(gated)), F.relu(self.restored_conv(restored))), dim=1)
+
+    def forward(self, h_current: Tensor, h_previous_warped: Tensor) -> Tensor:
+        """(b, 8) corner offsets."""
+        return self.offsets(self.regressor(torch.cat((h_current, h_previous_warped), dim=1)))
+
+
+@dataclass
+class MostStep:
+    """Per-scale outputs of one step, what training and NSS need.
+
+    ``restored`` / ``mask_logits`` / ``homography`` hold only the scales that have a head;
+    homographies are in pixels of their own scale. ``final_*`` are at full resolution.
+    """
+
+    restored: dict[int, Tensor]
+    mask_logits: dict[int, Tensor]
+    homography: dict[int, Tensor]
+    final_restored: Tensor
+    final_mask_logits: Tensor
+    final_homography: Tensor
+
+
+class MostNet(nn.Module):
+    """MOST-NET++ / MOST-NSS++ (one class; the structure decides which heads exist)."""
+
+    def __init__(self, cfg: MostConfig | None = None, name: str = "most") -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or MostConfig()
+        st = cfg.structure
+        self.top = st.top_scale
+        self.decoded_scales = tuple(s for s in (3, 2, 1) if s >= self.top)
+        self.encoder = MostEncoder(cfg)
+        self.alignment = nn.ModuleDict({str(s): FeatureAlignment(cfg.channels(s)) for s in self.decoded_scales})
+        self.decoder = nn.ModuleDict()
+        self.upsample = nn.ModuleDict()
+        for s in self.decoded_scales:
+            c = cfg.channels(s)
+            blocks = [ResBlock(c) for _ in range(cfg.decoder_blocks)]
+            if s < 3:  # concat(F^s, up(g^{s+1})) -> 3x3 conv halving the channels -> residual blocks
+                self.upsample[str(s)] = nn.Sequential(
+                    nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(inplace=True)
+                )
+                blocks.insert(0, nn.Sequential(conv3x3(2 * c, c), nn.ReLU(inplace=True)))
+            self.decoder[str(s)] = nn.Sequential(*blocks)
+        # Dense heads also see the upsampled lower-scale restoration (3) and mask (1) (bottom-up).
+        self.restoration_heads = nn.ModuleDict(
+            {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 3) for s in st.restoration}
+        )
+        self.segmentation_heads = nn.ModuleDict(
+            {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 1) for s in st.segmentation}
+        )
+        self.homography_heads = nn.ModuleDict(
+            {str(s): HomographyHead(cfg.channels(s), s, cfg) for s in st.homography}
+        )
+        self.spec = ModelSpec(
+            name=name,
+            outputs=(
+                TensorSpec("restored", 3, doc="RGB in [0, 1] (not clipped by the network)"),
+                TensorSpec("teeth_mask", 1, doc="teeth probability"),
+                TensorSpec("homography", kind="homography", doc="H_{t-1->t}, full-resolution pixels"),
+            ),
+            states=tuple(
+                StateSpec(TensorSpec(f"prev_features_s{s}", cfg.channels(s), 2 ** (s - 1)), f"next_features_s{s}")
+                for s in self.decoded_scales[::-1]
+            )
+            + tuple(
+                StateSpec(TensorSpec(f"prev_motion_s{s}", cfg.channels(s), 2 ** (s - 1)), f"next_motion_s{s}")
+                for s in st.homography
+            ),
+        )
+
+    @property
+    def structure(self) -> Structure:
+        return self.cfg.structure
+
+    def step(self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]) -> tuple[MostStep, dict[str, Tensor]]:
+        """One frame: (b, 3, H, W) in [0, 1], reset (b, 1, 1, 1) -> per-scale outputs and next state."""
+        st = self.structure
+        b, _, height, width = frame.shape
+        keep = 1.0 - reset
+        encoded = self.encoder(frame)  # [f^1, f^2, f^3]
+        images = {1: frame, 2: F.avg_pool2d(frame, 2), 3: F.avg_pool2d(frame, 4)}
+        new_state: dict[str, Tensor] = {}
+        restored: dict[int, Tensor] = {}
+        mask_logits: dict[int, Tensor] = {}
+        homography: dict[int, Tensor] = {}
+        h_current = identity_homography(b, frame)  # H~ at the scale being decoded
+        decoded: Tensor | None = None
+        latest_restored: tuple[int, Tensor] | None = None
+        latest_mask: tuple[int, Tensor] | None = None
+        for s in self.decoded_scales:
+            if s < 3:
+                h_current = rescale_homography(h_current, 2.0)
+            f_t = encoded[s - 1]
+            f_prev = reset * f_t + keep * state[f"prev_features_s{s}"]
+            new_state[f"next_features_s{s}"] = f_t
+            aligned = self.alignment[str(s)](f_t, warp_by_homography(f_prev, h_current))  # F_t^s
+            if decoded is None:
+                decoded = self.decoder[str(s)](aligned)
+            else:
+                decoded = self.decoder[str(s)](torch.cat((aligned, self.upsample[str(s)](decoded)), dim=1))
+            lower: list[Tensor] = []
+            if latest_restored is not None and latest_mask is not None:
+                lower = [
+                    resize_to(latest_restored[1], latest_restored[0], s),
+                    torch.sigmoid(resize_to(latest_mask[1], latest_mask[0], s)),
+                ]
+            head_in = torch.cat((decoded, *lower), dim=1)
+            if st.has("restoration", s):
+                restored[s] = images[s] + self.restoration_heads[str(s)](head_in)
+            if st.has("segmentation", s):
+                residual = self.segmentation_heads[str(s)](head_in)
+                # Segmentation is refined residually across scales (6.2.1).
+                mask_logits[s] = residual if latest_mask is None else residual + resize_to(
+                    latest_mask[1], latest_mask[0], s
+                )
+            if s in restored:
+                latest_restored = (s, restored[s])
+            if s in mask_logits:
+                latest_mask = (s, mask_logits[s])
+            if st.has("homography", s):
+                assert latest_restored is not None and latest_mask is not None  # scale 3 always has both
+                head = self.homography_heads[str(s)]
+                m_s = resize_to(latest_mask[1], latest_mask[0], s)
+                r_s = resize_to(latest_restored[1], latest_restored[0], s)
+                h_t = head.features(decoded, m_s, r_s)
+                h_prev = reset * h_t + keep * state[f"prev_motion_s{s}"]
+                new_state[f"next_motion_s{s}"] = h_t
+                offsets = head(h_t, warp_by_homography(h_prev, h_current))
+                delta = offsets_to_homography(offsets, height / 2 ** (s - 1), width / 2 ** (s - 1))
+                h_current = delta @ h_current  # cascade: H^s = dH^s . H~^s
+                homography[s] = h_current
+        assert latest_restored is not None and latest_mask is not None
+        final_h = rescale_homography(h_current, 2.0 ** (self.top - 1))
+        step = MostStep(
+            restored=restored,
+            mask_logits=mask_logits,
+            homography=homography,
+            final_restored=resize_to(latest_restored[1], latest_restored[0], 1),
+            final_mask_logits=resize_to(latest_mask[1], latest_mask[0], 1),
+            final_homography=final_h,
+        )
+        return step, new_state
+
+    def forward(self, frame: Tensor, reset: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """Streaming form: (restored, teeth_mask, homography, *next_state) in spec order."""
+        names = [s.name for s in self.spec.states]
+        out, new_state = self.step(frame, reset, dict(zip(names, state, strict=True)))
+        next_state = tuple(new_state[s.next_name] for s in self.spec.states)
+        return (out.final_restored, torch.sigmoid(out.final_mask_logits), out.final_homography, *next_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered variants
+# ----------------------------------------------------------------------------------------------
+
+TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1, "decoder_blocks": 1}
+
+
+def build_most(name: str, structure: Structure | None = None, **overrides: object) -> MostNet:
+    return MostNet(MostConfig(structure=structure or MOST_NET_STRUCTURE, **overrides), name=name)  # type: ignore[arg-type]
+
+
+@register_model("most-net")
+def most_net(structure: Structure | None = None) -> MostNet:
+    """MOST-NET++: every task at every scale."""
+    return build_most("most-net", structure or MOST_NET_STRUCTURE)
+
+
+@register_model("most-nss")
+def most_nss(structure: Structure | None = None) -> MostNet:
+    """MOST-NSS++: the scales-to-tasks structure NSS found in the dissertation (Fig. 6.6)."""
+    return build_most("most-nss", structure or MOST_NSS_STRUCTURE)
+
+
+@register_model("most-net-tiny")
+def most_net_tiny(structure: Structure | None = None) -> MostNet:
+    return build_most("most-net-tiny", structure or MOST_NET_STRUCTURE, **TINY)
+
+
+@register_model("most-nss-tiny")
+def most_nss_tiny(structure: Structure | None = None) -> MostNet:
+    return build_most("most-nss-tiny", structure or MOST_NSS_STRUCTURE, **TINY)

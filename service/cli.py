@@ -1,0 +1,40 @@
+"""The ``vident`` command. Thin: it parses arguments and calls the packages that do the work.
+
+Each subcommand lives with the code it drives and exposes ``add_parser(subparsers)``, which
+registers its arguments and sets ``func``; this module only lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that provide a subcommand, in the order `vident --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "service.info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vident", description="Real-time multi-task video enhancement for dental microcameras."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
