@@ -59,9 +59,7 @@ class RDB(nn.Module):
 
     def __init__(self, channels: int, growth: int, dilations: tuple[int, ...] = (1, 1, 1)) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            conv3x3(channels + i * growth, growth, dilation=d) for i, d in enumerate(dilations)
-        )
+        self.layers = nn.ModuleList(conv3x3(channels + i * growth, growth, dilation=d) for i, d in enumerate(dilations))
         self.fuse = conv1x1(channels + len(dilations) * growth, channels)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -169,9 +169,7 @@ class MostEncoder(nn.Module):
                 x = self.merge[i - 1](torch.cat((x, self.image_features[i - 1](image)), dim=1))
             x = self.blocks[i](x)
             encoded.append(x)
-        fused = [
-            self.fusion[i]([resize_to(e, j + 1, i + 1) for j, e in enumerate(encoded)]) for i in (0, 1)
-        ]
+        fused = [self.fusion[i]([resize_to(e, j + 1, i + 1) for j, e in enumerate(encoded)]) for i in (0, 1)]
         return [fused[0], fused[1], encoded[2]]
 
 
@@ -288,9 +286,7 @@ class MostNet(nn.Module):
         self.segmentation_heads = nn.ModuleDict(
             {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 1) for s in st.segmentation}
         )
-        self.homography_heads = nn.ModuleDict(
-            {str(s): HomographyHead(cfg.channels(s), s, cfg) for s in st.homography}
-        )
+        self.homography_heads = nn.ModuleDict({str(s): HomographyHead(cfg.channels(s), s, cfg) for s in st.homography})
         self.spec = ModelSpec(
             name=name,
             outputs=(
@@ -350,8 +346,8 @@ class MostNet(nn.Module):
             if st.has("segmentation", s):
                 residual = self.segmentation_heads[str(s)](head_in)
                 # Segmentation is refined residually across scales (6.2.1).
-                mask_logits[s] = residual if latest_mask is None else residual + resize_to(
-                    latest_mask[1], latest_mask[0], s
+                mask_logits[s] = (
+                    residual if latest_mask is None else residual + resize_to(latest_mask[1], latest_mask[0], s)
                 )
             if s in restored:
                 latest_restored = (s, restored[s])

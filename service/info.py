@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from models.complexity import measure_complexity
 
     console = Console()
-    console.print(f"[bold]vident[/] {_version('vident') or 'dev'}  python {platform.python_version()}"
-                  f"  {platform.machine()}  {platform.processor() or ''}".rstrip())
+    console.print(
+        f"[bold]vident[/] {_version('vident') or 'dev'}  python {platform.python_version()}"
+        f"  {platform.machine()}  {platform.processor() or ''}".rstrip()
+    )
     versions = Table(title="Runtimes", show_edge=False)
     versions.add_column("package")
     versions.add_column("version")
@@ -50,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(name)
         c = measure_complexity(model, height, width)
         spec = model.spec  # type: ignore[attr-defined]
-        table.add_row(name, f"{c.parameters / 1e6:.3f} M", f"{c.gmacs:.1f}",
-                      ", ".join(o.name for o in spec.outputs), str(len(spec.states)))
+        table.add_row(
+            name,
+            f"{c.parameters / 1e6:.3f} M",
+            f"{c.gmacs:.1f}",
+            ", ".join(o.name for o in spec.outputs),
+            str(len(spec.states)),
+        )
     console.print(table)
     return 0
 
