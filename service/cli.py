@@ -1,6 +1,6 @@
 """The ``vident`` command. Thin: it parses arguments and calls the packages that do the work.
 
-Each subcommand lives with the code it drives and exposes ``add_parser(subparsers)``, which
+Each subcommand is a small module in ``service.commands`` that exposes ``add_parser(subparsers)``, which
 registers its arguments and sets ``func``; this module only lists them.
 """
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that provide a subcommand, in the order `vident --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("service.info",)
+COMMAND_MODULES: tuple[str, ...] = ("service.commands.info",)
 
 
 def build_parser() -> argparse.ArgumentParser:
