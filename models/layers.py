@@ -125,6 +125,13 @@ class SqueezeExcitation(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def size_tensor(value: int | float | Tensor, like: Tensor) -> Tensor:
+    """A spatial size as a 0-d tensor. ``torch.as_tensor`` of a traced shape stays a Shape op in an
+    exported graph, so graphs built from it stay dynamic in height and width (``torch.tensor([...])``
+    or Python float arithmetic on sizes would freeze the traced size into a constant)."""
+    return torch.as_tensor(value).to(device=like.device, dtype=like.dtype)
+
+
 def _kernel_offsets(kernel_size: int, dilation: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(k*k, 2) displacements (dy, dx) of a regular kernel grid, row-major."""
     r = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
@@ -157,7 +164,8 @@ def modulated_deform_conv2d(
     sample_y = ys + kernel[:, 0].view(1, taps, 1, 1) + offset[:, :, 0]  # (b, taps, h, w)
     sample_x = xs + kernel[:, 1].view(1, taps, 1, 1) + offset[:, :, 1]
     # Normalised coordinates for align_corners=False: pixel centre i lies at (2i + 1) / n - 1.
-    grid = torch.stack(((2 * sample_x + 1) / w - 1, (2 * sample_y + 1) / h - 1), dim=-1)
+    h_t, w_t = size_tensor(h, x), size_tensor(w, x)
+    grid = torch.stack(((2 * sample_x + 1) / w_t - 1, (2 * sample_y + 1) / h_t - 1), dim=-1)
     grid = grid.reshape(b, taps * h, w, 2)
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     sampled = sampled.view(b, c, taps, h, w) * mask.unsqueeze(1)  # (b, c, taps, h, w)
@@ -219,11 +227,11 @@ def inverse_homography(h: Tensor) -> Tensor:
     return normalize_homography(adjugate3x3(h))
 
 
-def image_corners(height: float, width: float, like: Tensor) -> Tensor:
+def image_corners(height: float | Tensor, width: float | Tensor, like: Tensor) -> Tensor:
     """(4, 2) corners (x, y) in the order the DLT expects: top-left, top-right, bottom-right, bottom-left."""
-    return torch.tensor(
-        [[0.0, 0.0], [width, 0.0], [width, height], [0.0, height]], device=like.device, dtype=like.dtype
-    )
+    h, w = size_tensor(height, like), size_tensor(width, like)
+    zero = torch.zeros_like(h)
+    return torch.stack((torch.stack((zero, zero)), torch.stack((w, zero)), torch.stack((w, h)), torch.stack((zero, h))))
 
 
 def square_to_quad(quad: Tensor) -> Tensor:
@@ -259,7 +267,7 @@ def dlt_4point(src: Tensor, dst: Tensor) -> Tensor:
     return normalize_homography(square_to_quad(dst) @ adjugate3x3(square_to_quad(src)))
 
 
-def offsets_to_homography(offsets: Tensor, height: float, width: float) -> Tensor:
+def offsets_to_homography(offsets: Tensor, height: float | Tensor, width: float | Tensor) -> Tensor:
     """(b, 8) corner displacements in pixels (HomographyNet parametrisation) -> (b, 3, 3)."""
     src = image_corners(height, width, offsets)
     dst = src.unsqueeze(0) + offsets.view(-1, 4, 2)
@@ -295,12 +303,12 @@ def warp_by_homography(image: Tensor, h_prev_to_cur: Tensor) -> Tensor:
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     points = torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=-1)  # (h*w, 2)
     source = apply_homography(adjugate3x3(h_prev_to_cur), points.expand(b, -1, -1))  # (b, h*w, 2)
-    norm = torch.tensor([2.0 / width, 2.0 / height], device=image.device, dtype=image.dtype)
+    norm = 2.0 / torch.stack((size_tensor(width, image), size_tensor(height, image)))
     grid = (source * norm - 1).view(b, height, width, 2)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def mean_corner_error(h_est: Tensor, h_true: Tensor, height: float, width: float) -> Tensor:
+def mean_corner_error(h_est: Tensor, h_true: Tensor, height: float | Tensor, width: float | Tensor) -> Tensor:
     """MACE: mean distance between the image corners mapped by two homographies, per sample (b,)."""
     corners = image_corners(height, width, h_est).expand(h_est.shape[0], 4, 2)
     diff = apply_homography(h_est, corners) - apply_homography(h_true, corners)

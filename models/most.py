@@ -31,6 +31,7 @@ from models.layers import (
     identity_homography,
     offsets_to_homography,
     rescale_homography,
+    size_tensor,
     warp_by_homography,
 )
 from models.registry import register_model
@@ -362,7 +363,10 @@ class MostNet(nn.Module):
                 h_prev = reset * h_t + keep * state[f"prev_motion_s{s}"]
                 new_state[f"next_motion_s{s}"] = h_t
                 offsets = head(h_t, warp_by_homography(h_prev, h_current))
-                delta = offsets_to_homography(offsets, height / 2 ** (s - 1), width / 2 ** (s - 1))
+                factor = 2 ** (s - 1)  # scale s has (H / factor) x (W / factor) pixels
+                delta = offsets_to_homography(
+                    offsets, size_tensor(height, frame) / factor, size_tensor(width, frame) / factor
+                )
                 h_current = delta @ h_current  # cascade: H^s = dH^s . H~^s
                 homography[s] = h_current
         assert latest_restored is not None and latest_mask is not None

@@ -1,0 +1,212 @@
+"""Shapes, streaming equivalence, pinned sizes and the structure table of the three networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import create_model, list_models
+from models.complexity import count_parameters
+from models.most import MOST_NSS_STRUCTURE, MostNet, Structure
+from models.r2d4 import R2D4
+
+FULL = ("most-net", "most-nss", "r2-d4", "r2-d3")
+TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
+
+# Pinned so that an accidental architecture change shows; docs/models.md explains each figure.
+PARAMETERS = {
+    "most-net": 9_187_690,
+    "most-nss": 5_850_438,
+    "r2-d4": 4_532_132,
+    "r2-d3": 3_744_113,
+    "most-net-tiny": 237_446,
+    "most-nss-tiny": 174_494,
+    "r2-d4-tiny": 94_444,
+}
+
+
+def _state(model: torch.nn.Module, batch: int, height: int, width: int) -> list[torch.Tensor]:
+    return [torch.from_numpy(v) for v in model.spec.initial_state(batch, height, width).values()]
+
+
+def _step(model, frame, reset, state):
+    out = model(frame, reset, *state)
+    n = len(model.spec.outputs)
+    return out[:n], list(out[n:])
+
+
+def test_registry_lists_every_network_once() -> None:
+    assert set(FULL + TINY) <= set(list_models())
+    with pytest.raises(KeyError, match="registered"):
+        create_model("most-nothing")
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_parameter_counts_are_pinned(name: str) -> None:
+    assert count_parameters(create_model(name)) == PARAMETERS[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [(n, (64, 96)) for n in FULL + TINY] + [(n, (320, 416)) for n in FULL]
+)
+@torch.no_grad()
+def test_output_shapes_and_dtypes(name: str, size: tuple[int, int]) -> None:
+    model = create_model(name).eval()
+    h, w = size
+    batch = 2 if size == (64, 96) else 1
+    frame = torch.rand(batch, 3, h, w)
+    outputs, state = _step(model, frame, torch.ones(batch, 1, 1, 1), _state(model, batch, h, w))
+    for spec, value in zip(model.spec.outputs, outputs, strict=True):
+        assert value.dtype == torch.float32
+        assert tuple(value.shape) == spec.shape(batch, h, w), spec.name
+        assert torch.isfinite(value).all(), spec.name
+    for spec, value in zip(model.spec.states, state, strict=True):
+        assert tuple(value.shape) == spec.tensor.shape(batch, h, w), spec.name
+    if isinstance(model, MostNet):
+        mask = outputs[1]
+        assert ((mask >= 0) & (mask <= 1)).all()
+        assert torch.allclose(outputs[2][:, 2, 2], torch.ones(batch))
+
+
+def test_spec_names_match_forward_arity() -> None:
+    for name in TINY:
+        model = create_model(name).eval()
+        spec = model.spec
+        out = model(torch.rand(1, 3, 32, 40), torch.ones(1, 1, 1, 1), *_state(model, 1, 32, 40))
+        assert len(out) == len(spec.output_names)
+        assert len(spec.input_names) == 2 + len(spec.states)
+        with pytest.raises(ValueError, match="multiple of 8"):
+            spec.initial_state(1, 30, 40)
+
+
+@torch.no_grad()
+def test_untrained_homography_heads_start_at_identity() -> None:
+    model = create_model("most-net-tiny").eval()
+    frames = torch.rand(3, 1, 3, 64, 96)
+    state = _state(model, 1, 64, 96)
+    for t in range(3):
+        outputs, state = _step(model, frames[t], torch.full((1, 1, 1, 1), float(t == 0)), state)
+        assert torch.allclose(outputs[2][0], torch.eye(3), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming equivalence: cached features == recomputing them from the clip at every step
+# ----------------------------------------------------------------------------------------------
+
+
+def _perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Random non-zero weights everywhere (zero-initialised offsets/heads would hide mistakes)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def test_most_streaming_equals_reference_loop() -> None:
+    model = _perturb(create_model("most-net-tiny"))
+    clip = torch.rand(5, 2, 3, 64, 96)
+    state = _state(model, 2, 64, 96)
+    streamed = []
+    for t in range(clip.shape[0]):
+        outputs, state = _step(model, clip[t], torch.full((2, 1, 1, 1), float(t == 0)), state)
+        streamed.append(outputs)
+    # Reference: re-encode the previous frame from the clip at every step (no feature cache).
+    motion: dict[str, torch.Tensor] = {}
+    for t in range(clip.shape[0]):
+        previous = clip[max(t - 1, 0)]
+        prev_features = model.encoder(previous)
+        ref_state = {f"prev_features_s{s}": prev_features[s - 1] for s in (1, 2, 3)}
+        for s in model.structure.homography:
+            ref_state[f"prev_motion_s{s}"] = motion.get(f"s{s}", torch.zeros_like(ref_state[f"prev_features_s{s}"]))
+        reset = torch.full((2, 1, 1, 1), float(t == 0))
+        step, new_state = model.step(clip[t], reset, ref_state)
+        motion = {f"s{s}": new_state[f"next_motion_s{s}"] for s in model.structure.homography}
+        torch.testing.assert_close(step.final_restored, streamed[t][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.sigmoid(step.final_mask_logits), streamed[t][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step.final_homography, streamed[t][2], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_r2d4_streaming_equals_reference_loop() -> None:
+    model = _perturb(create_model("r2-d4-tiny"))
+    clip = torch.rand(5, 2, 3, 64, 96)
+    state = _state(model, 2, 64, 96)
+    streamed = []
+    for t in range(clip.shape[0]):
+        outputs, state = _step(model, clip[t], torch.full((2, 1, 1, 1), float(t == 0)), state)
+        streamed.append(outputs[0])
+    # Reference: E' applied afresh to (B_{t-2}, R^_{t-2}) from the history, the first frame
+    # standing in for frames before the clip and as its own restoration.
+    restored: list[torch.Tensor] = []
+    for t in range(clip.shape[0]):
+        if t == 0:
+            prev_frame, prev_restored = clip[0], clip[0]
+        else:
+            prev_frame, prev_restored = clip[t - 1], restored[t - 1]
+        if t <= 1:
+            past2 = model.past_encoder(torch.cat((clip[0], clip[0]), dim=1))[1]
+        else:
+            past2 = model.past_encoder(torch.cat((clip[t - 2], restored[t - 2]), dim=1))[1]
+        ref_state = {"prev_frame": prev_frame, "prev_restored": prev_restored, "prev_past_features": past2}
+        outputs, _ = model.step(clip[t], torch.zeros(2, 1, 1, 1), ref_state)
+        restored.append(outputs["restored"])
+        torch.testing.assert_close(outputs["restored"], streamed[t], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_batched_streams_equal_separate_streams() -> None:
+    """Sessions at different points of their streams can share one call (reset is per sample)."""
+    model = _perturb(create_model("most-nss-tiny"))
+    a, b = torch.rand(3, 1, 3, 64, 96), torch.rand(3, 1, 3, 64, 96)
+    state_a, state_b = _state(model, 1, 64, 96), _state(model, 1, 64, 96)
+    out_a, state_a = _step(model, a[0], torch.ones(1, 1, 1, 1), state_a)
+    out_a, state_a = _step(model, a[1], torch.zeros(1, 1, 1, 1), state_a)
+    expected_b, _ = _step(model, b[0], torch.ones(1, 1, 1, 1), state_b)
+    expected_a, _ = _step(model, a[2], torch.zeros(1, 1, 1, 1), state_a)
+    joint_state = [torch.cat(pair) for pair in zip(state_a, _state(model, 1, 64, 96), strict=True)]
+    joint, _ = _step(model, torch.cat((a[2], b[0])), torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), joint_state)
+    for k in range(3):
+        torch.testing.assert_close(joint[k][:1], expected_a[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(joint[k][1:], expected_b[k], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scales-to-tasks structure is data and really removes heads
+# ----------------------------------------------------------------------------------------------
+
+
+def test_nss_structure_removes_heads() -> None:
+    net, nss = create_model("most-net"), create_model("most-nss")
+    assert isinstance(nss, MostNet) and nss.structure == MOST_NSS_STRUCTURE
+    assert set(nss.restoration_heads) == {"1", "3"}
+    assert set(nss.segmentation_heads) == {"2", "3"}
+    assert set(nss.homography_heads) == {"3"}
+    assert set(net.homography_heads) == {"1", "2", "3"}
+    assert not any(k.startswith(("homography_heads.1.", "homography_heads.2.")) for k in nss.state_dict())
+    assert [s.name for s in nss.spec.states] == [
+        "prev_features_s1", "prev_features_s2", "prev_features_s3", "prev_motion_s3"
+    ]  # fmt: skip
+    assert count_parameters(net) - count_parameters(nss) > 3_000_000  # two homography regressors gone
+
+
+@torch.no_grad()
+def test_structure_without_full_resolution_heads_skips_decoding_there() -> None:
+    coarse = Structure(restoration=(2, 3), segmentation=(3,), homography=(3,))
+    model = MostNet(create_model("most-nss-tiny").cfg.__class__(structure=coarse, width=8,
+                    regressor_widths=(8, 16, 32, 32, 32), encoder_blocks=1, decoder_blocks=1)).eval()
+    assert "1" not in model.decoder and "1" not in model.alignment
+    outputs, _ = _step(model, torch.rand(1, 3, 64, 96), torch.ones(1, 1, 1, 1), _state(model, 1, 64, 96))
+    assert outputs[0].shape == (1, 3, 64, 96)  # upsampled from scale 2
+
+
+def test_structure_validation_and_round_trip() -> None:
+    with pytest.raises(ValueError, match="including 3"):
+        Structure(restoration=(1, 2))
+    assert Structure.from_json(MOST_NSS_STRUCTURE.to_json()) == MOST_NSS_STRUCTURE
+    assert MOST_NSS_STRUCTURE.table() == [[1, 0, 1], [0, 1, 1], [0, 0, 1]]
+
+
+def test_r2d3_has_one_decoder() -> None:
+    model = create_model("r2-d3")
+    assert isinstance(model, R2D4) and model.deblur_decoder is None
