@@ -154,6 +154,17 @@ def modulated_deform_conv2d(
     Every tap samples ``x`` bilinearly at ``p + p_k + dp_k`` with zeros outside; the k*k sampled
     maps are stacked along the channel axis and reduced by ``weight`` reshaped to a 1x1 kernel.
     """
+    with torch.autocast(x.device.type, enabled=False):
+        # Sampling positions are hundreds of pixels: in bf16/fp16 they would snap to whole pixels,
+        # so the geometry always runs in float32 whatever autocast is doing around it.
+        return _modulated_deform_conv2d_fp32(
+            x.float(), offset.float(), mask.float(), weight.float(), None if bias is None else bias.float(), dilation
+        )
+
+
+def _modulated_deform_conv2d_fp32(
+    x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, dilation: int
+) -> Tensor:
     b, c, h, w = x.shape
     out_ch, _, k, _ = weight.shape
     taps = k * k
@@ -297,6 +308,11 @@ def warp_by_homography(image: Tensor, h_prev_to_cur: Tensor) -> Tensor:
     ``h_prev_to_cur`` maps previous-frame points to current-frame points; the output pixel at
     ``p`` samples the input at ``H^-1 p`` (bilinear, zeros outside).
     """
+    with torch.autocast(image.device.type, enabled=False):  # sampling grid in float32, see DCN above
+        return _warp_by_homography_fp32(image.float(), h_prev_to_cur.float()).to(image.dtype)
+
+
+def _warp_by_homography_fp32(image: Tensor, h_prev_to_cur: Tensor) -> Tensor:
     b, _, height, width = image.shape
     ys = torch.arange(height, device=image.device, dtype=image.dtype) + 0.5
     xs = torch.arange(width, device=image.device, dtype=image.dtype) + 0.5

@@ -310,7 +310,8 @@ class MostNet(nn.Module):
         return self.cfg.structure
 
     def step(self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]) -> tuple[MostStep, dict[str, Tensor]]:
-        """One frame: (b, 3, H, W) in [0, 1], reset (b, 1, 1, 1) -> per-scale outputs and next state."""
+        """One frame: (b, 3, H, W) in [0, 1], reset (b, 1, 1, 1) -> per-scale outputs and the state for the
+        next step, keyed by the state's input names so training loops can feed it straight back."""
         st = self.structure
         b, _, height, width = frame.shape
         keep = 1.0 - reset
@@ -320,7 +321,7 @@ class MostNet(nn.Module):
         restored: dict[int, Tensor] = {}
         mask_logits: dict[int, Tensor] = {}
         homography: dict[int, Tensor] = {}
-        h_current = identity_homography(b, frame)  # H~ at the scale being decoded
+        h_current = identity_homography(b, frame.float())  # H~ at the scale being decoded
         decoded: Tensor | None = None
         latest_restored: tuple[int, Tensor] | None = None
         latest_mask: tuple[int, Tensor] | None = None
@@ -329,7 +330,7 @@ class MostNet(nn.Module):
                 h_current = rescale_homography(h_current, 2.0)
             f_t = encoded[s - 1]
             f_prev = reset * f_t + keep * state[f"prev_features_s{s}"]
-            new_state[f"next_features_s{s}"] = f_t
+            new_state[f"prev_features_s{s}"] = f_t
             aligned = self.alignment[str(s)](f_t, warp_by_homography(f_prev, h_current))  # F_t^s
             if decoded is None:
                 decoded = self.decoder[str(s)](aligned)
@@ -361,13 +362,14 @@ class MostNet(nn.Module):
                 r_s = resize_to(latest_restored[1], latest_restored[0], s)
                 h_t = head.features(decoded, m_s, r_s)
                 h_prev = reset * h_t + keep * state[f"prev_motion_s{s}"]
-                new_state[f"next_motion_s{s}"] = h_t
+                new_state[f"prev_motion_s{s}"] = h_t
                 offsets = head(h_t, warp_by_homography(h_prev, h_current))
                 factor = 2 ** (s - 1)  # scale s has (H / factor) x (W / factor) pixels
-                delta = offsets_to_homography(
-                    offsets, size_tensor(height, frame) / factor, size_tensor(width, frame) / factor
-                )
-                h_current = delta @ h_current  # cascade: H^s = dH^s . H~^s
+                with torch.autocast(frame.device.type, enabled=False):  # homography algebra in float32
+                    size_h = size_tensor(height, h_current) / factor
+                    size_w = size_tensor(width, h_current) / factor
+                    delta = offsets_to_homography(offsets.float(), size_h, size_w)
+                    h_current = delta @ h_current  # cascade: H^s = dH^s . H~^s
                 homography[s] = h_current
         assert latest_restored is not None and latest_mask is not None
         final_h = rescale_homography(h_current, 2.0 ** (self.top - 1))
@@ -385,7 +387,7 @@ class MostNet(nn.Module):
         """Streaming form: (restored, teeth_mask, homography, *next_state) in spec order."""
         names = [s.name for s in self.spec.states]
         out, new_state = self.step(frame, reset, dict(zip(names, state, strict=True)))
-        next_state = tuple(new_state[s.next_name] for s in self.spec.states)
+        next_state = tuple(new_state[s.name] for s in self.spec.states)
         return (out.final_restored, torch.sigmoid(out.final_mask_logits), out.final_homography, *next_state)
 
 

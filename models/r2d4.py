@@ -143,7 +143,7 @@ class R2D4(nn.Module):
         else:
             restored = denoised + self.deblur_decoder(shared, deb_half, deb_full)  # eq. 3.22
         outputs = {"restored": restored, "denoised": denoised}
-        new_state = {"next_frame": frame, "next_restored": restored, "next_past_features": past1}
+        new_state = {"prev_frame": frame, "prev_restored": restored, "prev_past_features": past1}
         return outputs, new_state
 
     def forward(self, frame: Tensor, reset: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
@@ -152,7 +152,7 @@ class R2D4(nn.Module):
         outputs, new_state = self.step(frame, reset, dict(zip(names, state, strict=True)))
         return (
             *(outputs[o.name] for o in self.spec.outputs),
-            *(new_state[s.next_name] for s in self.spec.states),
+            *(new_state[s.name] for s in self.spec.states),
         )
 
 

@@ -121,7 +121,7 @@ def test_most_streaming_equals_reference_loop() -> None:
             ref_state[f"prev_motion_s{s}"] = motion.get(f"s{s}", torch.zeros_like(ref_state[f"prev_features_s{s}"]))
         reset = torch.full((2, 1, 1, 1), float(t == 0))
         step, new_state = model.step(clip[t], reset, ref_state)
-        motion = {f"s{s}": new_state[f"next_motion_s{s}"] for s in model.structure.homography}
+        motion = {f"s{s}": new_state[f"prev_motion_s{s}"] for s in model.structure.homography}
         torch.testing.assert_close(step.final_restored, streamed[t][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.sigmoid(step.final_mask_logits), streamed[t][1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step.final_homography, streamed[t][2], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,117 @@
+"""Task losses as the dissertation sets them.
+
+MOST (eq. 5.3, 6.5): per-scale Charbonnier on the restoration, binary cross-entropy on the teeth
+mask, MACE on the homography, with labels brought to each scale (frames and masks averaged down,
+homographies rescaled by S = diag(2, 2, 1), never resized as images). R2-D4 (eq. 3.23-3.26): MSE on
+the restored frame plus 0.6 x MSE on the first-stage (denoised, blurry) frame, plus an optional
+VGG-19 perceptual term when a weights file is given (none can be downloaded here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.layers import mean_corner_error, rescale_homography
+from models.most import MostStep
+
+TASKS = ("restoration", "segmentation", "homography")
+
+
+def charbonnier(pred: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
+    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
+
+
+def downscale(x: Tensor, scale: int) -> Tensor:
+    """A full-resolution label at scale s (1, 2, 3): area averaging, as the network's own inputs."""
+    return x if scale == 1 else F.avg_pool2d(x, 2 ** (scale - 1))
+
+
+def homography_at_scale(h: Tensor, scale: int) -> Tensor:
+    return h if scale == 1 else rescale_homography(h, 2.0 ** -(scale - 1))
+
+
+def mace_loss(h_est: Tensor, h_true: Tensor, height: int, width: int) -> Tensor:
+    return mean_corner_error(h_est, h_true, height, width).mean()
+
+
+@dataclass
+class MostTargets:
+    """Labels of one frame for a batch: sharp vivid frame, teeth mask (0/1), H_{t-1->t} (full-res)."""
+
+    restored: Tensor  # (b, 3, H, W)
+    mask: Tensor  # (b, 1, H, W)
+    homography: Tensor  # (b, 3, 3)
+
+
+def most_task_losses(step: MostStep, targets: MostTargets) -> dict[str, Tensor]:
+    """Sum over the scales that have a head of each task's loss (eq. 5.3 before task weights)."""
+    height, width = targets.restored.shape[-2:]
+    zero = targets.restored.new_zeros(())
+    restoration, segmentation, homography = zero, zero, zero
+    for s, pred in step.restored.items():
+        restoration = restoration + charbonnier(pred.float(), downscale(targets.restored, s))
+    for s, logits in step.mask_logits.items():
+        segmentation = segmentation + F.binary_cross_entropy_with_logits(logits.float(), downscale(targets.mask, s))
+    for s, h in step.homography.items():
+        h_true = homography_at_scale(targets.homography, s)
+        homography = homography + mace_loss(h.float(), h_true, height // 2 ** (s - 1), width // 2 ** (s - 1))
+    return {"restoration": restoration, "segmentation": segmentation, "homography": homography}
+
+
+class VGGPerceptual(nn.Module):
+    """VGG-19 features up to relu3_x (eq. 3.26), built without torchvision from a local weights file.
+
+    The file is a ``.safetensors`` with torchvision's ``features.{i}.weight/bias`` names; nothing is
+    downloaded. Inputs are RGB in [0, 1], normalised with ImageNet statistics.
+    """
+
+    CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
+
+    def __init__(self, weights: str | Path) -> None:
+        super().__init__()
+        from safetensors.torch import load_file
+
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for item in self.CONFIG:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(in_ch, int(item), 3, padding=1), nn.ReLU(inplace=True)]
+                in_ch = int(item)
+        self.features = nn.Sequential(*layers)
+        state = {
+            k.removeprefix("features."): v for k, v in load_file(str(weights)).items() if k.startswith("features.")
+        }
+        own = self.features.state_dict()
+        self.features.load_state_dict({k: state[k] for k in own})
+        self.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(self.features((pred - self.mean) / self.std), self.features((target - self.mean) / self.std))
+
+
+def r2d4_loss(
+    outputs: dict[str, Tensor],
+    target: Tensor,
+    target_blurry: Tensor,
+    perceptual: VGGPerceptual | None = None,
+    noise_weight: float = 0.6,
+    perceptual_weight: float = 0.01,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    parts = {
+        "blur": F.mse_loss(outputs["restored"].float(), target),
+        "noise": F.mse_loss(outputs["denoised"].float(), target_blurry),
+    }
+    total = parts["blur"] + noise_weight * parts["noise"]
+    if perceptual is not None:
+        parts["perceptual"] = perceptual(outputs["restored"].float(), target)
+        total = total + perceptual_weight * parts["perceptual"]
+    return total, parts
