@@ -1,0 +1,267 @@
+"""The training loop for MOST-NET++ / MOST-NSS++ and R2-D4 on streams of clips.
+
+Clips are run in streaming form exactly as at inference (reset on the first frame, state carried),
+so the network learns the recurrence it is served with. Defaults suit 2 CPU cores: small crops,
+batch 4, bf16 autocast with channels_last where the CPU has it. Everything needed to resume
+(weights, optimiser, balancer, gates, step, RNG) is saved every ``checkpoint_every`` steps;
+metrics go to a JSONL log and a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models.checkpoints import save_checkpoint
+from models.most import MostNet, Structure
+from models.r2d4 import R2D4
+from models.registry import create_model
+from models.training.balancing import Balancer, create_balancer
+from models.training.losses import MostTargets, VGGPerceptual, most_task_losses, r2d4_loss
+from models.training.nss import ScaleGates, gated_task_errors
+
+
+@dataclass
+class ClipBatch:
+    """A batch of clips, every tensor (batch, time, ...), frames RGB in [0, 1]."""
+
+    input: Tensor  # (b, t, 3, h, w)
+    target: Tensor  # (b, t, 3, h, w) sharp, vivid
+    target_blurry: Tensor  # (b, t, 3, h, w) blurry, noise-free (R2-D4's first stage)
+    mask: Tensor  # (b, t, 1, h, w) 0/1
+    homography: Tensor  # (b, t, 3, 3) H_{t-1->t}, identity at t = 0
+
+    def to(self, device: str) -> ClipBatch:
+        return ClipBatch(
+            *(getattr(self, f).to(device) for f in ("input", "target", "target_blurry", "mask", "homography"))
+        )
+
+
+@dataclass
+class TrainConfig:
+    model: str = "most-nss"
+    out: Path = Path("runs/most-nss")
+    steps: int = 2000
+    batch: int = 4
+    clip_length: int = 3
+    height: int = 128
+    width: int = 160
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    balancing: str = "atb"
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    checkpoint_every: int = 100
+    log_every: int = 10
+    grad_clip: float = 1.0
+    structure: Structure | None = None  # MOST only; None = the registered model's own
+    # Neural Scale Search phase: gates over inner-scale differences (needs every head: MOST-NET++).
+    search: bool = False
+    gate_lr: float = 1e-2
+    gate_tau: float = 5.0
+    sparsity_weight: float = 1e-3
+    perceptual_weights: Path | None = None  # R2-D4: VGG-19 .safetensors; the term is off without it
+    init_from: Path | None = None  # start from these weights (safetensors), fresh optimiser
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    if cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    if cfg.device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, batches: Iterator[ClipBatch]) -> None:
+        self.cfg = cfg
+        self.batches = batches
+        torch.manual_seed(cfg.seed)
+        kwargs = {"structure": cfg.structure} if cfg.structure is not None else {}
+        self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
+        if cfg.init_from is not None:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(str(cfg.init_from)), strict=True)
+        self.is_most = isinstance(self.model, MostNet)
+        if not self.is_most and not isinstance(self.model, R2D4):
+            raise TypeError(f"cannot train {type(self.model).__name__}")
+        self.model.to(memory_format=torch.channels_last)
+        self.gates: ScaleGates | None = None
+        if cfg.search:
+            if not self.is_most or self.model.structure != Structure():  # type: ignore[union-attr]
+                raise ValueError("Neural Scale Search needs every task at every scale (most-net)")
+            self.gates = ScaleGates(tau=cfg.gate_tau).to(cfg.device)
+        groups = [{"params": self.model.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        if self.gates is not None:
+            groups.append({"params": self.gates.parameters(), "lr": cfg.gate_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.balancer: Balancer | None = (
+            create_balancer(cfg.balancing, ("restoration", "segmentation", "homography")) if self.is_most else None
+        )
+        self.perceptual = VGGPerceptual(cfg.perceptual_weights).to(cfg.device) if cfg.perceptual_weights else None
+        self.amp_dtype = autocast_dtype(cfg)
+        self.step_index = 0
+        self.seconds = 0.0
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = cfg.out / "log.jsonl"
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def _set_lr(self) -> None:
+        cfg = self.cfg
+        if self.step_index < cfg.warmup:
+            factor = (self.step_index + 1) / cfg.warmup
+        else:
+            progress = (self.step_index - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * (factor if group is self.optimizer.param_groups[0] else 1.0)
+
+    # -- one optimisation step ------------------------------------------------------------------
+
+    def _clip_losses(self, batch: ClipBatch) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        b, t = batch.input.shape[:2]
+        h, w = batch.input.shape[-2:]
+        spec = self.model.spec  # type: ignore[attr-defined]
+        state = {k: torch.from_numpy(v).to(cfg.device) for k, v in spec.initial_state(b, h, w).items()}
+        task_sums: dict[str, Tensor] = {}
+        gates = self.gates.sample() if self.gates is not None else None
+        for k in range(t):
+            frame = batch.input[:, k].contiguous(memory_format=torch.channels_last)
+            reset = torch.full((b, 1, 1, 1), float(k == 0), device=cfg.device)
+            with torch.autocast(cfg.device.split(":")[0], dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):  # fmt: skip
+                step, state = self.model.step(frame, reset, state)  # type: ignore[operator]
+            if self.is_most:
+                targets = MostTargets(batch.target[:, k], batch.mask[:, k], batch.homography[:, k])
+                losses = (
+                    gated_task_errors(step, targets, gates) if gates is not None else most_task_losses(step, targets)
+                )
+            else:
+                _, losses = r2d4_loss(step, batch.target[:, k], batch.target_blurry[:, k], self.perceptual)
+            for name, value in losses.items():
+                task_sums[name] = task_sums.get(name, 0.0) + value / t  # type: ignore[operator]
+        logs: dict[str, float] = {f"loss_{k}": float(v.detach()) for k, v in task_sums.items()}
+        if self.balancer is not None:
+            total, weights = self.balancer.combine(task_sums)
+            logs.update({f"weight_{k}": v for k, v in weights.items()})
+        else:
+            total = task_sums["blur"] + 0.6 * task_sums["noise"]
+            if "perceptual" in task_sums:
+                total = total + 0.01 * task_sums["perceptual"]
+        if self.gates is not None:
+            total = total + self.cfg.sparsity_weight * self.gates.sparsity()
+            logs.update(self.gates.snapshot())
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def train_step(self, batch: ClipBatch) -> dict[str, float]:
+        self.model.train()
+        self._set_lr()
+        start = time.perf_counter()
+        total, logs = self._clip_losses(batch.to(self.cfg.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self.optimizer.step()
+        self.step_index += 1
+        self.seconds += time.perf_counter() - start
+        logs["step"] = self.step_index
+        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        return logs
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    @property
+    def resume_path(self) -> Path:
+        return self.cfg.out / "resume.pt"
+
+    def save(self) -> Path:
+        """Weights as safetensors (what ships) and everything else for --resume (tensors/ints only)."""
+        weights = save_checkpoint(self.model, self.cfg.out / "last.safetensors", self.metadata())
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_index,
+            "seconds": self.seconds,
+            "torch_rng": torch.get_rng_state(),
+            "gates": self.gates.state_dict() if self.gates is not None else {},
+        }
+        tmp = self.resume_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.resume_path)
+        return weights
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(self.cfg.out / "last.safetensors")), strict=True)
+        state = torch.load(self.resume_path, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.seconds = float(state["seconds"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.gates is not None and state["gates"]:
+            self.gates.load_state_dict(state["gates"])
+
+    def metadata(self) -> dict[str, str]:
+        cfg = asdict(self.cfg)
+        cfg["out"] = str(cfg["out"])
+        cfg["structure"] = self.cfg.structure.to_json() if self.cfg.structure else None
+        cfg["perceptual_weights"] = str(cfg["perceptual_weights"]) if cfg["perceptual_weights"] else None
+        cfg["init_from"] = str(cfg["init_from"]) if cfg["init_from"] else None
+        return {
+            "train_config": json.dumps(cfg),
+            "steps": str(self.step_index),
+            "train_seconds": f"{self.seconds:.0f}",
+            "amp": str(self.amp_dtype),
+        }
+
+    def log(self, record: dict[str, float]) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self, progress: bool = True, until: int | None = None) -> Path:
+        """Trains to ``cfg.steps`` (or stops early at step ``until``, as an interrupted run would)."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.cfg.steps, initial=self.step_index, disable=not progress, dynamic_ncols=True)
+        path = self.cfg.out / "last.safetensors"
+        stop = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        while self.step_index < stop:
+            logs = self.train_step(next(self.batches))
+            bar.update(1)
+            if self.step_index % self.cfg.log_every == 0 or self.step_index == self.cfg.steps:
+                logs["seconds"] = self.seconds
+                self.log(logs)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+            if self.step_index % self.cfg.checkpoint_every == 0 or self.step_index == stop:
+                path = self.save()
+        bar.close()
+        return path

@@ -1,0 +1,129 @@
+"""Training pieces: ATB obeys eq. 6.6, NSS derives the table its gates say, the loss falls, and
+checkpoints round-trip bit-exact."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import create_model
+from models.checkpoints import load_model, read_metadata, save_checkpoint
+from models.layers import offsets_to_homography
+from models.most import MOST_NSS_STRUCTURE, Structure
+from models.training.balancing import AdaptiveTaskBalancing, DynamicWeightAverage, create_balancer
+from models.training.nss import GATED_SCALES, ScaleGates
+from models.training.trainer import ClipBatch, TrainConfig, Trainer
+
+
+def test_atb_weights_solve_eq_6_6() -> None:
+    losses = {"restoration": torch.tensor(0.3), "segmentation": torch.tensor(0.05), "homography": torch.tensor(7.0)}
+    weights = AdaptiveTaskBalancing(tuple(losses)).weights(losses)
+    weighted = [weights[t] * float(v) for t, v in losses.items()]
+    total = sum(float(v) for v in losses.values())
+    assert sum(weighted) == pytest.approx(total)  # the magnitude V is kept
+    for a, b in itertools.combinations(weighted, 2):
+        assert a == pytest.approx(b)  # every pair of tasks trains at the same pace
+
+
+def test_balancers_by_name() -> None:
+    tasks = ("restoration", "segmentation", "homography")
+    for name in ("ls", "atb", "dwa", "rwl"):
+        weights = create_balancer(name, tasks).weights({t: torch.tensor(1.0) for t in tasks})
+        assert set(weights) == set(tasks) and all(w > 0 for w in weights.values())
+    with pytest.raises(ValueError, match="unknown task balancing"):
+        create_balancer("magic", tasks)
+    dwa = DynamicWeightAverage(tasks, window=2)
+    for value in (1.0, 1.0, 1.0, 1.0):  # restoration stalls while the others halve
+        weights = dwa.weights({"restoration": torch.tensor(value), "segmentation": torch.tensor(value / 2 ** 0),
+                               "homography": torch.tensor(value)})  # fmt: skip
+    dwa = DynamicWeightAverage(tasks, window=1)
+    dwa.weights({"restoration": torch.tensor(1.0), "segmentation": torch.tensor(1.0), "homography": torch.tensor(1.0)})
+    weights = dwa.weights(
+        {"restoration": torch.tensor(1.0), "segmentation": torch.tensor(0.5), "homography": torch.tensor(0.5)}
+    )
+    assert weights["restoration"] > weights["segmentation"]  # the slower task gets more weight
+
+
+def test_nss_derives_the_table_of_fixed_gates() -> None:
+    gates = ScaleGates()
+    with torch.no_grad():
+        # keep probability = softmax(keep, drop)[keep]; set them to the dissertation's result
+        wanted = {"restoration": (1,), "segmentation": (2,), "homography": ()}
+        for i, task in enumerate(("restoration", "segmentation", "homography")):
+            for j, s in enumerate(GATED_SCALES):
+                gates.logits[i, j, 0] = 2.0 if s in wanted[task] else -2.0
+                gates.logits[i, j, 1] = 0.0
+    assert gates.derive() == MOST_NSS_STRUCTURE
+    assert gates.sparsity() < 0
+
+
+def _fixed_batch(b: int = 2, t: int = 3, h: int = 32, w: int = 48) -> ClipBatch:
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(b, t, 3, h, w, generator=g)
+    mask = (target.mean(dim=2, keepdim=True) > 0.5).float()
+    offsets = torch.randn(b * t, 8, generator=g)
+    homography = offsets_to_homography(offsets, h, w).view(b, t, 3, 3)
+    homography[:, 0] = torch.eye(3)
+    noisy = (0.7 * target + 0.1 + 0.05 * torch.randn(b, t, 3, h, w, generator=g)).clamp(0, 1)
+    return ClipBatch(noisy, target, target, mask, homography)
+
+
+@pytest.mark.parametrize("name", ["most-nss-tiny", "r2-d4-tiny"])
+def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
+    batch = _fixed_batch()
+    cfg = TrainConfig(model=name, out=tmp_path, steps=30, batch=2, clip_length=3, height=32, width=48,
+                      lr=3e-3, warmup=1, amp="off", checkpoint_every=15, log_every=1)  # fmt: skip
+    trainer = Trainer(cfg, itertools.repeat(batch))
+    first = trainer.train_step(batch)
+    trainer.fit(progress=False)
+    _, last = trainer._clip_losses(batch)
+    task_losses = [k for k in first if k.startswith("loss_")]
+    assert len(task_losses) >= 2
+    for key in task_losses:  # every task learns, not just the total
+        assert last[key] < first[key], key
+    assert last["loss"] < 0.9 * first["loss"]
+    assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "log.jsonl").read_text().count("\n") >= 29
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    batch = _fixed_batch()
+    kwargs = dict(model="most-nss-tiny", steps=6, batch=2, height=32, width=48, amp="off", warmup=1,
+                  checkpoint_every=3, log_every=1)  # fmt: skip
+    straight = Trainer(TrainConfig(out=tmp_path / "a", **kwargs), itertools.repeat(batch))
+    straight.fit(progress=False)
+    interrupted = Trainer(TrainConfig(out=tmp_path / "b", **kwargs), itertools.repeat(batch))
+    interrupted.fit(progress=False, until=3)
+    resumed = Trainer(TrainConfig(out=tmp_path / "b", **kwargs), itertools.repeat(batch))
+    resumed.load()
+    assert resumed.step_index == 3
+    resumed.fit(progress=False)
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_search_needs_every_head(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="every task at every scale"):
+        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path, search=True), iter(()))
+    trainer = Trainer(TrainConfig(model="most-net-tiny", out=tmp_path, search=True, steps=2, batch=2, height=32,
+                                  width=48, amp="off", warmup=1), itertools.repeat(_fixed_batch()))  # fmt: skip
+    logs = trainer.train_step(_fixed_batch())
+    assert "alpha_homography_s1" in logs and trainer.gates is not None
+    assert trainer.gates.logits.grad is not None and trainer.gates.logits.grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    custom = Structure(restoration=(1, 3), segmentation=(3,), homography=(2, 3))
+    model = create_model("most-net-tiny", structure=custom)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    path = save_checkpoint(model, tmp_path / "m.safetensors", {"note": "test"})
+    loaded, used = load_model(str(path))
+    assert used == path and read_metadata(path)["note"] == "test"
+    assert loaded.structure == custom  # the table travels with the weights
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert b"pickle" not in path.read_bytes()[:64]
