@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that provide a subcommand, in the order `vident --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("service.commands.info",)
+COMMAND_MODULES: tuple[str, ...] = ("service.commands.info", "service.commands.process")
 
 
 def build_parser() -> argparse.ArgumentParser:
