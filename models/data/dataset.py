@@ -1,0 +1,120 @@
+"""Torch datasets of clips, rendered on the fly or read from disk, in the form the trainer consumes.
+
+Every sample is a dict of float32 tensors (the default collate stacks them to (batch, time, ...),
+the fields of ``models.training.trainer.ClipBatch``)::
+
+    input          (T, 3, H, W) in [0, 1]   B_t
+    target         (T, 3, H, W) in [0, 1]   R_t
+    target_blurry  (T, 3, H, W) in [0, 1]   R'_t (absent for on-disk data without target_blurry/)
+    mask           (T, 1, H, W) 0 / 1       M_t
+    homography     (T, 3, 3)                H_{t-1->t}, identity at t = 0
+
+Synthetic clips are a pure function of (config, seed, split, index), so a map-style dataset is
+reproducible with any number of DataLoader workers; the iterable form never repeats a clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from models.data.format import DataFormatError, SequenceInfo, find_sequences, read_sequence, validate_sequence
+from models.data.synth import DEFAULT_SEED, LabelledSequence, SynthConfig, render_sequence, sequence_seed
+
+
+def _images(frames: np.ndarray) -> Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))).float().div_(255.0)
+
+
+def clip_tensors(seq: LabelledSequence) -> dict[str, Tensor]:
+    """A sequence as the dict of tensors described in the module docstring."""
+    clip = {
+        "input": _images(seq.input),
+        "target": _images(seq.target),
+        "mask": torch.from_numpy(seq.mask.astype(np.float32)).unsqueeze(1),
+        "homography": torch.from_numpy(seq.homographies.astype(np.float32)),
+    }
+    if seq.target_blurry is not None:
+        clip["target_blurry"] = _images(seq.target_blurry)
+    return clip
+
+
+class SyntheticClips(Dataset):
+    """``length`` fixed synthetic clips: item ``i`` is sequence ``i`` of ``split`` (deterministic)."""
+
+    def __init__(self, cfg: SynthConfig, length: int, seed: int = DEFAULT_SEED, split: str = "train") -> None:
+        sequence_seed(seed, split, 0)  # validates split
+        self.cfg, self.length, self.seed, self.split = cfg, length, seed, split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return clip_tensors(render_sequence(self.cfg, sequence_seed(self.seed, self.split, index)))
+
+
+class SyntheticStream(IterableDataset):
+    """Endless fresh clips: clip indices ``start, start + 1, ...`` split round-robin over DataLoader workers.
+
+    Resuming a run at step ``s`` with batch ``b`` continues the same stream with ``start = s * b``.
+    """
+
+    def __init__(self, cfg: SynthConfig, seed: int = DEFAULT_SEED, split: str = "train", start: int = 0) -> None:
+        sequence_seed(seed, split, 0)
+        self.cfg, self.seed, self.split, self.start = cfg, seed, split, start
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        worker = get_worker_info()
+        offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        index = self.start + offset
+        while True:
+            yield clip_tensors(render_sequence(self.cfg, sequence_seed(self.seed, self.split, index)))
+            index += stride
+
+
+class SequenceFolderClips(Dataset):
+    """Clips of ``clip_frames`` consecutive frames from every sequence folder under ``root``.
+
+    All folders are validated when the dataset is built (headers and JSON only), so a malformed data
+    set fails at once with one message listing every problem, not at some step of an epoch.
+    """
+
+    def __init__(self, root: str | Path, clip_frames: int, stride: int | None = None) -> None:
+        if clip_frames < 1:
+            raise ValueError("clip_frames must be >= 1")
+        infos, problems = [], []
+        for folder in find_sequences(root):
+            try:
+                infos.append(validate_sequence(folder))
+            except DataFormatError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise DataFormatError("\n".join(problems))
+        with_blurry = [i.path.name for i in infos if i.has_target_blurry]
+        if with_blurry and len(with_blurry) != len(infos):
+            lacking = [i.path.name for i in infos if not i.has_target_blurry]
+            raise DataFormatError(f"{root}: target_blurry/ is in some sequences but not in {lacking[:5]}")
+        self.infos: list[SequenceInfo] = infos
+        self.clip_frames = clip_frames
+        step = stride or clip_frames
+        self.windows = [(info, s) for info in infos for s in range(0, info.frames - clip_frames + 1, step)]
+        if not self.windows:
+            raise DataFormatError(f"{root}: no sequence has {clip_frames} frames")
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        info, start = self.windows[index]
+        return clip_tensors(read_sequence(info.path, start, self.clip_frames, info=info))
+
+
+__all__ = ["clip_tensors", "SyntheticClips", "SyntheticStream", "SequenceFolderClips"]

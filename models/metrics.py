@@ -1,0 +1,132 @@
+"""The measurements every claim rests on: PSNR, SSIM, MACE, IoU and the warping error E(W).
+
+All functions take batches and return one value per image (or image pair), so an evaluation can
+average per frame (the convention of the dissertation's tables) or per sequence. Images are
+(..., H, W, C) arrays, uint8 or float, compared at ``data_range`` (255 for uint8 frames).
+
+* PSNR: ``10 log10(L^2 / MSE)`` over all pixels and channels of a frame.
+* SSIM: Wang et al. 2004 with the usual constants (Gaussian window 11x11, sigma 1.5, K1 = 0.01,
+  K2 = 0.03), per channel on the window positions that fit inside the image, averaged over channels;
+  this equals ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, channel_axis=-1)``.
+* MACE: mean distance of the four image corners mapped by the estimated and the true homography
+  (``models.layers.mean_corner_error``), in pixels.
+* IoU at 0.5: intersection over union of the thresholded mask and the label; 1 when both are empty.
+* E(W) (Lai et al. 2018, "Learning blind video temporal consistency"): the previous output warped
+  into the current frame by the TRUE homography, ``sum ||O_t - W(O_{t-1})||^2 / N`` over the N
+  pixels where the warp is valid (and inside an optional region), RGB in [0, 1], squared norm over
+  channels. Lower means steadier video.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.layers import mean_corner_error, warp_by_homography
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _as_batch(images: np.ndarray) -> np.ndarray:
+    """(H, W, C) or (N, H, W, C) -> (N, H, W, C) float64."""
+    arr = np.asarray(images, dtype=np.float64)
+    return arr[None] if arr.ndim == 3 else arr
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """Per-image PSNR in dB, shape (N,); ``inf`` for identical images."""
+    p, t = _as_batch(pred), _as_batch(target)
+    if p.shape != t.shape:
+        raise ValueError(f"psnr: shapes differ {p.shape} vs {t.shape}")
+    mse = ((p - t) ** 2).reshape(p.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)
+
+
+def _gaussian_window() -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float64) - SSIM_WINDOW // 2
+    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+    return g / g.sum()
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """Per-image SSIM (mean over valid window positions and channels), shape (N,)."""
+    p, t = _as_batch(pred), _as_batch(target)
+    if p.shape != t.shape:
+        raise ValueError(f"ssim: shapes differ {p.shape} vs {t.shape}")
+    n, h, w, c = p.shape
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
+    x = torch.from_numpy(p).permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
+    y = torch.from_numpy(t).permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
+    g = _gaussian_window()
+    gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' positions only
+        return F.conv2d(F.conv2d(z, gx), gy)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return smap.mean(dim=(1, 2, 3)).view(n, c).mean(dim=1).numpy()
+
+
+def iou(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per-mask IoU of ``pred >= threshold`` (probabilities in [0, 1] or bool) against ``target`` (bool/0-1)."""
+    p = np.asarray(pred)
+    p = p if p.dtype == bool else p >= threshold
+    t = np.asarray(target).astype(bool)
+    if p.ndim == 2:
+        p, t = p[None], t[None]
+    if p.shape != t.shape:
+        raise ValueError(f"iou: shapes differ {p.shape} vs {t.shape}")
+    inter = (p & t).reshape(p.shape[0], -1).sum(axis=1)
+    union = (p | t).reshape(p.shape[0], -1).sum(axis=1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def mace(h_est: np.ndarray, h_true: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Per-pair mean corner error in pixels, shape (N,); homographies (N, 3, 3) or (3, 3)."""
+    e = torch.as_tensor(np.asarray(h_est, np.float64)).reshape(-1, 3, 3)
+    t = torch.as_tensor(np.asarray(h_true, np.float64)).reshape(-1, 3, 3)
+    return mean_corner_error(e, t, float(height), float(width)).numpy()
+
+
+def warping_error(
+    previous: np.ndarray,
+    current: np.ndarray,
+    h_true: np.ndarray,
+    region: np.ndarray | None = None,
+    data_range: float = 255.0,
+) -> np.ndarray:
+    """E(W) per pair, shape (N,): previous outputs warped by the true H_{t-1->t}, compared inside the valid warp.
+
+    ``previous``/``current`` (N, H, W, 3) or (H, W, 3); ``h_true`` (N, 3, 3); ``region`` (N, H, W)
+    bool restricts the comparison further (e.g. to the true teeth mask, where the homography holds).
+    NaN where no pixel is valid.
+    """
+    prev, cur = _as_batch(previous) / data_range, _as_batch(current) / data_range
+    n, h, w, _ = prev.shape
+    hs = torch.as_tensor(np.asarray(h_true, np.float64)).reshape(n, 3, 3).float()
+    prev_t = torch.from_numpy(prev).permute(0, 3, 1, 2).float()
+    ones = torch.ones(n, 1, h, w)
+    warped = warp_by_homography(torch.cat((prev_t, ones), dim=1), hs)  # (n, 4, h, w)
+    valid = (warped[:, 3] >= 1.0 - 1e-3).numpy()
+    if region is not None:
+        valid &= np.asarray(region, bool).reshape(n, h, w)
+    diff = ((warped[:, :3].permute(0, 2, 3, 1).double().numpy() - cur) ** 2).sum(axis=-1)  # (n, h, w)
+    count = valid.reshape(n, -1).sum(axis=1)
+    total = np.where(valid, diff, 0.0).reshape(n, -1).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), math.nan)
+
+
+__all__ = ["psnr", "ssim", "iou", "mace", "warping_error"]
