@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 
 # Modules that provide a subcommand, in the order `vident --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("service.commands.info", "service.commands.process")
+COMMAND_MODULES: tuple[str, ...] = (
+    "service.commands.info",
+    "service.commands.process",
+    "service.commands.synth",
+    "service.commands.eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
