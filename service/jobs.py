@@ -1,0 +1,695 @@
+"""Durable batch jobs: ``/v1/jobs`` uploads a recorded video, a worker pool runs :func:`process_video` on it.
+
+Durable with no extra server: job records live in SQLite (stdlib ``sqlite3``, WAL journal) and files in
+``<data_dir>/<job id>/``. The database is the truth, the in-memory queue only a wake-up list, so a
+server that stops or crashes loses nothing: at start, queued jobs run and jobs found ``running`` (the
+process died under them) go back to the queue, restart from the beginning and say so
+(``restarted: true``, ``attempts`` > 1).
+
+Workers submit frames with ``Priority.BATCH`` to the same :class:`~service.engine.InferenceEngine`
+that live sessions use, so a long job never delays a display client. Job ids come from
+``secrets.token_urlsafe`` and are checked against :data:`JOB_ID` before they touch the filesystem;
+result names are checked against the job's own list of produced files.
+
+Mount on any FastAPI app with :func:`mount_jobs` and call ``start()`` / ``stop()`` from its lifespan;
+``uvicorn --factory service.jobs:create_standalone_app`` serves the jobs API alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+from service.engine import InferenceEngine, Priority
+from service.process import Cancelled, ProcessOptions, Progress, process_video
+from service.video import VideoError
+
+log = logging.getLogger("vident.jobs")
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # secrets.token_urlsafe(16): 128 random bits
+STATES = ("queued", "running", "done", "failed", "cancelled")
+_SUFFIX = re.compile(r"^\.[a-z0-9]{1,5}$")
+_PROGRESS_EVERY_S = 0.5  # database writes for progress, at most this often per job
+
+
+class JobSettings(BaseSettings):
+    """Jobs configuration, environment variables ``VIDENT_JOBS_<FIELD>`` (e.g. ``VIDENT_JOBS_DATA_DIR``)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDENT_JOBS_")
+
+    data_dir: Path = Path("vident-data/jobs")
+    max_upload_mb: float = Field(2048.0, gt=0, description="upload size cap, streamed to disk")
+    concurrent_jobs: int = Field(1, ge=1, le=32, description="jobs processed at the same time")
+    retention_hours: float = Field(24.0, gt=0, description="finished jobs and their files are removed after this")
+    sweep_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are looked for")
+    max_frames: int = Field(108_000, ge=1, description="longer videos need max_frames (1 h at 30 fps)")
+    max_duration_s: float = Field(3600.0, gt=0, description="longer videos need max_frames")
+    default_model: str = "most-nss"
+    models: list[str] = Field(default_factory=list, description="models jobs may ask for; empty: any registered")
+    # For engines this module creates itself (no get_engine given):
+    checkpoints: dict[str, Path] = Field(default_factory=dict, description="model name -> weights file")
+    backend: str = "torch"
+    device: str = "cpu"
+    precision: str = "fp32"
+    engine_max_batch: int = Field(8, ge=1)
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    model: str
+    max_frames: int | None
+    frames: bool
+    input_name: str
+    input_file: str
+    input_bytes: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    frames_done: int = 0
+    frames_total: int | None = None
+    attempts: int = 0
+    restarted: bool = False
+    error: str | None = None
+    warnings: list[str] | None = None
+    files: list[str] | None = None
+
+    def public(self, retention_s: float, now: float | None = None) -> dict[str, Any]:
+        """The API view: progress, rate and ETA are derived here, not stored."""
+        now = time.time() if now is None else now
+        elapsed = (self.finished_at or now) - self.started_at if self.started_at else 0.0
+        rate = self.frames_done / elapsed if self.state == "running" and elapsed > 0 else None
+        eta = None
+        if rate and self.frames_total:
+            eta = round(max(0.0, self.frames_total - self.frames_done) / rate, 1)
+        progress = 1.0 if self.state == "done" else 0.0
+        if self.state != "done" and self.frames_total:
+            progress = min(1.0, self.frames_done / self.frames_total)
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.model,
+            "options": {"max_frames": self.max_frames, "frames": self.frames},
+            "input_name": self.input_name,
+            "input_bytes": self.input_bytes,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": round(progress, 4),
+            "frames_done": self.frames_done,
+            "frames_total": self.frames_total,
+            "frames_per_s": round(rate, 2) if rate else None,
+            "eta_s": eta,
+            "attempts": self.attempts,
+            "restarted": self.restarted,
+            "error": self.error,
+            "warnings": self.warnings or [],
+            "files": self.files or [],
+            "expires_at": self.finished_at + retention_s if self.finished_at else None,
+        }
+
+
+class JobStore:
+    """Job records in SQLite. One connection behind a lock: writes are tiny and rare (progress every
+    0.5 s per job), so a lock is simpler than a connection per thread and keeps WAL readers cheap."""
+
+    _COLUMNS = (
+        "id, state, model, max_frames, frames, input_name, input_file, input_bytes, created_at, started_at, "
+        "finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files"
+    )
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self._db.execute(
+            """CREATE TABLE IF NOT EXISTS jobs (
+                id TEXT PRIMARY KEY, state TEXT NOT NULL, model TEXT NOT NULL, max_frames INTEGER,
+                frames INTEGER NOT NULL, input_name TEXT NOT NULL, input_file TEXT NOT NULL,
+                input_bytes INTEGER NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+                frames_done INTEGER NOT NULL DEFAULT 0, frames_total INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+                restarted INTEGER NOT NULL DEFAULT 0, error TEXT, warnings TEXT, files TEXT)"""
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def _fetch(self, where: str, params: tuple[Any, ...] = ()) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM jobs {where}", params).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def insert(self, job: Job) -> None:
+        self._execute(
+            "INSERT INTO jobs (id, state, model, max_frames, frames, input_name, input_file, input_bytes, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, job.state, job.model, job.max_frames, int(job.frames), job.input_name, job.input_file,
+             job.input_bytes, job.created_at),
+        )  # fmt: skip
+
+    def get(self, job_id: str) -> Job | None:
+        jobs = self._fetch("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def list(self, limit: int = 100) -> list[Job]:
+        return self._fetch("ORDER BY created_at DESC LIMIT ?", (limit,))
+
+    def queued(self) -> list[Job]:
+        return self._fetch("WHERE state = 'queued' ORDER BY created_at")
+
+    def recover(self) -> int:
+        """Jobs a dead process left ``running`` go back to the queue, marked restarted."""
+        cursor = self._execute(
+            "UPDATE jobs SET state = 'queued', restarted = 1, frames_done = 0, frames_total = NULL "
+            "WHERE state = 'running'"
+        )
+        return cursor.rowcount
+
+    def claim(self, job_id: str, now: float) -> bool:
+        """queued -> running, atomically: False if the job was deleted or taken meanwhile."""
+        cursor = self._execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, frames_done = 0, "
+            "error = NULL WHERE id = ? AND state = 'queued'",
+            (now, job_id),
+        )
+        return cursor.rowcount == 1
+
+    def progress(self, job_id: str, done: int, total: int | None) -> bool:
+        """False once the record is gone (the job was deleted): the worker then cancels."""
+        cursor = self._execute(
+            "UPDATE jobs SET frames_done = ?, frames_total = ? WHERE id = ? AND state = 'running'",
+            (done, total, job_id),
+        )
+        return cursor.rowcount == 1
+
+    def finish(self, job_id: str, state: str, now: float, **fields: Any) -> bool:
+        assert state in ("done", "failed"), state
+        values = {"state": state, "finished_at": now}
+        for key, value in fields.items():
+            values[key] = json.dumps(value) if key in ("warnings", "files") else value
+        sets = ", ".join(f"{key} = ?" for key in values)
+        cursor = self._execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
+        return cursor.rowcount == 1
+
+    def delete(self, job_id: str) -> bool:
+        return self._execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+
+    def expired(self, before: float) -> list[Job]:
+        return self._fetch("WHERE state IN ('done', 'failed') AND finished_at < ?", (before,))
+
+
+def _job_from_row(row: tuple[Any, ...]) -> Job:
+    (id_, state, model, max_frames, frames, input_name, input_file, input_bytes, created_at, started_at,
+     finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files) = row  # fmt: skip
+    return Job(
+        id_, state, model, max_frames, bool(frames), input_name, input_file, input_bytes, created_at, started_at,
+        finished_at, frames_done, frames_total, attempts, bool(restarted), error,
+        json.loads(warnings) if warnings else None, json.loads(files) if files else None,
+    )  # fmt: skip
+
+
+class JobManager:
+    """Owns the store, the worker threads and the retention sweep; ``start()`` and ``stop()`` from a lifespan.
+
+    ``get_engine(model)`` returns the shared engine of a loaded model (the streaming app's); without
+    it the manager loads its own engines with :func:`service.backends.factory.create_backend`.
+    """
+
+    def __init__(
+        self, settings: JobSettings | None = None, get_engine: Callable[[str], InferenceEngine] | None = None
+    ) -> None:
+        self.settings = settings or JobSettings()
+        self.root = self.settings.data_dir.resolve()
+        self._get_engine = get_engine
+        self._own_engines: dict[str, InferenceEngine] = {}
+        self._engine_lock = threading.Lock()
+        self._wake: queue.Queue[str | None] = queue.Queue()
+        self._cancels: dict[str, threading.Event] = {}
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.store: JobStore | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.root / "jobs.sqlite3")
+        restarted = self.store.recover()
+        if restarted:
+            log.warning("%d interrupted job(s) restart from the beginning", restarted)
+        self._stopping.clear()
+        for job in self.store.queued():
+            self._wake.put(job.id)
+        for i in range(self.settings.concurrent_jobs):
+            self._threads.append(threading.Thread(target=self._work, name=f"jobs-worker-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._sweep_loop, name="jobs-retention", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Running jobs are interrupted and stay ``running`` in the store: the next start restarts them."""
+        self._stopping.set()
+        for event in list(self._cancels.values()):
+            event.set()
+        for _ in range(self.settings.concurrent_jobs):
+            self._wake.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+        for engine in self._own_engines.values():
+            engine.close()
+            engine.backend.close()
+        self._own_engines.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @property
+    def db(self) -> JobStore:
+        if self.store is None:
+            raise RuntimeError("the job manager is not started")
+        return self.store
+
+    # paths -----------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        """The only way from a job id to a path: ids that are not ours never reach the filesystem."""
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError("malformed job id")
+        return self.root / job_id
+
+    def result_path(self, job: Job, name: str) -> Path | None:
+        if job.state != "done" or name not in (job.files or []):
+            return None
+        return self.job_dir(job.id) / "out" / name
+
+    # API operations ------------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        from models import list_models
+
+        allowed = self.settings.models or list_models(include_tiny=True)
+        if model not in allowed:
+            raise ValueError(f"model {model!r} is not available for jobs; available: {', '.join(allowed)}")
+
+    def submit(self, job_id: str, model: str, max_frames: int | None, frames: bool, input_name: str, input_file: str,
+               input_bytes: int) -> Job:  # fmt: skip
+        job = Job(job_id, "queued", model, max_frames, frames, input_name, input_file, input_bytes, time.time())
+        self.db.insert(job)
+        self._wake.put(job_id)
+        return job
+
+    def delete(self, job_id: str) -> Job | None:
+        """Cancels a queued or running job and removes its record and files; returns the record as it was."""
+        job = self.db.get(job_id)
+        if job is None:
+            return None
+        self.db.delete(job_id)
+        cancel = self._cancels.get(job_id)
+        if cancel is not None:
+            cancel.set()  # the worker removes the folder once it has let go of its files
+        else:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return job
+
+    # workers ---------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._wake.get()
+            if job_id is None:
+                return
+            cancel = threading.Event()
+            self._cancels[job_id] = cancel
+            try:
+                if self.db.claim(job_id, time.time()):
+                    self._run(job_id, cancel)
+            except Exception:  # noqa: BLE001 - a worker must outlive any one job
+                log.exception("job %s: worker error", job_id)
+            finally:
+                self._cancels.pop(job_id, None)
+
+    def _run(self, job_id: str, cancel: threading.Event) -> None:
+        job = self.db.get(job_id)
+        if job is None:
+            return
+        folder = self.job_dir(job_id)
+        out_dir = folder / "out"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a restarted job starts from the beginning
+        last_write = 0.0
+
+        def on_progress(progress: Progress) -> None:
+            nonlocal last_write
+            now = time.monotonic()
+            if now - last_write >= _PROGRESS_EVERY_S or progress.frames_done == progress.frames_total:
+                last_write = now
+                if not self.db.progress(job_id, progress.frames_done, progress.frames_total):
+                    cancel.set()  # deleted, possibly by another process sharing the data dir
+
+        options = ProcessOptions(
+            frames=job.frames,
+            max_frames=job.max_frames,
+            frame_limit=self.settings.max_frames,
+            duration_limit_s=self.settings.max_duration_s,
+            priority=Priority.BATCH,
+        )
+        log.info("job %s: %s on %s (attempt %d)", job_id, job.model, job.input_name, job.attempts)
+        try:
+            engine = self._engine(job.model)
+            report = process_video(folder / job.input_file, out_dir, engine, options, on_progress, cancel, job.model)
+            files = [*report["outputs"], "report.json"]
+            if job.frames:
+                _zip_folder(out_dir / "frames", out_dir / "frames.zip")
+                files.append("frames.zip")
+            (folder / job.input_file).unlink(missing_ok=True)  # done: the upload is no longer needed
+            finished = self.db.finish(
+                job_id, "done", time.time(), files=files, warnings=report["warnings"],
+                frames_done=report["frames"], frames_total=report["frames"],
+            )  # fmt: skip
+        except Cancelled:
+            if self._stopping.is_set() and self.db.get(job_id) is not None:
+                return  # server shutdown: the record stays 'running' and the next start restarts it
+            finished = False
+        except (VideoError, ValueError, KeyError, RuntimeError) as exc:
+            finished = self.db.finish(job_id, "failed", time.time(), error=_message(exc))
+        except Exception as exc:  # noqa: BLE001 - any job error is the job's, never the server's
+            log.exception("job %s failed", job_id)
+            finished = self.db.finish(job_id, "failed", time.time(), error=f"internal error: {_message(exc)}")
+        if not finished:  # the record was deleted while the job ran
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _engine(self, model: str) -> InferenceEngine:
+        if self._get_engine is not None:
+            try:
+                return self._get_engine(model)
+            except KeyError:
+                raise ValueError(f"model {model!r} is not loaded by this server") from None
+        with self._engine_lock:
+            if model not in self._own_engines:
+                from service.backends.factory import create_backend
+
+                s = self.settings
+                backend = create_backend(model, s.backend, s.device, s.precision, s.checkpoints.get(model))
+                self._own_engines[model] = InferenceEngine(backend, max_batch=s.engine_max_batch)
+            return self._own_engines[model]
+
+    # retention -------------------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Removes expired jobs and orphaned folders (uploads that never became jobs); returns removed ids."""
+        now = time.time() if now is None else now
+        retention_s = self.settings.retention_hours * 3600
+        removed = []
+        for job in self.db.expired(now - retention_s):
+            self.db.delete(job.id)
+            shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+            removed.append(job.id)
+        for folder in self.root.iterdir():
+            if JOB_ID.fullmatch(folder.name) and folder.is_dir() and self.db.get(folder.name) is None:
+                newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+                if folder.name not in self._cancels and now - newest > max(3600.0, retention_s):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+        return removed
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(self.settings.sweep_interval_s):
+            try:
+                removed = self.sweep()
+                if removed:
+                    log.info("retention: removed %d job(s)", len(removed))
+            except Exception:  # noqa: BLE001 - the sweep retries next interval
+                log.exception("retention sweep failed")
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text or type(exc).__name__
+
+
+def _zip_folder(folder: Path, archive: Path) -> None:
+    """PNG frames as one download; stored, not deflated: PNG is compressed already."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        for file in sorted(folder.rglob("*.png")):
+            zf.write(file, file.relative_to(folder).as_posix())
+    shutil.rmtree(folder)
+
+
+# uploads ---------------------------------------------------------------------------------------------
+class UploadTooLarge(Exception):
+    pass
+
+
+class _MultipartUpload:
+    """Streams one multipart/form-data body: the ``file`` part goes to disk chunk by chunk, with a size
+    cap; the other parts are small option fields kept in memory (each at most 1 KiB)."""
+
+    FIELD_LIMIT = 1024
+
+    def __init__(self, boundary: bytes, target: Path, max_bytes: int) -> None:
+        self.target = target
+        self.max_bytes = max_bytes
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.file_bytes = 0
+        self.complete = False
+        self._file: Any = None
+        self._header_field = b""
+        self._header_value = b""
+        self._part_name: str | None = None
+        self._part_filename: str | None = None
+        self._field_value = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, s, e: setattr(self, "_header_field", self._header_field + d[s:e]),
+                "on_header_value": lambda d, s, e: setattr(self, "_header_value", self._header_value + d[s:e]),
+                "on_header_end": self._header_end,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": lambda: setattr(self, "complete", True),
+            },
+        )
+
+    def write(self, chunk: bytes) -> None:
+        self._parser.write(chunk)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _part_begin(self) -> None:
+        self._part_name = self._part_filename = None
+        self._field_value = bytearray()
+
+    def _header_end(self) -> None:
+        if self._header_field.lower() == b"content-disposition":
+            _, params = parse_options_header(self._header_value)
+            self._part_name = params.get(b"name", b"").decode("utf-8", "replace")
+            if b"filename" in params:
+                self._part_filename = params[b"filename"].decode("utf-8", "replace")
+        self._header_field = self._header_value = b""
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part_name == "file" and self._part_filename is not None:
+            if self.filename is not None and self._file is None:
+                raise MultipartParseError("send exactly one file part named 'file'")
+            if self._file is None:
+                self.filename = self._part_filename
+                self._file = self.target.open("wb")
+            self.file_bytes += end - start
+            if self.file_bytes > self.max_bytes:
+                raise UploadTooLarge()
+            self._file.write(data[start:end])
+        else:
+            self._field_value += data[start:end]
+            if len(self._field_value) > self.FIELD_LIMIT:
+                raise MultipartParseError(f"form field {self._part_name!r} is longer than {self.FIELD_LIMIT} bytes")
+
+    def _part_end(self) -> None:
+        if self._part_name == "file" and self._part_filename is not None:
+            if self._file is None:  # an empty file part
+                self.filename = self._part_filename
+                self.target.touch()
+            self.close()
+        elif self._part_name:
+            self.fields[self._part_name] = self._field_value.decode("utf-8", "replace")
+
+
+def _parse_options(fields: dict[str, str], default_model: str) -> tuple[str, int | None, bool]:
+    unknown = set(fields) - {"model", "max_frames", "frames"}
+    if unknown:
+        raise ValueError(f"unknown form field(s): {', '.join(sorted(unknown))}; expected model, max_frames, frames")
+    model = fields.get("model", "").strip() or default_model
+    max_frames = None
+    if fields.get("max_frames", "").strip():
+        try:
+            max_frames = int(fields["max_frames"])
+        except ValueError:
+            raise ValueError(f"max_frames must be an integer, got {fields['max_frames']!r}") from None
+        if max_frames <= 0:
+            raise ValueError("max_frames must be positive")
+    frames_text = fields.get("frames", "false").strip().lower()
+    if frames_text not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise ValueError(f"frames must be true or false, got {fields['frames']!r}")
+    return model, max_frames, frames_text in ("true", "1", "yes")
+
+
+def _input_suffix(filename: str) -> str:
+    """Keep the extension (it helps FFmpeg guess raw formats) only when it is a plain short one."""
+    suffix = Path(filename.replace("\\", "/")).suffix.lower()
+    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
+
+
+# HTTP API ---------------------------------------------------------------------------------------------
+def get_jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
+
+
+Jobs = Annotated[JobManager, Depends(get_jobs)]
+
+
+def _job_or_404(jobs: JobManager, job_id: str) -> Job:
+    job = jobs.db.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
+
+
+def create_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+    @router.post("", status_code=202)
+    async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
+        """Multipart upload: a ``file`` part (the video) and optional fields ``model``, ``max_frames``, ``frames``."""
+        content_type, params = parse_options_header(request.headers.get("content-type", ""))
+        if content_type != b"multipart/form-data" or not params.get(b"boundary"):
+            raise HTTPException(415, "send multipart/form-data with a 'file' part")
+        max_bytes = int(jobs.settings.max_upload_mb * 1024 * 1024)
+        too_large = f"upload is larger than this server's limit of {jobs.settings.max_upload_mb:g} MB"
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes + 64 * 1024:  # 64 KiB: multipart headers and fields
+            raise HTTPException(413, too_large)
+        job_id = secrets.token_urlsafe(16)
+        folder = jobs.job_dir(job_id)
+        folder.mkdir(parents=True)
+        upload = _MultipartUpload(params[b"boundary"], folder / "upload.part", max_bytes)
+        try:
+            async for chunk in request.stream():
+                await asyncio.to_thread(upload.write, chunk)  # disk writes off the event loop
+            upload.close()
+            if not upload.complete:
+                raise ValueError("the upload ended before the multipart body was complete")
+            if upload.filename is None:
+                raise ValueError("no 'file' part in the upload")
+            if upload.file_bytes == 0:
+                raise ValueError("the uploaded file is empty")
+            model, max_frames, frames = _parse_options(upload.fields, jobs.settings.default_model)
+            jobs.check_model(model)
+            input_file = "input" + _input_suffix(upload.filename)
+            (folder / "upload.part").rename(folder / input_file)
+            job = jobs.submit(job_id, model, max_frames, frames, upload.filename[:255], input_file, upload.file_bytes)
+        except UploadTooLarge:
+            upload.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(413, too_large) from None
+        except (ValueError, MultipartParseError) as exc:
+            upload.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(400, str(exc)) from None
+        except BaseException:
+            upload.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return JSONResponse(job.public(jobs.settings.retention_hours * 3600), status_code=202)
+
+    @router.get("")
+    def list_jobs(jobs: Jobs, limit: int = 100) -> dict[str, Any]:
+        retention_s = jobs.settings.retention_hours * 3600
+        return {"jobs": [job.public(retention_s) for job in jobs.db.list(max(1, min(limit, 1000)))]}
+
+    @router.get("/{job_id}")
+    def get_job(job_id: str, jobs: Jobs) -> dict[str, Any]:
+        return _job_or_404(jobs, job_id).public(jobs.settings.retention_hours * 3600)
+
+    @router.get("/{job_id}/files/{name}")
+    def get_file(job_id: str, name: str, jobs: Jobs) -> FileResponse:
+        job = _job_or_404(jobs, job_id)
+        path = jobs.result_path(job, name)
+        if path is None or not path.is_file():
+            raise HTTPException(
+                404, f"job {job_id} has no file {name!r}; files: {', '.join(job.files or []) or 'none'}"
+            )
+        return FileResponse(path, filename=name)
+
+    @router.delete("/{job_id}")
+    def delete_job(job_id: str, jobs: Jobs) -> dict[str, Any]:
+        _job_or_404(jobs, job_id)
+        job = jobs.delete(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        view = job.public(jobs.settings.retention_hours * 3600)
+        if job.state in ("queued", "running"):
+            view["state"] = "cancelled"
+        view["removed"] = True
+        return view
+
+    return router
+
+
+def mount_jobs(
+    app: FastAPI, settings: JobSettings | None = None, get_engine: Callable[[str], InferenceEngine] | None = None
+) -> JobManager:
+    """Adds ``/v1/jobs`` to ``app``; the caller's lifespan must call ``start()`` and ``stop()`` on the result."""
+    manager = JobManager(settings, get_engine)
+    app.state.jobs = manager
+    app.include_router(create_router())
+    return manager
+
+
+@contextlib.contextmanager
+def running(manager: JobManager) -> Iterator[JobManager]:
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.stop()
+
+
+def create_standalone_app(settings: JobSettings | None = None) -> FastAPI:
+    """The jobs API alone, with its own engines: ``uvicorn --factory service.jobs:create_standalone_app``."""
+    settings = settings or JobSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with running(app.state.jobs):
+            yield
+
+    app = FastAPI(title="vident jobs", lifespan=lifespan)
+    mount_jobs(app, settings)
+    return app

@@ -1,0 +1,258 @@
+"""The /v1/jobs API on a minimal app (the streaming app mounts the same router): uploads, limits, ids,
+results, cancellation, retention, recovery and priority on a shared engine."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_process import nontrivial_model, reference
+from test_video import moving_frames, write_clip
+
+from models.checkpoints import load_model, save_checkpoint
+from service.backends.base import Backend
+from service.backends.factory import create_backend
+from service.backends.torch import TorchBackend
+from service.engine import InferenceEngine, Priority
+from service.jobs import JOB_ID, Job, JobManager, JobSettings, JobStore, mount_jobs
+from service.video import read_video_frames
+
+MODEL = "most-nss-tiny"
+
+
+def make_app(settings: JobSettings, get_engine: Any = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.jobs.start()
+        yield
+        app.state.jobs.stop()
+
+    app = FastAPI(lifespan=lifespan)
+    mount_jobs(app, settings, get_engine)
+    return app
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> JobSettings:
+    return JobSettings(data_dir=tmp_path / "data", default_model=MODEL, sweep_interval_s=3600, **overrides)
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(make_app(settings_for(tmp_path))) as client:
+        yield client
+
+
+def post(client: TestClient, path: Path, **fields: Any) -> Any:
+    return client.post(
+        "/v1/jobs", files={"file": (path.name, path.read_bytes())}, data={k: str(v) for k, v in fields.items()}
+    )
+
+
+def wait(client: TestClient, job_id: str, states: tuple[str, ...] = ("done", "failed"), timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {states}: {job}")
+
+
+def test_job_lifecycle_and_results(tmp_path: Path) -> None:
+    weights = save_checkpoint(nontrivial_model(MODEL), tmp_path / "weights.safetensors")
+    with TestClient(make_app(settings_for(tmp_path, checkpoints={MODEL: weights}))) as client:
+        check_lifecycle(client, tmp_path, TorchBackend(load_model(MODEL, weights)[0]))
+
+
+def check_lifecycle(client: TestClient, tmp_path: Path, backend: Backend) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(12))
+    response = post(client, clip, model=MODEL, frames="true")
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert JOB_ID.fullmatch(created["id"]) and created["state"] == "queued" and created["input_name"] == "clip.mp4"
+    job = wait(client, created["id"])
+    assert job["state"] == "done", job
+    assert (job["frames_done"], job["frames_total"], job["progress"]) == (12, 12, 1.0)
+    assert (job["attempts"], job["restarted"], job["error"]) == (1, False, None)
+    assert job["files"] == [
+        "mask.mp4", "overlay.mp4", "restored.mp4", "homographies.json", "report.json", "frames.zip"
+    ]  # fmt: skip
+    assert job["expires_at"] == pytest.approx(job["finished_at"] + 24 * 3600)
+    assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == [job["id"]]
+
+    restored = client.get(f"/v1/jobs/{job['id']}/files/restored.mp4")
+    assert restored.status_code == 200 and restored.headers["content-type"] == "video/mp4"
+    (tmp_path / "restored.mp4").write_bytes(restored.content)
+    info, frames = read_video_frames(tmp_path / "restored.mp4")
+    assert (len(frames), info.fps) == (12, 25)
+    homographies = client.get(f"/v1/jobs/{job['id']}/files/homographies.json").json()["homographies"]
+    archive = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/files/frames.zip").content))
+    assert len([n for n in archive.namelist() if n.startswith("restored/")]) == 12
+    expected = reference(backend, [f.rgb for f in read_video_frames(clip)[1]])
+    np.testing.assert_allclose(homographies, [r.homography for r in expected], atol=1e-9)
+    for i in (0, 11):
+        png = np.asarray(Image.open(io.BytesIO(archive.read(f"restored/{i:06d}.png"))))
+        assert np.array_equal(png, expected[i].restored)
+    report = client.get(f"/v1/jobs/{job['id']}/files/report.json").json()
+    assert report["frames"] == 12 and report["model"] == MODEL
+    # the upload is gone once the job is done; results stay until retention or DELETE
+    folder = tmp_path / "data" / job["id"]
+    assert not list(folder.glob("input*")) and (folder / "out" / "restored.mp4").is_file()
+    deleted = client.delete(f"/v1/jobs/{job['id']}").json()
+    assert deleted["removed"] and deleted["state"] == "done"
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404 and not folder.exists()
+
+
+def test_bad_inputs_fail_the_job_not_the_server(client: TestClient, tmp_path: Path) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 100)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(12))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(clip.read_bytes()[:300])
+    long = write_clip(tmp_path / "long.avi", moving_frames(30), "mjpeg", "yuvj420p")
+    jobs = {name: post(client, path).json()["id"] for name, path in [("text", text), ("cut", cut), ("long", long)]}
+    errors = {name: wait(client, job_id)["error"] for name, job_id in jobs.items()}
+    assert "not a readable video" in errors["text"]
+    assert "no video stream" in errors["cut"] or "no frame" in errors["cut"]
+    assert errors["long"] is None
+    assert all(wait(client, job_id)["state"] == ("done" if n == "long" else "failed") for n, job_id in jobs.items())
+    assert client.get(f"/v1/jobs/{jobs['text']}/files/report.json").status_code == 404
+
+
+def test_server_limits(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, max_frames=20, max_upload_mb=0.05)
+    with TestClient(make_app(settings)) as client:
+        long = write_clip(tmp_path / "long.avi", moving_frames(30), "mjpeg", "yuvj420p")
+        job = wait(client, post(client, long).json()["id"])
+        assert job["state"] == "failed" and "limit of 20" in job["error"] and "max_frames" in job["error"]
+        job = wait(client, post(client, long, max_frames=10).json()["id"])
+        assert (job["state"], job["frames_done"]) == ("done", 10)
+
+        big = tmp_path / "big.mp4"
+        big.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+        response = post(client, big)
+        assert response.status_code == 413 and "limit of 0.05 MB" in response.json()["detail"]
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: the cap is enforced while streaming
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.mp4"\r\n\r\n'
+            for _ in range(20):
+                yield b"\x00" * 10_000
+            yield b"\r\n--b--\r\n"
+
+        response = client.post(
+            "/v1/jobs", content=chunked(), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert response.status_code == 413
+        # nothing is left of refused uploads
+        assert sorted(p.name for p in (tmp_path / "data").iterdir() if JOB_ID.fullmatch(p.name)) == sorted(
+            j["id"] for j in client.get("/v1/jobs").json()["jobs"]
+        )
+
+
+def test_request_validation(client: TestClient, tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2))
+    assert post(client, clip, model="no-such-model").status_code == 400
+    assert "unknown form field" in post(client, clip, colour="red").json()["detail"]
+    assert post(client, clip, max_frames="-3").status_code == 400
+    assert post(client, clip, frames="maybe").status_code == 400
+    assert client.post("/v1/jobs", data={"model": MODEL}).status_code in (400, 415)
+    assert client.post("/v1/jobs", content=b"raw", headers={"content-type": "video/mp4"}).status_code == 415
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert "empty" in post(client, empty).json()["detail"]
+    for bad in ("..%2F..%2Fetc", "short", "A" * 21 + "!", "../jobs.sqlite3"):
+        assert client.get(f"/v1/jobs/{bad}").status_code == 404
+    job = wait(client, post(client, clip).json()["id"])
+    for name in ("..%2Fjobs.sqlite3", "input.mp4", "out", "restored.MP4"):
+        assert client.get(f"/v1/jobs/{job['id']}/files/{name}").status_code == 404
+    with pytest.raises(ValueError):
+        JobManager(settings_for(tmp_path)).job_dir("../../etc")
+
+
+def test_delete_cancels_a_running_job(tmp_path: Path) -> None:
+    with TestClient(make_app(settings_for(tmp_path))) as client:
+        clip = write_clip(tmp_path / "clip.mp4", moving_frames(150))
+        first, second = post(client, clip).json()["id"], post(client, clip).json()["id"]
+        running = wait(client, first, ("running",))
+        assert client.get(f"/v1/jobs/{second}").json()["state"] == "queued"  # one job at a time by default
+        deleted = client.delete(f"/v1/jobs/{second}").json()
+        assert (deleted["state"], deleted["removed"]) == ("cancelled", True)
+        assert not (tmp_path / "data" / second).exists()
+        assert running["frames_done"] < 150
+        assert client.delete(f"/v1/jobs/{first}").json()["state"] == "cancelled"
+        assert client.get(f"/v1/jobs/{first}").status_code == 404
+        deadline = time.monotonic() + 10
+        while (tmp_path / "data" / first).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (tmp_path / "data" / first).exists()  # the worker let go and removed the folder
+        assert client.delete(f"/v1/jobs/{first}").status_code == 404
+
+
+def test_retention_sweep(client: TestClient, tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2))
+    job = wait(client, post(client, clip).json()["id"])
+    orphan = tmp_path / "data" / ("o" * 22)  # an upload that never became a job (server died mid-upload)
+    orphan.mkdir()
+    (orphan / "upload.part").write_bytes(b"x")
+    manager: JobManager = client.app.state.jobs
+    assert manager.sweep() == []  # nothing has expired yet
+    assert sorted(manager.sweep(now=time.time() + 25 * 3600)) == sorted([job["id"], orphan.name])
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert not (tmp_path / "data" / job["id"]).exists() and not orphan.exists()
+
+
+def test_interrupted_jobs_restart_on_start(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(6))
+    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    for job_id, state in (("r" * 22, "running"), ("q" * 22, "queued")):
+        (settings.data_dir / job_id).mkdir()
+        (settings.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
+        store.insert(Job(job_id, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
+        if state == "running":  # a process claimed it, wrote partial results, then died
+            assert store.claim(job_id, time.time())
+            (settings.data_dir / job_id / "out").mkdir()
+            (settings.data_dir / job_id / "out" / "stale.mp4").write_bytes(b"partial")
+    store.close()
+    with TestClient(make_app(settings)) as client:
+        restarted, queued = wait(client, "r" * 22), wait(client, "q" * 22)
+    assert (restarted["state"], restarted["restarted"], restarted["attempts"], restarted["frames_done"]) == (
+        "done", True, 2, 6
+    )  # fmt: skip
+    assert (queued["state"], queued["restarted"], queued["attempts"]) == ("done", False, 1)
+    assert not (settings.data_dir / ("r" * 22) / "out" / "stale.mp4").exists()
+
+
+def test_jobs_use_the_shared_engine_at_batch_priority(tmp_path: Path) -> None:
+    class Recording(InferenceEngine):
+        priorities: list[Priority] = []
+
+        def submit(self, stream: Any, frame: Any, priority: Priority = Priority.LIVE) -> Any:
+            self.priorities.append(priority)
+            return super().submit(stream, frame, priority)
+
+    engine = Recording(create_backend(MODEL))
+    engines = {MODEL: engine}
+    try:
+        with TestClient(make_app(settings_for(tmp_path, concurrent_jobs=2), engines.__getitem__)) as client:
+            clip = write_clip(tmp_path / "clip.mp4", moving_frames(4))
+            ids = [post(client, clip).json()["id"] for _ in range(2)]
+            assert [wait(client, i)["state"] for i in ids] == ["done", "done"]
+            # a model the app did not load: a clear job error
+            other = wait(client, post(client, clip, model="most-net-tiny").json()["id"])
+            assert other["state"] == "failed" and "not loaded" in other["error"]
+    finally:
+        engine.close()
+    assert Recording.priorities == [Priority.BATCH] * 8
+    assert json.loads((tmp_path / "data" / ids[0] / "out" / "report.json").read_text())["frames"] == 4
