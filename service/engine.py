@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import Backend
+from service.backends.base import Backend, BackendInfo
 from service.pipeline import FrameResult, Stream, run_streams
+
+logger = logging.getLogger(__name__)
 
 
 class Priority(IntEnum):
@@ -37,9 +43,15 @@ class _Request:
 
 
 class InferenceEngine:
-    def __init__(self, backend: Backend, max_batch: int = 8) -> None:
+    """``on_batch(size, seconds)``, when given, is called on the worker thread after every backend call
+    (the service feeds its batch-size and inference-time metrics from it)."""
+
+    def __init__(
+        self, backend: Backend, max_batch: int = 8, on_batch: Callable[[int, float], None] | None = None
+    ) -> None:
         self.backend = backend
         self.max_batch = max(1, max_batch)
+        self.on_batch = on_batch
         self._queue: queue.PriorityQueue[_Request | tuple[int, int, None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._work, name=f"infer-{backend.spec.name}", daemon=True)
@@ -93,11 +105,128 @@ class InferenceEngine:
             batch = [r for r in self._take_batch(item) if r.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
+            start = time.perf_counter()
             try:
                 results = run_streams(self.backend, [r.stream for r in batch], [r.frame for r in batch])
             except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
                 for r in batch:
                     r.future.set_exception(exc)
                 continue
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(len(batch), time.perf_counter() - start)
+                except Exception:  # a metrics hook must never leave waiters hanging
+                    logger.exception("on_batch hook failed")
             for r, result in zip(batch, results, strict=True):
                 r.future.set_result(result)
+
+
+BackendFactory = Callable[..., Backend]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What ``/v1/models`` reports about a model the pool has loaded."""
+
+    name: str
+    engine: InferenceEngine
+    info: BackendInfo
+    checkpoint: Path | None  # None: random initialisation (no shipped or configured weights)
+    load_seconds: float
+
+    @property
+    def random_weights(self) -> bool:
+        return self.checkpoint is None
+
+
+def choose_backend(requested: str, device: str) -> str:
+    """The runtime for ``requested`` ("auto" picks the fastest one the factory knows for ``device``).
+
+    The factory may or may not offer a chooser (the export work adds one); without it "auto" means
+    torch, the reference runtime that is always installed.
+    """
+    if requested != "auto":
+        return requested
+    from service.backends import factory
+
+    chooser = getattr(factory, "default_backend", None)
+    if callable(chooser):
+        return str(chooser(device))
+    return "torch"
+
+
+class EnginePool:
+    """Loaded models by name, each with one :class:`InferenceEngine`, shared by sessions and batch jobs.
+
+    Models load once, lazily (``get``/``load``) or at startup, on a worker thread; a per-name lock
+    makes concurrent first requests wait for one load instead of loading twice.
+    ``engines`` is the plain ``name -> InferenceEngine`` view the batch-jobs code reads.
+    """
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch: int = 8,
+        checkpoints: dict[str, str] | None = None,
+        backend_factory: BackendFactory | None = None,
+        on_batch: Callable[[str], Callable[[int, float], None]] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.device = device
+        self.precision = precision
+        self.max_batch = max_batch
+        self.checkpoints = dict(checkpoints or {})
+        self._factory = backend_factory
+        self._on_batch = on_batch
+        self.models: dict[str, LoadedModel] = {}
+        self.engines: dict[str, InferenceEngine] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def load(self, name: str) -> LoadedModel:
+        """Loads ``name`` if needed (blocking: call from a thread, not the event loop)."""
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            if name in self.models:
+                return self.models[name]
+            from models.checkpoints import shipped_checkpoint
+            from service.backends.factory import create_backend
+
+            runtime = choose_backend(self.backend, self.device)
+            checkpoint = self.checkpoints.get(name)
+            start = time.perf_counter()
+            factory = self._factory or create_backend
+            backend = factory(name, runtime, self.device, self.precision, checkpoint)
+            used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
+            hook = self._on_batch(name) if self._on_batch else None
+            engine = InferenceEngine(backend, max_batch=self.max_batch or backend.info.max_batch, on_batch=hook)
+            loaded = LoadedModel(name, engine, backend.info, used, time.perf_counter() - start)
+            info = backend.info
+            logger.info(
+                "model %s loaded in %.1f s: backend %s (requested %s), device %s, precision %s",
+                name, loaded.load_seconds, info.name, self.backend, info.device, info.precision,
+            )  # fmt: skip
+            if used is None:
+                logger.warning("model %s: no checkpoint shipped or configured; running with RANDOM weights", name)
+            else:
+                logger.info("model %s: weights from %s", name, used)
+            self.models[name] = loaded
+            self.engines[name] = engine
+            return loaded
+
+    async def get(self, name: str) -> InferenceEngine:
+        """The engine for ``name``, loading it off the event loop on first use."""
+        loaded = self.models.get(name)
+        if loaded is None:
+            loaded = await asyncio.to_thread(self.load, name)
+        return loaded.engine
+
+    def close(self) -> None:
+        for loaded in list(self.models.values()):
+            loaded.engine.close()
+            loaded.engine.backend.close()
+        self.models.clear()
+        self.engines.clear()

@@ -1,0 +1,140 @@
+"""The ASGI app: ``create_app(settings)`` wires settings, models, sessions, metrics and routes.
+
+State on ``app.state`` (what other routers may use):
+
+* ``settings``: :class:`~service.settings.Settings`;
+* ``pool``: :class:`~service.engine.EnginePool`; ``await pool.get(name)`` returns the shared
+  :class:`~service.engine.InferenceEngine` for a model, loading it once; submit batch work with
+  ``Priority.BATCH`` so live sessions keep precedence;
+* ``engines``: ``pool.engines``, the ``name -> InferenceEngine`` dict of loaded models;
+* ``sessions``: :class:`~service.session.SessionManager`; ``metrics``: :class:`~service.metrics.Metrics`.
+
+Extension hook (batch jobs, issue 7): if the module ``service.jobs`` exists, ``create_app`` mounts
+its ``router`` (an ``APIRouter``; every route then requires the API key when one is configured) and,
+if it defines ``lifespan(app)`` (an async context manager factory), enters it after the app state
+exists and exits it before the engines close. Other routers can be listed in :data:`EXTRA_ROUTER_MODULES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from types import ModuleType
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from service import health, ws
+from service.engine import BackendFactory, EnginePool
+from service.metrics import Metrics
+from service.session import SessionManager
+from service.settings import Settings, require_api_key
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Modules mounted when importable: each may define `router` and `lifespan(app)` (see the module docstring).
+EXTRA_ROUTER_MODULES: list[str] = ["service.jobs"]
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:  # the module is simply not there (yet); a missing dependency inside it is an error
+            return None
+        raise
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vident")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+async def _preload(app: FastAPI) -> None:
+    """Loads the default model off the event loop; /readyz reports the outcome."""
+    state = app.state
+    state.readiness = "loading"
+    try:
+        await asyncio.to_thread(state.pool.load, state.settings.model)
+    except Exception as exc:  # noqa: BLE001 - the server stays up to report the failure on /readyz
+        logger.exception("default model %s failed to load", state.settings.model)
+        state.readiness, state.readiness_error = "failed", f"{type(exc).__name__}: {exc}"
+        return
+    state.readiness = "ready"
+
+
+def create_app(settings: Settings | None = None, backend_factory: BackendFactory | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from the environment). ``backend_factory`` replaces
+    :func:`service.backends.factory.create_backend` (tests use it to slow or break a backend)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    pool = EnginePool(
+        backend=settings.backend,
+        device=settings.device,
+        precision=settings.precision,
+        max_batch=settings.max_batch,
+        checkpoints={settings.model: settings.checkpoint} if settings.checkpoint else None,
+        backend_factory=backend_factory,
+        on_batch=metrics.batch_hook,
+    )
+    extras = [m for m in map(_optional_module, EXTRA_ROUTER_MODULES) if m is not None]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_preload(app)) if settings.preload else None
+        try:
+            async with AsyncExitStack() as stack:
+                for module in extras:
+                    if hasattr(module, "lifespan"):
+                        await stack.enter_async_context(module.lifespan(app))
+                yield
+        finally:
+            if loader is not None:
+                await asyncio.gather(loader, return_exceptions=True)
+            await asyncio.to_thread(pool.close)
+
+    app = FastAPI(
+        title="vident",
+        version=_version(),
+        summary="Real-time multi-task video enhancement for dental microcameras (WebSocket: see docs/protocol.md)",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.pool = pool
+    app.state.engines = pool.engines
+    app.state.sessions = SessionManager(settings.max_sessions, settings.idle_timeout_s)
+    app.state.started = time.monotonic()
+    app.state.readiness = "loading" if settings.preload else "ready"  # lazy loading: ready at once
+    app.state.readiness_error = None
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.include_router(health.router)
+    app.include_router(ws.router)
+    for module in extras:
+        if hasattr(module, "router"):
+            app.include_router(module.router, dependencies=[Depends(require_api_key)])
+            logger.info("mounted %s", module.__name__)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
