@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         total = count_frames(args.data, args.max_sequences, args.max_frames)
     except DataFormatError as exc:
-        console.print(f"[red]data set problem:[/]\n{exc}")
+        console.print("[red]data set problem:[/]")
+        console.print(str(exc), markup=False, soft_wrap=True)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

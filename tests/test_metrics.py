@@ -1,0 +1,83 @@
+"""Metrics against hand-computed values and, for PSNR/SSIM, scikit-image's independent implementation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.data.synth import SynthConfig, render_sequence
+from models.metrics import iou, mace, psnr, ssim, warping_error
+
+skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the test-only reference")
+
+
+def test_psnr_hand_computed() -> None:
+    a = np.full((8, 8, 3), 100, np.uint8)
+    b = a + 5  # MSE 25
+    assert psnr(a, b)[0] == pytest.approx(10 * math.log10(255**2 / 25))
+    assert psnr(a, a)[0] == math.inf
+    batch = psnr(np.stack([a, a]), np.stack([b, a + 1]))
+    np.testing.assert_allclose(batch, [10 * math.log10(255**2 / 25), 10 * math.log10(255**2)])
+
+
+def test_ssim_constant_images_hand_computed() -> None:
+    # Constant images: sigma terms vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b = 100.0, 120.0
+    c1 = (0.01 * 255) ** 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    got = ssim(np.full((16, 16, 3), a), np.full((16, 16, 3), b))[0]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert ssim(np.full((16, 16, 3), a), np.full((16, 16, 3), a))[0] == pytest.approx(1.0)
+
+
+def test_psnr_ssim_agree_with_scikit_image() -> None:
+    seq = render_sequence(SynthConfig(height=48, width=64, frames=2, noise="severe"), 0)
+    pred, target = seq.input[1], seq.target[1]
+    ref_ssim = skimage_metrics.structural_similarity(
+        pred, target, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=-1, data_range=255
+    )
+    assert ssim(pred, target)[0] == pytest.approx(ref_ssim, abs=1e-9)
+    assert psnr(pred, target)[0] == pytest.approx(skimage_metrics.peak_signal_noise_ratio(target, pred, data_range=255))
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 1, (2, 20, 30, 3))
+    ref = skimage_metrics.structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=-1, data_range=1.0
+    )
+    assert ssim(x, y, data_range=1.0)[0] == pytest.approx(ref, abs=1e-9)
+
+
+def test_iou_hand_computed() -> None:
+    target = np.zeros((4, 4), bool)
+    target[:2] = True  # 8 pixels
+    pred = np.zeros((4, 4), np.float32)
+    pred[1:3] = 0.7  # 8 pixels, 4 shared
+    pred[3] = 0.4  # below threshold
+    assert iou(pred, target)[0] == pytest.approx(4 / 12)
+    assert iou(np.zeros((4, 4)), np.zeros((4, 4), bool))[0] == 1.0  # nothing to find, nothing found
+    assert iou(np.ones((4, 4)), target)[0] == pytest.approx(0.5)
+
+
+def test_mace_hand_computed() -> None:
+    shift = np.array([[1.0, 0, 3], [0, 1, 4], [0, 0, 1]])
+    assert mace(shift, np.eye(3), 10, 20)[0] == pytest.approx(5.0)
+    scale = np.diag([2.0, 2.0, 1.0])  # corners (0,0),(W,0),(W,H),(0,H) move by 0, W, |(W,H)|, H
+    expected = (0 + 20 + math.hypot(20, 10) + 10) / 4
+    assert mace(scale, np.eye(3), 10, 20)[0] == pytest.approx(expected)
+    np.testing.assert_allclose(mace(np.stack([shift, np.eye(3)]), np.stack([shift, np.eye(3)]), 10, 20), [0, 0])
+
+
+def test_warping_error_zero_for_true_motion_positive_otherwise() -> None:
+    rng = np.random.default_rng(0)
+    prev = rng.uniform(0, 255, (24, 32, 3))
+    cur = np.zeros_like(prev)
+    cur[:, 3:] = prev[:, :-3]  # content moved 3 px right: H = translate(3, 0)
+    h = np.array([[1.0, 0, 3], [0, 1, 0], [0, 0, 1]])
+    assert warping_error(prev, cur, h[None])[0] == pytest.approx(0.0, abs=1e-8)
+    wrong = warping_error(prev, cur, np.eye(3)[None])[0]
+    assert wrong > 0.05  # squared RGB error in [0, 1] units of uniform noise is about 0.5
+    # Only pixels with a valid warp count: the 3 new columns on the left are ignored (no NaN, no penalty).
+    region = np.zeros((1, 24, 32), bool)
+    region[0, :, :3] = True
+    assert math.isnan(warping_error(prev, cur, h[None], region)[0])
