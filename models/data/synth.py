@@ -296,18 +296,20 @@ def make_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
 
     # Tissue: gum band along the arch, tongue on one side and cheek mucosa on the other.
     yy, xx = np.mgrid[0:hw, 0:ww].astype(np.float32) + np.float32(0.5)
-    along = (xx - centre[0]) * direction[0] + (yy - centre[1]) * direction[1]
-    across = (xx - centre[0]) * normal[0] + (yy - centre[1]) * normal[1] - curvature * along**2
+    # Python floats, not numpy float64 scalars: they keep the (large) arrays in float32.
+    cx, cy, dx, dy, bend = float(centre[0]), float(centre[1]), float(direction[0]), float(direction[1]), float(curvature)
+    along = (xx - cx) * dx + (yy - cy) * dy
+    across = (xx - cx) * -dy + (yy - cy) * dx - bend * along**2
     wander = fractal_noise(rng, hw, ww, 6, 3)
     gum_extent = tooth_h / 2 + unit * rng.uniform(0.1, 0.3) + 0.05 * unit * wander
-    gum = 1.0 / (1.0 + np.exp(-(gum_extent - np.abs(across)) / (0.02 * unit)))
-    gum_col = np.array([0.88, 0.50, 0.52]) * rng.uniform(0.9, 1.05) + rng.normal(0, 0.02, 3)
-    tongue_col = np.array([0.82, 0.40, 0.44]) * rng.uniform(0.85, 1.05) + rng.normal(0, 0.02, 3)
-    mucosa_col = np.array([0.72, 0.24, 0.27]) * rng.uniform(0.8, 1.05) + rng.normal(0, 0.02, 3)
+    gum = 0.5 + 0.5 * np.tanh((gum_extent - np.abs(across)) / (0.04 * unit))  # logistic, no overflow
+    gum_col = (np.array([0.88, 0.50, 0.52]) * rng.uniform(0.9, 1.05) + rng.normal(0, 0.02, 3)).astype(np.float32)
+    tongue_col = (np.array([0.82, 0.40, 0.44]) * rng.uniform(0.85, 1.05) + rng.normal(0, 0.02, 3)).astype(np.float32)
+    mucosa_col = (np.array([0.72, 0.24, 0.27]) * rng.uniform(0.8, 1.05) + rng.normal(0, 0.02, 3)).astype(np.float32)
     side = (across > 0) if rng.random() < 0.5 else (across < 0)
     tongue_w = side.astype(np.float32)[..., None]
-    far = (tongue_col * tongue_w + mucosa_col * (1 - tongue_w)).astype(np.float32)
-    rgb = gum[..., None] * gum_col.astype(np.float32) + (1 - gum[..., None]) * far
+    far = tongue_col * tongue_w + mucosa_col * (1 - tongue_w)
+    rgb = gum[..., None] * gum_col + (1 - gum[..., None]) * far
     rgb *= (1 + 0.10 * fractal_noise(rng, hw, ww, 8, 4))[..., None]
     rgb *= 1 + np.stack([0.04 * fractal_noise(rng, hw, ww, 5, 2) for _ in range(3)], axis=-1)
     stipple = fractal_noise(rng, hw, ww, ww / (0.012 * unit), 1)
