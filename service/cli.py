@@ -17,6 +17,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.process",
     "service.commands.synth",
     "service.commands.eval",
+    "service.commands.train",
+    "service.commands.serve",
+    "service.commands.stream",
 )
 
 

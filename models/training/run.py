@@ -1,0 +1,139 @@
+"""What ``vident train`` runs: data streams for the trainer, validation, and the NSS schedule.
+
+The NSS schedule of 6.2.2: pretrain MOST-NET++ -> search (gates and weights together, from the
+pretrained weights) -> derive the scales-to-tasks table (alpha > 0.5; scale 3 always kept) ->
+retrain the derived network from scratch. Each phase is a resumable run in its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models.data.dataset import SequenceFolderClips, SyntheticClips, SyntheticStream
+from models.data.synth import SynthConfig
+from models.metrics import iou, mace, psnr
+from models.training.trainer import ClipBatch, TrainConfig, Trainer
+
+VALIDATION_SEED = 7  # validation clips come from the "val" split with this seed
+
+
+def _to_batch(sample: dict[str, torch.Tensor]) -> ClipBatch:
+    blurry = sample.get("target_blurry", sample["target"])
+    return ClipBatch(sample["input"], sample["target"], blurry, sample["mask"], sample["homography"])
+
+
+def training_batches(
+    cfg: TrainConfig, data: Path | None = None, noise: str = "mixed", workers: int = 1, start_step: int = 0
+) -> Iterator[ClipBatch]:
+    """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
+    resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences."""
+    if data is not None:
+        dataset = SequenceFolderClips(data, clip_frames=cfg.clip_length)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        while True:
+            loader = DataLoader(dataset, batch_size=cfg.batch, shuffle=True, drop_last=True, generator=generator,
+                                num_workers=workers, persistent_workers=False)  # fmt: skip
+            for sample in loader:
+                yield _to_batch(sample)
+    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=cfg.clip_length, noise=noise)
+    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch)
+    loader = DataLoader(stream, batch_size=cfg.batch, num_workers=workers, prefetch_factor=4 if workers else None)
+    for sample in loader:
+        yield _to_batch(sample)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, cfg: TrainConfig, sequences: int = 2, frames: int = 8) -> dict[str, float]:
+    """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size."""
+    model.eval()
+    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=frames, noise="moderate")
+    dataset = SyntheticClips(synth, sequences, seed=VALIDATION_SEED, split="val")
+    spec = model.spec  # type: ignore[attr-defined]
+    scores: dict[str, list[float]] = {"val_psnr": [], "val_psnr_input": [], "val_iou": [], "val_mace": [],
+                                      "val_mace_identity": []}  # fmt: skip
+    for index in range(len(dataset)):
+        clip = dataset[index]
+        state = {k: torch.from_numpy(v).to(cfg.device) for k, v in spec.initial_state(1, cfg.height, cfg.width).items()}
+        for t in range(frames):
+            frame = clip["input"][t : t + 1].to(cfg.device)
+            outputs = model(frame, torch.full((1, 1, 1, 1), float(t == 0), device=cfg.device), *state.values())
+            named = dict(zip(spec.output_names, outputs, strict=True))
+            state = {s.name: named[s.next_name] for s in spec.states}
+            target = clip["target"][t].numpy().transpose(1, 2, 0) * 255
+            restored = named["restored"][0].clamp(0, 1).float().cpu().numpy().transpose(1, 2, 0) * 255
+            scores["val_psnr"].append(float(psnr(restored, target)[0]))
+            scores["val_psnr_input"].append(float(psnr(clip["input"][t].numpy().transpose(1, 2, 0) * 255, target)[0]))
+            if "teeth_mask" in named and t > 0:
+                scores["val_iou"].append(
+                    float(iou(named["teeth_mask"][0, 0].cpu().numpy(), clip["mask"][t, 0].numpy())[0])
+                )
+                h_true = clip["homography"][t].double().numpy()
+                h_est = named["homography"][0].double().cpu().numpy()
+                scores["val_mace"].append(float(mace(h_est, h_true, cfg.height, cfg.width)[0]))
+                scores["val_mace_identity"].append(float(mace(np.eye(3), h_true, cfg.height, cfg.width)[0]))
+    model.train()
+    return {k: float(np.mean(v)) for k, v in scores.items() if v}
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    data: Path | None = None,
+    noise: str = "mixed",
+    workers: int = 1,
+    validate_every: int = 200,
+    progress: bool = True,
+) -> Path:
+    """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``)."""
+    trainer = Trainer(cfg, iter(()))
+    if resume and trainer.resume_path.is_file():
+        trainer.load()
+    trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index)
+    original_log = trainer.log
+
+    def log_with_validation(record: dict[str, float]) -> None:
+        if validate_every and (record["step"] % validate_every == 0 or record["step"] == cfg.steps):
+            record.update(validate(trainer.model, cfg))
+        original_log(record)
+
+    trainer.log = log_with_validation  # type: ignore[method-assign]
+    return trainer.fit(progress=progress)
+
+
+def neural_scale_search(
+    cfg: TrainConfig,
+    pretrain_steps: int,
+    search_steps: int,
+    retrain_steps: int,
+    data: Path | None = None,
+    noise: str = "mixed",
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
+    """pretrain -> search -> derive -> retrain; writes ``structure.json`` and ``gates.jsonl`` in cfg.out."""
+    base = cfg.out
+    pre = replace(cfg, model="most-net", out=base / "pretrain", steps=pretrain_steps, search=False, structure=None)
+    pretrained = train(pre, resume=True, data=data, noise=noise, workers=workers, progress=progress)
+    search_cfg = replace(pre, out=base / "search", steps=search_steps, search=True, init_from=pretrained)
+    train(search_cfg, resume=True, data=data, noise=noise, workers=workers, validate_every=0, progress=progress)
+    searched = Trainer(search_cfg, iter(()))
+    searched.load()
+    assert searched.gates is not None
+    structure = searched.gates.derive()
+    (base / "structure.json").write_text(json.dumps({
+        "structure": json.loads(structure.to_json()),
+        "table": structure.table(),
+        "alpha": searched.gates.snapshot(),
+        "tau": cfg.gate_tau,
+    }, indent=2))  # fmt: skip
+    gate_lines = [line for line in (search_cfg.out / "log.jsonl").read_text().splitlines() if "alpha_" in line]
+    (base / "gates.jsonl").write_text("\n".join(gate_lines) + "\n")
+    final = replace(cfg, model="most-net", out=base / "retrain", steps=retrain_steps, search=False, structure=structure)
+    return train(final, resume=True, data=data, noise=noise, workers=workers, progress=progress)

@@ -1,0 +1,59 @@
+"""``vident train``: train a network on synthetic or on-disk data, optionally with Neural Scale Search."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from service.commands.info import _size
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.training.run import neural_scale_search, train
+    from models.training.trainer import TrainConfig
+
+    height, width = args.size
+    cfg = TrainConfig(
+        model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
+        height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
+        amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
+        perceptual_weights=args.perceptual_weights, init_from=args.init_from,
+    )  # fmt: skip
+    if args.search:
+        path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
+                                   noise=args.noise, workers=args.workers)  # fmt: skip
+        print(f"structure: {args.out / 'structure.json'}")
+    else:
+        path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
+                     validate_every=args.validate_every)  # fmt: skip
+    print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a network (resumable; synthetic data by default)")
+    p.add_argument("--model", default="most-nss", help="registered name (default most-nss)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: weights, resume state, log.jsonl")
+    p.add_argument("--steps", type=int, default=2000, help="optimisation steps (the retrain phase with --search)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--clip-length", type=int, default=3, help="frames per clip, run in streaming form")
+    p.add_argument("--size", type=_size, default=(128, 160), help="training crop HxW (default 128x160)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--balancing", choices=("atb", "ls", "dwa", "rwl"), default="atb", help="MOST task weighting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision (auto: bf16 where the CPU/GPU has it)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=200, help="validation metrics into the log (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--data", type=Path, default=None, help="on-disk data set (docs/data.md) instead of synthetic")
+    p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes")
+    p.add_argument("--init-from", type=Path, default=None, help="start from these .safetensors weights")
+    p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
+    p.add_argument("--search", action="store_true", help="Neural Scale Search: pretrain -> search -> retrain")
+    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--search-steps", type=int, default=1000)
+    p.add_argument("--tau", type=float, default=5.0, help="Gumbel-softmax temperature for --search")
+    p.set_defaults(func=run)
