@@ -21,9 +21,10 @@ import asyncio
 import importlib
 import importlib.metadata
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -138,3 +139,32 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Runs ``app`` under uvicorn on a background thread (port 0: a free one); yields ``http://host:port``.
+
+    For tests, the browser check and the load benchmark: the real server stack (uvicorn's WebSocket
+    implementation and limits) without a subprocess.
+    """
+    import uvicorn
+
+    settings: Settings = app.state.settings
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws_max_size=settings.max_message_bytes + 65536
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -82,6 +82,10 @@ class FrameSlot:
         self._ready.set()
         return dropped
 
+    @property
+    def pending(self) -> bool:
+        return self._frame is not None
+
     def take_nowait(self) -> PendingFrame | None:
         frame, self._frame = self._frame, None
         self._ready.clear()
@@ -119,6 +123,12 @@ class Session:
     reset_requested: bool = False
     prev_seq: int | None = None  # seq of the last frame the network saw in the current stream
     prev_size: tuple[int, int] | None = None  # its (height, width) as the client sent it
+    in_flight: int = 0  # frames taken for inference whose result is not sent yet
+
+    @property
+    def busy(self) -> bool:
+        """Frames are waiting or being worked on: the session is not idle, whatever the client does."""
+        return self.in_flight > 0 or self.slot.pending
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()

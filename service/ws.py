@@ -272,22 +272,33 @@ class SessionRunner:
     async def _receive(self) -> str:
         """Reads until the client leaves ('disconnected'), asks to close ('close') or the session ends ('ended')."""
         ws = self.conn.websocket
-        while True:
-            try:
-                message = await asyncio.wait_for(ws.receive(), timeout=self.settings.idle_timeout_s)
-            except asyncio.TimeoutError:
-                await self.conn.refuse(
-                    "idle_timeout", f"no message for {self.settings.idle_timeout_s:g} s; closing", CLOSE_IDLE
-                )
-                return "ended"
-            if message["type"] == "websocket.disconnect":
-                return "disconnected"
-            self.session.touch()
-            if message.get("bytes") is not None:
-                if not await self._frame(message["bytes"]):
+        idle = self.settings.idle_timeout_s
+        receiving: asyncio.Future[dict] | None = None
+        try:
+            while True:
+                receiving = receiving or asyncio.ensure_future(ws.receive())
+                # idle = no message from the client and no result to it for idle_timeout_s
+                remaining = self.session.last_activity + idle - time.monotonic()
+                done, _ = await asyncio.wait([receiving], timeout=max(0.0, remaining))
+                if not done:
+                    if self.session.busy:
+                        self.session.touch()  # frames are waiting or in inference: the session is not idle
+                    if time.monotonic() - self.session.last_activity < idle:
+                        continue
+                    await self.conn.refuse("idle_timeout", f"nothing received or sent for {idle:g} s", CLOSE_IDLE)
                     return "ended"
-            elif await self._control(message.get("text") or "") == "close":
-                return "close"
+                message, receiving = receiving.result(), None
+                if message["type"] == "websocket.disconnect":
+                    return "disconnected"
+                self.session.touch()
+                if message.get("bytes") is not None:
+                    if not await self._frame(message["bytes"]):
+                        return "ended"
+                elif await self._control(message.get("text") or "") == "close":
+                    return "close"
+        finally:
+            if receiving is not None:
+                receiving.cancel()
 
     async def _error(self, code: str, message: str, seq: int | None = None) -> None:
         """A non-fatal error: the session goes on."""
@@ -354,12 +365,14 @@ class SessionRunner:
             if frame is None:
                 break
             last_start = time.perf_counter()
+            session.in_flight += 1
             stream, network_frame = session.stream_for(frame, engine.backend.spec)
             try:
                 result = await engine.run(stream, network_frame, Priority.LIVE)
             except Exception as exc:  # noqa: BLE001 - the backend failed on this frame; the session survives
                 logger.exception("session %s: inference failed on frame %d", session.id, frame.seq)
                 session.stream = None  # its state may be half-updated: the next frame starts a new stream
+                session.in_flight -= 1
                 await self._error("inference_failed", f"inference failed: {exc}", frame.seq)
                 continue
             waited = time.perf_counter() - frame.received_at - frame.decode_seconds - result.infer_seconds
@@ -399,7 +412,10 @@ class SessionRunner:
                 },
                 "parts": [p.describe() for p in parts],
             }
-            if not await self.conn.send(header, tuple(p.data for p in parts)):
+            sent = await self.conn.send(header, tuple(p.data for p in parts))
+            session.in_flight -= 1
+            session.touch()
+            if not sent:
                 return
             for stage, seconds in (("wait", waited), ("infer", inferred), ("encode", encoded), ("total", total)):
                 stages.labels(stage).observe(seconds)
