@@ -11,8 +11,9 @@ that live sessions use, so a long job never delays a display client. Job ids com
 ``secrets.token_urlsafe`` and are checked against :data:`JOB_ID` before they touch the filesystem;
 result names are checked against the job's own list of produced files.
 
-Mount on any FastAPI app with :func:`mount_jobs` and call ``start()`` / ``stop()`` from its lifespan;
-``uvicorn --factory service.jobs:create_standalone_app`` serves the jobs API alone.
+``service.app.create_app`` mounts :data:`router` and enters :func:`lifespan` (jobs then use the app's
+engine pool). Any other FastAPI app can use :func:`mount_jobs` and call ``start()`` / ``stop()`` from its
+lifespan; ``uvicorn --factory service.jobs:create_standalone_app`` serves the jobs API alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import re
 import secrets
@@ -32,7 +34,7 @@ import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -57,7 +59,7 @@ class JobSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VIDENT_JOBS_")
 
-    data_dir: Path = Path("vident-data/jobs")
+    data_dir: Path = Field(default_factory=lambda: _default_data_dir(), description="job records and files")
     max_upload_mb: float = Field(2048.0, gt=0, description="upload size cap, streamed to disk")
     concurrent_jobs: int = Field(1, ge=1, le=32, description="jobs processed at the same time")
     retention_hours: float = Field(24.0, gt=0, description="finished jobs and their files are removed after this")
@@ -72,6 +74,13 @@ class JobSettings(BaseSettings):
     device: str = "cpu"
     precision: str = "fp32"
     engine_max_batch: int = Field(8, ge=1)
+
+
+def _default_data_dir() -> Path:
+    """Per-user data folder (XDG), not the working directory: a server started from a checkout must not
+    write into it. Containers set ``VIDENT_JOBS_DATA_DIR`` to a mounted volume."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "vident" / "jobs"
 
 
 @dataclass
@@ -256,10 +265,15 @@ class JobManager:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.store: JobStore | None = None
+        self._lock_file: IO[bytes] | None = None
+        self.unavailable: str | None = None  # why jobs are off (set by the app hook), for 503 answers
 
     # lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Raises :class:`DataDirBusy` if another process serves jobs from the same folder: two servers
+        would each restart the other's running jobs."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_exclusively(self.root / "server.lock")
         self.store = JobStore(self.root / "jobs.sqlite3")
         restarted = self.store.recover()
         if restarted:
@@ -290,6 +304,9 @@ class JobManager:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the lock (a crash releases it too)
+            self._lock_file = None
 
     @property
     def db(self) -> JobStore:
@@ -406,8 +423,8 @@ class JobManager:
         if self._get_engine is not None:
             try:
                 return self._get_engine(model)
-            except KeyError:
-                raise ValueError(f"model {model!r} is not loaded by this server") from None
+            except KeyError as exc:
+                raise ValueError(f"model {model!r} is not available on this server ({_message(exc)})") from None
         with self._engine_lock:
             if model not in self._own_engines:
                 from service.backends.factory import create_backend
@@ -443,6 +460,24 @@ class JobManager:
                     log.info("retention: removed %d job(s)", len(removed))
             except Exception:  # noqa: BLE001 - the sweep retries next interval
                 log.exception("retention sweep failed")
+
+
+class DataDirBusy(RuntimeError):
+    pass
+
+
+def _lock_exclusively(path: Path) -> IO[bytes]:
+    file = path.open("a+b")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (the service targets Linux)
+        return file
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise DataDirBusy(f"{path.parent} is in use by another vident server; set VIDENT_JOBS_DATA_DIR") from None
+    return file
 
 
 def _message(exc: BaseException) -> str:
@@ -568,7 +603,10 @@ def _input_suffix(filename: str) -> str:
 
 # HTTP API ---------------------------------------------------------------------------------------------
 def get_jobs(request: Request) -> JobManager:
-    return request.app.state.jobs
+    manager: JobManager = request.app.state.jobs
+    if manager.store is None:
+        raise HTTPException(503, f"batch jobs are unavailable: {manager.unavailable or 'not started'}")
+    return manager
 
 
 Jobs = Annotated[JobManager, Depends(get_jobs)]
@@ -668,8 +706,42 @@ def mount_jobs(
     """Adds ``/v1/jobs`` to ``app``; the caller's lifespan must call ``start()`` and ``stop()`` on the result."""
     manager = JobManager(settings, get_engine)
     app.state.jobs = manager
-    app.include_router(create_router())
+    app.include_router(router)
     return manager
+
+
+router = create_router()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The streaming app's hook (``service.app`` mounts :data:`router` and enters this): jobs share the
+    app's engine pool, so batch frames and live frames go through one engine per model, live first.
+
+    Job settings come from ``VIDENT_JOBS_*``; unless set there, the default model and the models jobs
+    may use follow the app's ``VIDENT_MODEL`` and ``VIDENT_ALLOWED_MODELS``.
+    """
+    manager = getattr(app.state, "jobs", None)
+    if manager is None:
+        app_settings = app.state.settings
+        settings = JobSettings()
+        follow = {}
+        if "default_model" not in settings.model_fields_set:
+            follow["default_model"] = app_settings.model
+        if "models" not in settings.model_fields_set and app_settings.allowed_models:
+            follow["models"] = sorted({*app_settings.allowed_models, app_settings.model})
+        pool = app.state.pool
+        manager = JobManager(settings.model_copy(update=follow), lambda name: pool.load(name).engine)
+        app.state.jobs = manager
+    try:
+        await asyncio.to_thread(manager.start)
+    except (DataDirBusy, OSError, sqlite3.Error) as exc:  # the streaming service stays up; /v1/jobs says why
+        log.error("batch jobs disabled: %s", exc)
+        manager.unavailable = str(exc)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(manager.stop)  # before the app closes the engines
 
 
 @contextlib.contextmanager

@@ -251,7 +251,7 @@ def test_jobs_use_the_shared_engine_at_batch_priority(tmp_path: Path) -> None:
             assert [wait(client, i)["state"] for i in ids] == ["done", "done"]
             # a model the app did not load: a clear job error
             other = wait(client, post(client, clip, model="most-net-tiny").json()["id"])
-            assert other["state"] == "failed" and "not loaded" in other["error"]
+            assert other["state"] == "failed" and "not available" in other["error"]
     finally:
         engine.close()
     assert Recording.priorities == [Priority.BATCH] * 8
