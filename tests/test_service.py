@@ -1,0 +1,189 @@
+"""HTTP side of the service: probes, metrics, models, settings from the environment, CORS, static page."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+import types
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+from fastapi import APIRouter, Request
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service import app as app_module
+from service.app import create_app
+from service.engine import EnginePool, choose_backend
+from service.settings import Settings
+
+TINY = "most-nss-tiny"
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(**{"model": TINY, "backend": "torch", "_env_file": None, **overrides})
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 30
+    while client.app.state.readiness == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(settings(api_key="k", cors_origins=["https://display.example"]))) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_probes(client: TestClient) -> None:
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["sessions"] == 0
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "status": "ready", "model": TINY}
+
+
+def test_models_needs_the_key_and_reports_random_weights(client: TestClient) -> None:
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+    body = client.get("/v1/models?api_key=k").json()
+    assert body["default"] == TINY
+    by_name = {m["name"]: m for m in body["models"]}
+    assert {"most-nss", "most-net", "r2-d4", TINY} <= set(by_name)
+    tiny = by_name[TINY]
+    assert tiny["loaded"] and tiny["default"] and tiny["random_weights"] is True and tiny["checkpoint"] is None
+    assert (tiny["backend"], tiny["device"], tiny["precision"]) == ("torch", "cpu", "fp32")
+    assert tiny["image_outputs"] == ["restored", "teeth_mask"] and tiny["homography"] is True
+    assert by_name["r2-d4"] == {"name": "r2-d4", "default": False, "allowed": True, "loaded": False}
+
+
+def test_metrics_exposition(client: TestClient) -> None:
+    text = client.get("/metrics").text
+    for name in ("vident_sessions", "vident_frames_dropped_total", "vident_stage_seconds", "vident_batch_size"):
+        assert f"# TYPE {name} " in text
+    assert 'vident_model_loaded{backend="torch",device="cpu",model="most-nss-tiny",precision="fp32",' in text
+    assert 'random_weights="true"} 1.0' in text
+
+
+def test_metrics_count_frames_and_stages(client: TestClient) -> None:
+    frame = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, "PNG")
+    with client.websocket_connect("/v1/stream", headers={"X-API-Key": "k"}) as ws:
+        ws.receive_json()
+        for _ in range(2):
+            ws.send_bytes(buffer.getvalue())
+            header = ws.receive_json()
+            for _part in header["parts"]:
+                ws.receive_bytes()
+    deadline = time.monotonic() + 10
+    while client.app.state.sessions.count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    text = client.get("/metrics").text
+    assert f'vident_frames_processed_total{{model="{TINY}"}} 2.0' in text
+    for stage in ("decode", "wait", "infer", "encode", "total"):
+        assert f'vident_stage_seconds_count{{stage="{stage}"}} 2.0' in text
+    assert f'vident_batch_size_count{{model="{TINY}"}} 2.0' in text
+
+
+def test_cors_and_docs(client: TestClient) -> None:
+    preflight = client.options(
+        "/v1/models",
+        headers={"Origin": "https://display.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert preflight.headers["access-control-allow-origin"] == "https://display.example"
+    other = client.options(
+        "/v1/models", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/readyz", "/metrics", "/v1/models"} <= set(paths)
+
+
+def test_demo_page_and_sample_clip_are_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from the internet
+    assert "warpHomography" in client.get("/static/app.js").text
+    (clip,) = client.get("/static/samples/index.json").json()
+    first = client.get(f"/static/{clip['path']}000000.jpg")
+    assert first.status_code == 200 and first.content[:3] == b"\xff\xd8\xff"
+    last = client.get(f"/static/{clip['path']}{clip['frames'] - 1:06d}.jpg")
+    assert last.status_code == 200
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIDENT_MAX_SESSIONS", "3")
+    monkeypatch.setenv("VIDENT_MODEL", "r2-d4-tiny")
+    monkeypatch.setenv("VIDENT_CORS_ORIGINS", '["https://a.example"]')
+    monkeypatch.setenv("VIDENT_API_KEY", "")
+    loaded = Settings(_env_file=None)
+    assert (loaded.max_sessions, loaded.model, loaded.cors_origins, loaded.api_key) == (
+        3,
+        "r2-d4-tiny",
+        ["https://a.example"],
+        None,
+    )
+    assert loaded.key_matches(None)
+    keyed = Settings(api_key="abc", _env_file=None)
+    assert keyed.key_matches("abc") and not keyed.key_matches("abd") and not keyed.key_matches(None)
+
+
+def test_lazy_model_loading_and_readiness_without_preload() -> None:
+    with TestClient(create_app(settings(preload=False, allowed_models=["r2-d4-tiny"]))) as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.app.state.engines == {}
+        with c.websocket_connect("/v1/stream?model=r2-d4-tiny") as ws:
+            hello = ws.receive_json()
+            assert hello["model"] == "r2-d4-tiny" and hello["image_outputs"] == ["restored", "denoised"]
+            assert hello["homography"] is False
+        assert set(c.app.state.engines) == {"r2-d4-tiny"}
+        with c.websocket_connect("/v1/stream?model=most-net-tiny") as ws:
+            error = ws.receive_json()
+        assert error["code"] == "unknown_model" and "not served here" in error["message"]
+
+
+def test_auto_backend_and_shared_pool() -> None:
+    assert choose_backend("torch", "cpu") == "torch"
+    assert choose_backend("auto", "cpu") in ("torch", "onnxruntime", "openvino")
+    pool = EnginePool(backend="torch")
+    try:
+        first = pool.load(TINY)
+        assert pool.load(TINY) is first and pool.engines[TINY] is first.engine  # loaded once, shared
+        assert first.random_weights
+    finally:
+        pool.close()
+    assert pool.engines == {}
+
+
+def test_jobs_module_hook_mounts_router_and_lifespan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented extension point: a module with `router` and `lifespan(app)` is mounted behind the key."""
+    from contextlib import asynccontextmanager
+
+    events: list[str] = []
+    router = APIRouter()
+
+    @router.get("/v1/jobs")
+    def jobs(request: Request) -> dict[str, object]:
+        return {"engines": sorted(request.app.state.engines)}
+
+    @asynccontextmanager
+    async def lifespan(app: object) -> AsyncIterator[None]:
+        events.append("start")
+        yield
+        events.append("stop")
+
+    fake = types.ModuleType("fake_jobs")
+    fake.router, fake.lifespan = router, lifespan
+    monkeypatch.setitem(sys.modules, "fake_jobs", fake)
+    monkeypatch.setattr(app_module, "EXTRA_ROUTER_MODULES", ["fake_jobs", "no_such_module_here"])
+    with TestClient(create_app(settings(api_key="k"))) as c:
+        assert events == ["start"]
+        wait_ready(c)
+        assert c.get("/v1/jobs").status_code == 401
+        assert c.get("/v1/jobs", headers={"X-API-Key": "k"}).json() == {"engines": [TINY]}
+    assert events == ["start", "stop"]
