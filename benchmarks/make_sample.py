@@ -1,11 +1,11 @@
 """The sample clip the browser demo ships (``service/static/samples/``), and small synthetic clips for
 tests and the load benchmark.
 
-A stand-in for a dental microcamera view, made without any download: a pink textured soft-tissue
-background with a few shaded teeth, seen by a camera that rotates, zooms and pans smoothly, with
-defocus blur, a pale colour cast and sensor noise. It exists so the demo has something to show and
-the tests have frames with real structure and motion; it is not training data (``models.data``
-makes that).
+The shipped clip is a sequence of the project's synthetic intra-oral video generator
+(:mod:`models.data.synth`: teeth, instruments, spray, camera motion, blur, colour cast, noise), fixed
+by seed. :func:`synthetic_clip` is a much simpler and faster stand-in (textured gums, shaded teeth,
+a smooth camera move, blur, noise) for tests and benchmarks that only need frames with structure
+and motion.
 
     python -m benchmarks.make_sample            # writes service/static/samples/dental-synthetic/
 """
@@ -74,14 +74,19 @@ def write_sample(
     out: Path, frames: int, height: int, width: int, fps: float, seed: int, quality: int = 85
 ) -> dict[str, object]:
     """Writes ``out/NNNNNN.jpg`` and returns the manifest entry the demo page reads."""
+    from models.data.synth import SynthConfig, render_sequence, sequence_seed
+
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.jpg"):
         old.unlink()
-    for i, rgb in enumerate(synthetic_clip(frames, height, width, seed)):
-        cv2.imwrite(str(out / f"{i:06d}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    config = SynthConfig(height=height, width=width, frames=frames, noise="moderate")
+    sequence = render_sequence(config, sequence_seed(seed, "test", 0))
+    for i, rgb in enumerate(sequence.input):
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(out / f"{i:06d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     return {
         "name": out.name,
-        "title": "Synthetic intra-oral scene (camera pan, zoom, rotation; blur, colour cast, noise)",
+        "title": "Synthetic intra-oral video (models.data.synth, test split seed 0, moderate noise)",
         "path": f"samples/{out.name}/",
         "frames": frames,
         "fps": fps,

@@ -1,0 +1,229 @@
+"""Load test of the streaming service on loopback: N concurrent clients for a bounded time.
+
+Starts ``vident serve`` as a subprocess (so its memory is measured alone), measures the backend's raw
+streaming FPS in this process first (same model, backend and frames, ``run_streams`` at batch 1),
+then runs N clients that each keep two frames in flight for ``--seconds``, then connects and drops
+``--churn`` sessions (half of them mid-stream). Reports aggregate FPS, per-session latency
+p50/p95/p99 (client-measured round trip), drops, and the server's RSS idle / after load / after churn.
+
+    python -m benchmarks.stream_load --model most-nss-tiny --clients 4 --seconds 10 --size 240x320
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.make_sample import synthetic_clip
+from service.client import Result, ServerError, StreamClient, encode_frame
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_fps(model: str, backend: str, device: str, frames: list[np.ndarray], seconds: float) -> dict[str, float]:
+    """Streaming FPS of the backend alone (run_streams: pre/post-processing included, no network)."""
+    from service.backends.factory import create_backend
+    from service.engine import choose_backend
+    from service.pipeline import Geometry, Stream, run_streams
+
+    runtime = create_backend(model, choose_backend(backend, device), device)
+    h, w = frames[0].shape[:2]
+    stream = Stream(runtime.spec, Geometry(h, w))
+    for frame in frames[:3]:  # warm-up
+        run_streams(runtime, [stream], [frame])
+    done, infer_seconds, start = 0, 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds and done < 10_000:
+        result = run_streams(runtime, [stream], [frames[done % len(frames)]])[0]
+        infer_seconds += result.infer_seconds
+        done += 1
+    wall = time.perf_counter() - start
+    runtime.close()
+    return {"frames": done, "fps": done / wall, "infer_only_fps": done / infer_seconds, "backend": runtime.info.name}
+
+
+@dataclass
+class SessionStats:
+    processed: int = 0
+    dropped: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+async def one_client(url: str, frames: list[bytes], seconds: float, in_flight: int = 2) -> SessionStats:
+    """Streams ``frames`` in a loop for ``seconds`` with at most ``in_flight`` unanswered, then closes."""
+    stats = SessionStats()
+    async with StreamClient(url, output_format="jpeg") as client:
+        answered = asyncio.Event()
+
+        async def receive() -> None:
+            async for message in client.messages():
+                if isinstance(message, Result):
+                    stats.processed += 1
+                    stats.dropped = int(message.header["dropped"])
+                    if message.latency_s is not None:
+                        stats.latencies_ms.append(message.latency_s * 1e3)
+                elif isinstance(message, ServerError):
+                    stats.errors += 1
+                if isinstance(message, dict) and message.get("type") == "bye":
+                    break
+                answered.set()
+
+        receiver = asyncio.create_task(receive())
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and not receiver.done():
+            if client.sent - stats.processed - stats.dropped - stats.errors >= in_flight:
+                answered.clear()
+                try:
+                    await asyncio.wait_for(answered.wait(), timeout=max(0.01, end - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    break
+                continue
+            await client.send_frame(frames[client.sent % len(frames)])
+        await client.close()
+        await asyncio.wait_for(receiver, timeout=120)
+    return stats
+
+
+async def churn(url: str, frames: list[bytes], sessions: int, at_once: int) -> int:
+    """Opens ``sessions`` sessions, ``at_once`` at a time; half leave mid-stream without closing."""
+    finished = 0
+
+    async def one(i: int) -> None:
+        nonlocal finished
+        client = StreamClient(url)
+        async with client:
+            await client.send_frame(frames[i % len(frames)])
+            await client.send_frame(frames[(i + 1) % len(frames)])
+            if i % 2 == 0:  # polite: wait for the results and close
+                await client.close()
+                async for _ in client.messages():
+                    pass
+            # else: the socket drops with frames in flight
+        finished += 1
+
+    for start in range(0, sessions, at_once):
+        await asyncio.gather(*(one(i) for i in range(start, min(sessions, start + at_once))))
+    return finished
+
+
+def get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="most-nss-tiny")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--size", default="240x320", help="HxW of the streamed frames")
+    parser.add_argument("--churn", type=int, default=50, help="sessions that connect and drop after the load")
+    parser.add_argument("--raw-seconds", type=float, default=5.0, help="time for the raw backend FPS baseline")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    height, width = (int(v) for v in args.size.split("x"))
+    clip = synthetic_clip(24, height, width, seed=5)
+    jpegs = [encode_frame(f, "jpeg", 90) for f in clip]
+
+    raw = raw_fps(args.model, args.backend, args.device, clip, args.raw_seconds) if args.raw_seconds > 0 else None
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model", args.model]
+    command += ["--backend", args.backend, "--device", args.device, "--log-level", "warning"]
+    command += ["--max-sessions", str(max(args.clients, 8))]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/stream"
+    try:
+        wait_until(lambda: get_json(base + "/readyz")["ready"], 300, "the server to load the model")
+        rss_idle = rss_mib(server.pid)
+        start = time.perf_counter()
+        sessions = asyncio.run(_load(ws_url, jpegs, args.clients, args.seconds))
+        elapsed = time.perf_counter() - start
+        rss_loaded = rss_mib(server.pid)
+        churned = asyncio.run(churn(ws_url, jpegs, args.churn, max(args.clients, 8))) if args.churn else 0
+        wait_until(lambda: get_json(base + "/healthz")["sessions"] == 0, 60, "every session to close")
+        time.sleep(1.0)
+        rss_after = rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    processed = sum(s.processed for s in sessions)
+    report = {
+        "model": args.model,
+        "backend": args.backend,
+        "device": args.device,
+        "size": f"{height}x{width}",
+        "clients": args.clients,
+        "seconds": round(elapsed, 2),
+        "aggregate_fps": round(processed / elapsed, 2),
+        "per_session_fps": [round(s.processed / elapsed, 2) for s in sessions],
+        "latency_ms_per_session": [percentiles(s.latencies_ms) for s in sessions],
+        "latency_ms_all": percentiles([v for s in sessions for v in s.latencies_ms]),
+        "dropped": sum(s.dropped for s in sessions),
+        "errors": sum(s.errors for s in sessions),
+        "raw_backend": raw,
+        "service_vs_raw": round(processed / elapsed / raw["fps"], 3) if raw else None,
+        "churn_sessions": churned,
+        "server_rss_mib": {
+            "idle": round(rss_idle, 1),
+            "after_load": round(rss_loaded, 1),
+            "after_churn": round(rss_after, 1),
+        },
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        "command": " ".join(["python -m benchmarks.stream_load", *sys.argv[1:]]),
+    }
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+async def _load(url: str, frames: list[bytes], clients: int, seconds: float) -> list[SessionStats]:
+    return list(await asyncio.gather(*(one_client(url, frames, seconds) for _ in range(clients))))
+
+
+if __name__ == "__main__":
+    main()
