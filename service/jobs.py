@@ -412,7 +412,9 @@ class JobManager:
                 return  # server shutdown: the record stays 'running' and the next start restarts it
             finished = False
         except (VideoError, ValueError, KeyError, RuntimeError) as exc:
-            finished = self.db.finish(job_id, "failed", time.time(), error=_message(exc))
+            # messages name the stored file (input.mp4); the user knows the file by the name they sent
+            error = _message(exc).replace(job.input_file, job.input_name)
+            finished = self.db.finish(job_id, "failed", time.time(), error=error)
         except Exception as exc:  # noqa: BLE001 - any job error is the job's, never the server's
             log.exception("job %s failed", job_id)
             finished = self.db.finish(job_id, "failed", time.time(), error=f"internal error: {_message(exc)}")

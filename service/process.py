@@ -16,6 +16,7 @@ sessions, which go first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.metadata as md
 import json
 import platform
@@ -291,8 +292,13 @@ def _infer_stage(
                 on_progress(Progress(done, max(total or 0, done) or None, time.perf_counter() - start))
         return done
     finally:
+        # Let the (at most ``in_flight``) submitted frames finish rather than cancel them: a cancelled
+        # request would stay queued in the engine until its worker pops it, and the engine cannot
+        # close while other requests wait in its queue (its stop marker does not compare with them).
+        deadline = time.monotonic() + 60
         for _, future in pending:
-            future.cancel()  # not started yet: the engine skips it
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _encode_stage(

@@ -59,7 +59,7 @@ def post(client: TestClient, path: Path, **fields: Any) -> Any:
     )
 
 
-def wait(client: TestClient, job_id: str, states: tuple[str, ...] = ("done", "failed"), timeout: float = 30) -> dict:
+def wait(client: TestClient, job_id: str, states: tuple[str, ...] = ("done", "failed"), timeout: float = 90) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -123,7 +123,7 @@ def test_bad_inputs_fail_the_job_not_the_server(client: TestClient, tmp_path: Pa
     long = write_clip(tmp_path / "long.avi", moving_frames(30), "mjpeg", "yuvj420p")
     jobs = {name: post(client, path).json()["id"] for name, path in [("text", text), ("cut", cut), ("long", long)]}
     errors = {name: wait(client, job_id)["error"] for name, job_id in jobs.items()}
-    assert "not a readable video" in errors["text"]
+    assert errors["text"].startswith("notes.mp4 is not a readable video")
     assert "no video stream" in errors["cut"] or "no frame" in errors["cut"]
     assert errors["long"] is None
     assert all(wait(client, job_id)["state"] == ("done" if n == "long" else "failed") for n, job_id in jobs.items())
@@ -256,3 +256,18 @@ def test_jobs_use_the_shared_engine_at_batch_priority(tmp_path: Path) -> None:
         engine.close()
     assert Recording.priorities == [Priority.BATCH] * 8
     assert json.loads((tmp_path / "data" / ids[0] / "out" / "report.json").read_text())["frames"] == 4
+
+
+def test_graceful_stop_leaves_running_jobs_to_restart(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(60))
+    with TestClient(make_app(settings)) as client:
+        job_id = post(client, clip).json()["id"]
+        wait(client, job_id, ("running",))
+    store = JobStore(settings.data_dir / "jobs.sqlite3")  # the app has stopped: read the record directly
+    stopped = store.get(job_id)
+    store.close()
+    assert stopped is not None and stopped.state == "running" and stopped.frames_done < 60
+    with TestClient(make_app(settings)) as client:
+        job = wait(client, job_id)
+    assert (job["state"], job["restarted"], job["attempts"], job["frames_done"]) == ("done", True, 2, 60)
