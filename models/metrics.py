@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.layers import mean_corner_error, warp_by_homography
 
@@ -49,35 +49,41 @@ def psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.
         return 10.0 * np.log10(data_range**2 / mse)
 
 
-def _gaussian_window() -> torch.Tensor:
-    x = torch.arange(SSIM_WINDOW, dtype=torch.float64) - SSIM_WINDOW // 2
-    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+def _gaussian_window() -> np.ndarray:
+    x = np.arange(SSIM_WINDOW, dtype=np.float64) - SSIM_WINDOW // 2
+    g = np.exp(-(x**2) / (2 * SSIM_SIGMA**2))
     return g / g.sum()
 
 
 def ssim(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.ndarray:
-    """Per-image SSIM (mean over valid window positions and channels), shape (N,)."""
+    """Per-image SSIM (mean over valid window positions and channels), shape (N,).
+
+    The separable Gaussian runs in OpenCV (float64) over the whole image and the border of half a
+    window is then cropped, which leaves exactly the positions where the window fits inside.
+    """
     p, t = _as_batch(pred), _as_batch(target)
     if p.shape != t.shape:
         raise ValueError(f"ssim: shapes differ {p.shape} vs {t.shape}")
     n, h, w, c = p.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
-    x = torch.from_numpy(p).permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
-    y = torch.from_numpy(t).permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
-    g = _gaussian_window()
-    gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
-
-    def blur(z: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' positions only
-        return F.conv2d(F.conv2d(z, gx), gy)
-
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
-    sxy = blur(x * y) - mu_x * mu_y
+    g, r = _gaussian_window(), SSIM_WINDOW // 2
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return smap.mean(dim=(1, 2, 3)).view(n, c).mean(dim=1).numpy()
+    scores = np.empty(n)
+
+    def blur(z: np.ndarray) -> np.ndarray:  # (h, w, c) -> (h - 2r, w - 2r, c)
+        out = cv2.sepFilter2D(z, cv2.CV_64F, g, g, borderType=cv2.BORDER_REFLECT)
+        return out.reshape(h, w, c)[r : h - r, r : w - r]
+
+    for i in range(n):
+        x, y = p[i], t[i]
+        mu_x, mu_y = blur(x), blur(y)
+        sxx = blur(x * x) - mu_x**2
+        syy = blur(y * y) - mu_y**2
+        sxy = blur(x * y) - mu_x * mu_y
+        smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+        scores[i] = smap.reshape(-1, c).mean(axis=0).mean()
+    return scores
 
 
 def iou(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5) -> np.ndarray:
