@@ -27,8 +27,10 @@ test: $(STAMP)
 info: $(STAMP)
 	$(BIN)/vident info
 
+# The streaming service with the browser demo; settings from VIDENT_* variables (see docs/protocol.md).
 run: $(STAMP)
-	$(BIN)/vident info
+	@echo "vident: starting; open http://$${VIDENT_HOST:-127.0.0.1}:$${VIDENT_PORT:-8000}/ (Ctrl-C stops)"
+	$(BIN)/vident serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

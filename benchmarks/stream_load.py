@@ -44,13 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_fps(model: str, backend: str, device: str, frames: list[np.ndarray], seconds: float) -> dict[str, float]:
+def raw_fps(model: str, backend: str, device: str, frames: list[np.ndarray], seconds: float) -> dict[str, object]:
     """Streaming FPS of the backend alone (run_streams: pre/post-processing included, no network)."""
     from service.backends.factory import create_backend
-    from service.engine import choose_backend
+    from service.engine import resolve_runtime
     from service.pipeline import Geometry, Stream, run_streams
 
-    runtime = create_backend(model, choose_backend(backend, device), device)
+    name, precision = resolve_runtime(backend, device, "auto")
+    runtime = create_backend(model, name, device, precision)
     h, w = frames[0].shape[:2]
     stream = Stream(runtime.spec, Geometry(h, w))
     for frame in frames[:3]:  # warm-up
@@ -62,7 +63,9 @@ def raw_fps(model: str, backend: str, device: str, frames: list[np.ndarray], sec
         done += 1
     wall = time.perf_counter() - start
     runtime.close()
-    return {"frames": done, "fps": done / wall, "infer_only_fps": done / infer_seconds, "backend": runtime.info.name}
+    info = runtime.info
+    fps = {"frames": done, "fps": done / wall, "infer_only_fps": done / infer_seconds}
+    return {**fps, "backend": info.name, "precision": info.precision}
 
 
 @dataclass

@@ -139,20 +139,23 @@ class LoadedModel:
         return self.checkpoint is None
 
 
-def choose_backend(requested: str, device: str) -> str:
-    """The runtime for ``requested`` ("auto" picks the fastest one the factory knows for ``device``).
+def resolve_runtime(backend: str, device: str, precision: str) -> tuple[str, str]:
+    """The (backend, precision) to ask the factory for, given settings that may say "auto".
 
-    The factory may or may not offer a chooser (the export work adds one); without it "auto" means
-    torch, the reference runtime that is always installed.
+    A factory that resolves "auto" itself (it has ``default_cpu_backend``: fastest runtime, and bf16
+    only where a parity check passes) gets "auto" as is. Otherwise "auto" means the factory's
+    ``default_backend(device)`` if it has one, else torch, the reference runtime that is always installed.
     """
-    if requested != "auto":
-        return requested
     from service.backends import factory
 
-    chooser = getattr(factory, "default_backend", None)
-    if callable(chooser):
-        return str(chooser(device))
-    return "torch"
+    if hasattr(factory, "default_cpu_backend"):
+        return backend, precision
+    if backend == "auto":
+        chooser = getattr(factory, "default_backend", None)
+        backend = str(chooser(device)) if callable(chooser) else "torch"
+    if precision == "auto":
+        precision = "fp16" if backend == "tensorrt" else "fp32"
+    return backend, precision
 
 
 class EnginePool:
@@ -167,7 +170,7 @@ class EnginePool:
         self,
         backend: str = "auto",
         device: str = "cpu",
-        precision: str = "fp32",
+        precision: str = "auto",
         max_batch: int = 8,
         checkpoints: dict[str, str] | None = None,
         backend_factory: BackendFactory | None = None,
@@ -195,19 +198,19 @@ class EnginePool:
             from models.checkpoints import shipped_checkpoint
             from service.backends.factory import create_backend
 
-            runtime = choose_backend(self.backend, self.device)
+            runtime, precision = resolve_runtime(self.backend, self.device, self.precision)
             checkpoint = self.checkpoints.get(name)
             start = time.perf_counter()
             factory = self._factory or create_backend
-            backend = factory(name, runtime, self.device, self.precision, checkpoint)
+            backend = factory(name, runtime, self.device, precision, checkpoint)
             used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
             hook = self._on_batch(name) if self._on_batch else None
             engine = InferenceEngine(backend, max_batch=self.max_batch or backend.info.max_batch, on_batch=hook)
             loaded = LoadedModel(name, engine, backend.info, used, time.perf_counter() - start)
             info = backend.info
             logger.info(
-                "model %s loaded in %.1f s: backend %s (requested %s), device %s, precision %s",
-                name, loaded.load_seconds, info.name, self.backend, info.device, info.precision,
+                "model %s loaded in %.1f s: backend %s, device %s, precision %s (settings: %s, %s)",
+                name, loaded.load_seconds, info.name, info.device, info.precision, self.backend, self.precision,
             )  # fmt: skip
             if used is None:
                 logger.warning("model %s: no checkpoint shipped or configured; running with RANDOM weights", name)

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(None, description="weights for the default model; none = shipped or random")
     backend: str = Field("auto", description="torch | onnxruntime | openvino | tensorrt | auto (fastest for device)")
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = Field("auto", description="fp32 | fp16 | bf16 | auto (the factory's choice for the runtime)")
     max_batch: int = Field(8, ge=1, description="live frames of equal size from several sessions run as one call")
     preload: bool = Field(True, description="load the default model at startup (readyz is 503 until done)")
 

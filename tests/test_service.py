@@ -16,10 +16,18 @@ from PIL import Image
 
 from service import app as app_module
 from service.app import create_app
-from service.engine import EnginePool, choose_backend
+from service.engine import EnginePool, resolve_runtime
 from service.settings import Settings
 
 TINY = "most-nss-tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The app mounts batch jobs too (service.jobs): keep their database out of the user's data folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
+        yield
 
 
 def settings(**overrides: object) -> Settings:
@@ -148,8 +156,8 @@ def test_lazy_model_loading_and_readiness_without_preload() -> None:
 
 
 def test_auto_backend_and_shared_pool() -> None:
-    assert choose_backend("torch", "cpu") == "torch"
-    assert choose_backend("auto", "cpu") in ("torch", "onnxruntime", "openvino")
+    backend, precision = resolve_runtime("torch", "cpu", "auto")
+    assert backend == "torch" and precision in ("auto", "fp32")  # "auto" passes through to a factory that knows it
     pool = EnginePool(backend="torch")
     try:
         first = pool.load(TINY)
