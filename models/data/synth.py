@@ -297,7 +297,8 @@ def make_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
     # Tissue: gum band along the arch, tongue on one side and cheek mucosa on the other.
     yy, xx = np.mgrid[0:hw, 0:ww].astype(np.float32) + np.float32(0.5)
     # Python floats, not numpy float64 scalars: they keep the (large) arrays in float32.
-    cx, cy, dx, dy, bend = float(centre[0]), float(centre[1]), float(direction[0]), float(direction[1]), float(curvature)
+    cx, cy = float(centre[0]), float(centre[1])
+    dx, dy, bend = float(direction[0]), float(direction[1]), float(curvature)
     along = (xx - cx) * dx + (yy - cy) * dy
     across = (xx - cx) * -dy + (yy - cy) * dx - bend * along**2
     wander = fractal_noise(rng, hw, ww, 6, 3)
