@@ -166,7 +166,7 @@ def _modulated_deform_conv2d_fp32(
     x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, dilation: int
 ) -> Tensor:
     b, c, h, w = x.shape
-    out_ch, _, k, _ = weight.shape
+    _, _, k, _ = weight.shape
     taps = k * k
     ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
     xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
@@ -180,9 +180,10 @@ def _modulated_deform_conv2d_fp32(
     grid = grid.reshape(b, taps * h, w, 2)
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     sampled = sampled.view(b, c, taps, h, w) * mask.unsqueeze(1)  # (b, c, taps, h, w)
-    columns = sampled.reshape(b, c * taps, h, w)
-    out = F.conv2d(columns, weight.reshape(out_ch, c * taps, 1, 1), bias)
-    return out
+    columns = sampled.flatten(1, 2)  # (b, c * taps, h, w)
+    # flatten, not reshape(out_ch, c * taps, 1, 1): a reshape to traced sizes hides the kernel's static
+    # shape from the ONNX exporter ("convolution for kernel of unknown shape"); the values are the same.
+    return F.conv2d(columns, weight.flatten(1)[:, :, None, None], bias)
 
 
 class DeformableAlignment(nn.Module):

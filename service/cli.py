@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.train",
     "service.commands.serve",
     "service.commands.stream",
+    "service.commands.export",
+    "service.commands.bench",
 )
 
 

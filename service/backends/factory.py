@@ -1,13 +1,107 @@
-"""Backend by name: the one place that maps configuration strings to runtime classes."""
+"""Backend by name: the one place that maps configuration strings to runtime classes.
+
+Runtimes that read ONNX (onnxruntime, openvino, tensorrt) get the graph from the export cache
+(:func:`export.onnx.cached_onnx`), so ``create_backend("most-nss", backend="openvino")`` exports
+on first use and only loads afterwards.
+
+``auto`` picks the CPU default by :func:`default_cpu_backend`: measured on the 2-core development
+CPU (docs/performance.md), OpenVINO is the fastest CPU runtime for these graphs, then ONNX Runtime,
+then torch; bf16 is chosen only where the CPU has native bf16 *and* a short parity check of the
+actual model against torch fp32 passes, so a model whose outputs bf16 would spoil stays in fp32.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from models.checkpoints import load_model
-from service.backends.base import Backend
+from torch import nn
 
-BACKENDS = ("torch",)
+from models.checkpoints import load_model
+from service.backends.base import Backend, BackendUnavailable
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+# Fastest first, as measured for most-nss at 320x416 on the development CPU (docs/performance.md).
+CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
+# Size and length of the start-up bf16 parity check: small, so it costs well under a second on tiny
+# models and a few seconds on the full ones, but long enough for state to carry through it.
+BF16_CHECK_SIZE = (64, 96)
+BF16_CHECK_FRAMES = 3
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    precision: str
+    reason: str
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_backend(device: str = "cpu") -> str:
+    """The fastest installed runtime for ``device`` (no model needed; precision is chosen separately)."""
+    if device.startswith("cuda"):
+        if _installed("tensorrt"):
+            return "tensorrt"
+        return "onnxruntime" if _cuda_ort() else "torch"
+    return next(b for b in CPU_PREFERENCE if b == "torch" or _installed(b))
+
+
+def _cuda_ort() -> bool:
+    if not _installed("onnxruntime"):
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU: AMX or AVX512-BF16 in /proc/cpuinfo (Linux); False elsewhere."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+
+
+def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:
+    """A short OpenVINO bf16 vs torch fp32 stream on ``model``: PSNR, mask IoU and MACE within the limits."""
+    from export.onnx import cached_onnx
+    from export.verify import compare_backends
+    from service.backends.openvino import OpenVinoBackend
+    from service.backends.torch import TorchBackend
+
+    with TorchBackend(model) as reference, OpenVinoBackend(model.spec, cached_onnx(model), precision="bf16") as bf16:  # type: ignore[arg-type]
+        report = compare_backends(reference, bf16, 1, *BF16_CHECK_SIZE, frames=BF16_CHECK_FRAMES)
+    return report.within_reduced(), report.summary()
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_choice(model_key: str, checkpoint: str | None) -> BackendChoice:
+    backend = default_backend("cpu")
+    if backend != "openvino":
+        return BackendChoice(backend, "fp32", f"{backend} is the fastest CPU runtime installed")
+    if not cpu_has_bf16():
+        return BackendChoice("openvino", "fp32", "CPU has no native bf16 (AMX / AVX512-BF16)")
+    network, _ = load_model(model_key, checkpoint)
+    ok, summary = bf16_parity_ok(network)
+    if ok:
+        return BackendChoice("openvino", "bf16", f"native bf16 and parity holds: {summary}")
+    return BackendChoice("openvino", "fp32", f"bf16 parity fails, staying fp32: {summary}")
+
+
+def default_cpu_backend(model: str, checkpoint: str | Path | None = None) -> BackendChoice:
+    """Runtime and precision for ``model`` on this CPU (cached per model for the process)."""
+    choice = _cpu_choice(model, None if checkpoint is None else str(checkpoint))
+    logger.info("CPU backend for %s: %s %s (%s)", model, choice.backend, choice.precision, choice.reason)
+    return choice
 
 
 def create_backend(
@@ -17,12 +111,60 @@ def create_backend(
     precision: str = "fp32",
     checkpoint: str | Path | None = None,
 ) -> Backend:
-    """A loaded backend for a registered model name or checkpoint path."""
+    """A loaded backend for a registered model name or checkpoint path.
+
+    ``backend="auto"`` resolves with :func:`default_cpu_backend` on the CPU (which also picks the
+    precision when ``precision="auto"``) and :func:`default_backend` on a GPU.
+    """
+    if backend == "auto":
+        if device == "cpu":
+            choice = default_cpu_backend(model, checkpoint)
+            backend = choice.backend
+            precision = choice.precision if precision == "auto" else precision
+        else:
+            backend = default_backend(device)
+    if precision == "auto":
+        precision = "fp16" if backend == "tensorrt" else "fp32"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
     network, _ = load_model(model, checkpoint)
+    return backend_for(network, backend, device, precision).load()
+
+
+def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision: str = "fp32") -> Backend:
+    """An unloaded backend of kind ``backend`` for an in-memory network (exports through the cache)."""
+    spec = network.spec  # type: ignore[attr-defined]
     if backend == "torch":
         from service.backends.torch import TorchBackend
 
-        return TorchBackend(network, device=device, precision=precision).load()
-    raise AssertionError(backend)
+        return TorchBackend(network, device=device, precision=precision)
+    if backend == "tensorrt":
+        from export.trt import cached_engine, import_tensorrt
+
+        import_tensorrt()  # fail with the clear message before spending time on an export
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"tensorrt backend: precision must be fp16 or fp32, not {precision!r}")
+        from export.onnx import cached_onnx
+        from service.backends.tensorrt import TrtBackend
+
+        build = cached_engine(cached_onnx(network), spec, fp16=precision == "fp16")
+        return TrtBackend(spec, build.path, device=device if device.startswith("cuda") else "cuda", precision=precision)
+    if backend == "onnxruntime":
+        from service.backends.onnxrt import OrtBackend, _import_onnxruntime
+
+        _import_onnxruntime()
+        from export.onnx import cached_onnx
+
+        return OrtBackend(spec, cached_onnx(network), device=device, precision=precision)
+    if backend == "openvino":
+        from service.backends.openvino import OpenVinoBackend, _import_openvino
+
+        _import_openvino()
+        from export.onnx import cached_onnx
+
+        return OpenVinoBackend(spec, cached_onnx(network), device=device, precision=precision)
+    raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "BackendChoice", "BackendUnavailable", "backend_for", "create_backend", "default_backend",
+           "default_cpu_backend"]  # fmt: skip

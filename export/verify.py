@@ -1,0 +1,162 @@
+"""One parity loop for any two backends (Polygraphy's ``Comparator``): same feeds, state carried.
+
+Each backend carries its own state from frame to frame, as a deployment would, so drift that
+accumulates through the recurrent state shows up. The stream is a textured image moving a few
+pixels per frame, so the homography and mask outputs see real motion rather than noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from models.spec import ModelSpec
+from service.backends.base import Backend
+
+# Thresholds of issue 5: fp32 runtimes vs torch, and reduced precision vs fp32.
+FP32_MAX_ABS = 1e-4
+REDUCED_PSNR_DB = 40.0
+REDUCED_MASK_IOU = 0.99
+REDUCED_MACE_PX = 0.05
+
+
+def moving_frames(batch: int, height: int, width: int, frames: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """(b, 3, H, W) float32 frames in [0, 1]: a smooth random texture panning 2-3 px per frame."""
+    rng = np.random.default_rng(seed)
+    margin = 4 * frames + 8
+    coarse = rng.random((batch, 3, (height + margin) // 8 + 2, (width + margin) // 8 + 2), dtype=np.float32)
+    texture = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)  # blocky, then blurred below
+    kernel = np.ones(5, np.float32) / 5
+    for axis in (2, 3):
+        texture = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), axis, texture)
+    texture = 0.8 * texture + 0.2 * rng.random(texture.shape, dtype=np.float32)  # fine detail
+    for t in range(frames):
+        dy, dx = 2 * t, 3 * t
+        yield np.ascontiguousarray(texture[:, :, dy : dy + height, dx : dx + width], dtype=np.float32)
+
+
+def run_stream(backend: Backend, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Outputs of every step of one stream (reset on the first frame), the state fed back each step."""
+    spec: ModelSpec = backend.spec
+    batch, _, height, width = frames[0].shape
+    state = spec.initial_state(batch, height, width)
+    results = []
+    for t, frame in enumerate(frames):
+        reset = np.full((batch, 1, 1, 1), 1.0 if t == 0 else 0.0, np.float32)
+        outputs = backend.infer({spec.frame.name: frame, spec.reset.name: reset, **state})
+        state = {s.name: outputs[s.next_name] for s in spec.states}
+        results.append(outputs)
+    return results
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of images in [0, 1] (clipped, as the pipeline clips before uint8)."""
+    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
+    """IoU of thresholded probability maps; two empty masks agree perfectly."""
+    ma, mb = a > threshold, b > threshold
+    union = np.logical_or(ma, mb).sum()
+    return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
+
+
+def mace_px(h_a: np.ndarray, h_b: np.ndarray, height: int, width: int) -> float:
+    """Largest (over the batch) mean corner distance between two (b, 3, 3) homographies, in pixels."""
+    corners = np.array([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]], np.float64)
+    mapped_a = corners @ h_a.astype(np.float64).transpose(0, 2, 1)
+    mapped_b = corners @ h_b.astype(np.float64).transpose(0, 2, 1)
+    diff = mapped_a[..., :2] / mapped_a[..., 2:] - mapped_b[..., :2] / mapped_b[..., 2:]
+    return float(np.linalg.norm(diff, axis=-1).mean(axis=-1).max())
+
+
+@dataclass
+class ParityReport:
+    """Worst case over the stream of each measure; ``max_abs`` per tensor name (outputs and state)."""
+
+    reference: str
+    candidate: str
+    batch: int
+    height: int
+    width: int
+    frames: int
+    max_abs: dict[str, float] = field(default_factory=dict)
+    psnr_db: float | None = None  # restored frame, min over frames
+    mask_iou: float | None = None  # min over frames
+    mace_px: float | None = None  # max over frames
+
+    @property
+    def worst_abs(self) -> float:
+        return max(self.max_abs.values())
+
+    def within_fp32(self, tolerance: float = FP32_MAX_ABS) -> bool:
+        return self.worst_abs <= tolerance
+
+    def within_reduced(
+        self, psnr: float = REDUCED_PSNR_DB, iou: float = REDUCED_MASK_IOU, mace: float = REDUCED_MACE_PX
+    ) -> bool:
+        ok = self.psnr_db is None or self.psnr_db >= psnr
+        ok &= self.mask_iou is None or self.mask_iou >= iou
+        return ok and (self.mace_px is None or self.mace_px <= mace)
+
+    def summary(self) -> str:
+        where = f"{self.frames} frames, b{self.batch}, {self.height}x{self.width}"
+        parts = [f"{self.candidate} vs {self.reference} ({where})"]
+        parts.append(f"max |diff| {self.worst_abs:.2e}")
+        if self.psnr_db is not None:
+            parts.append(f"restored PSNR {self.psnr_db:.1f} dB")
+        if self.mask_iou is not None:
+            parts.append(f"mask IoU {self.mask_iou:.4f}")
+        if self.mace_px is not None:
+            parts.append(f"MACE diff {self.mace_px:.4f} px")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def compare_backends(
+    reference: Backend,
+    candidate: Backend,
+    batch: int = 1,
+    height: int = 64,
+    width: int = 96,
+    frames: int = 10,
+    seed: int = 0,
+) -> ParityReport:
+    """Runs the same moving stream through both backends and reports how far the candidate strays."""
+    spec = reference.spec
+    if tuple(spec.output_names) != tuple(candidate.spec.output_names):
+        raise ValueError(f"{reference.info.name} and {candidate.info.name} run different graphs")
+    stream = list(moving_frames(batch, height, width, frames, seed))
+    expected, got = run_stream(reference, stream), run_stream(candidate, stream)
+    report = ParityReport(
+        reference=f"{reference.info.name}/{reference.info.precision}",
+        candidate=f"{candidate.info.name}/{candidate.info.precision}",
+        batch=batch,
+        height=height,
+        width=width,
+        frames=frames,
+    )
+    names = {o.name: o for o in spec.outputs}
+    psnrs, ious, maces = [], [], []
+    for want, have in zip(expected, got, strict=True):
+        for name in spec.output_names:
+            if have[name].shape != want[name].shape:
+                raise ValueError(f"{name}: shape {have[name].shape} != {want[name].shape}")
+            diff = float(np.max(np.abs(have[name].astype(np.float64) - want[name])))
+            report.max_abs[name] = max(report.max_abs.get(name, 0.0), diff)
+        if "restored" in names:
+            psnrs.append(psnr_db(have["restored"], want["restored"]))
+        if "teeth_mask" in names:
+            ious.append(mask_iou(have["teeth_mask"], want["teeth_mask"]))
+        if "homography" in names:
+            maces.append(mace_px(have["homography"], want["homography"], height, width))
+    report.psnr_db = min(psnrs) if psnrs else None
+    report.mask_iou = min(ious) if ious else None
+    report.mace_px = max(maces) if maces else None
+    return report

@@ -1,0 +1,90 @@
+"""OpenVINO backend: the exported ONNX graph compiled for the CPU, fp32 or bf16.
+
+OpenVINO compiles a graph for static shapes fastest, so the model is reshaped and compiled once per
+input shape (batch, height, width) and the compiled model is cached; a live stream keeps one
+shape, so compilation happens once per stream size. ``PERFORMANCE_HINT=LATENCY`` with one stream
+and all cores per request is what streaming wants (one frame at a time, as soon as possible).
+
+bf16 (``INFERENCE_PRECISION_HINT``) needs CPU support (AVX512-BF16 or AMX, reported by the plugin
+as the ``BF16`` capability); without it the request fails with :class:`BackendUnavailable` rather
+than silently running fp32. The geometry stays accurate because OpenVINO keeps GridSample and
+the small homography algebra in fp32 (checked by the parity loop, not assumed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from models.spec import ModelSpec
+from service.backends.base import Backend, BackendInfo, BackendUnavailable
+from service.backends.onnxrt import cpu_threads, import_runtime
+
+_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+def _import_openvino():  # noqa: ANN202 - module object
+    return import_runtime("openvino", "openvino", "openvino")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX)."""
+    try:
+        ov = _import_openvino()
+    except BackendUnavailable:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoBackend(Backend):
+    def __init__(self, spec: ModelSpec, onnx_path: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
+        super().__init__(spec, BackendInfo("openvino", device, precision))
+        if device != "cpu":
+            raise ValueError(f"openvino backend runs on the CPU only, not {device!r}")
+        if precision not in _PRECISION_HINT:
+            raise ValueError(f"openvino backend: precision must be fp32 or bf16, not {precision!r}")
+        self.onnx_path = Path(onnx_path)
+        self.threads = cpu_threads()
+        self._compiled: dict[tuple[int, ...], tuple[object, object]] = {}  # shape key -> (compiled, request)
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        ov = _import_openvino()
+        self.core = ov.Core()
+        if self.info.precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
+        self.model = self.core.read_model(str(self.onnx_path))
+
+    def _request_for(self, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - openvino InferRequest
+        frame = feed[self.spec.frame.name]
+        key = tuple(frame.shape)
+        if key not in self._compiled:
+            model = self.model.clone()
+            model.reshape({n: list(np.shape(feed[n])) for n in self.spec.input_names})
+            config = {
+                "INFERENCE_PRECISION_HINT": _PRECISION_HINT[self.info.precision],
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": self.threads,
+            }
+            compiled = self.core.compile_model(model, "CPU", config)
+            self._compiled[key] = (compiled, compiled.create_infer_request())
+        return self._compiled[key]
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        """Frame shapes compiled so far (each one cost a compile)."""
+        return list(self._compiled)
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {n: np.ascontiguousarray(feed[n], np.float32) for n in self.spec.input_names}
+        with self._lock:  # one request per shape: callers on several threads take turns
+            compiled, request = self._request_for(inputs)
+            results = request.infer(inputs)
+            # The request reuses its output buffers on the next call: copy out.
+            return {n: np.array(results[compiled.output(n)], np.float32, copy=True) for n in self.spec.output_names}
+
+    def _close(self) -> None:
+        self._compiled.clear()
