@@ -52,6 +52,10 @@ class BenchResult:
     achieved_gflops_s: float
     load_seconds: float
     random_weights: bool
+    # Process CPU time (all threads) per timed frame: on a shared CPU, wall-clock FPS drops with other
+    # load while this barely moves, so it tells contention apart from a slow backend.
+    cpu_seconds_per_frame: float = 0.0
+    load_average_1min: float = 0.0  # at the end of the timed run
     error: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -158,16 +162,18 @@ def run_benchmark(
         torch.cuda.reset_peak_memory_stats()
     peak_rss = _rss_mb()
     timings: list[float] = []
+    cpu_time = 0.0
     try:
         for step in range(warmup + steps):
             reset = np.full((batch, 1, 1, 1), 1.0 if step == 0 else 0.0, np.float32)
             feed = {spec.frame.name: stream[step % len(stream)], spec.reset.name: reset, **state}
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs = runner.infer(feed)
             elapsed = time.perf_counter() - start
             state = {s.name: outputs[s.next_name] for s in spec.states}
             if step >= warmup:
                 timings.append(elapsed)
+                cpu_time += time.process_time() - start_cpu
             peak_rss = max(peak_rss, _rss_mb())
     finally:
         runner.close()
@@ -193,6 +199,8 @@ def run_benchmark(
         achieved_gflops_s=2 * gmacs * fps,
         load_seconds=runner.load_seconds,
         random_weights=used_checkpoint is None,
+        cpu_seconds_per_frame=cpu_time / (batch * len(timings)),
+        load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
     )
 
 

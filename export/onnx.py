@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +32,8 @@ OPSET = 17
 EXPORT_VERSION = "1"
 # Traced at a small size: the graph is dynamic, and a small trace keeps export fast.
 TRACE_SIZE = (64, 96)
+# Cached graphs kept per model name (see _prune).
+CACHE_KEEP = 4
 
 
 def cache_dir() -> Path:
@@ -144,7 +146,20 @@ def cached_onnx(model: nn.Module) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune(target.parent, spec.name)
     return target
+
+
+def _prune(folder: Path, model_name: str) -> None:
+    """Keeps the newest :data:`CACHE_KEEP` graphs per model name.
+
+    Models without a checkpoint get fresh random weights in every process, hence a new hash and a
+    new export each time; without pruning the cache would grow by one graph per start.
+    """
+    pattern = re.compile(rf"{re.escape(model_name)}-[0-9a-f]{{16}}-opset\d+-v.+\.onnx")
+    graphs = sorted((p for p in folder.glob("*.onnx") if pattern.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
+    for stale in graphs[:-CACHE_KEEP]:
+        stale.unlink(missing_ok=True)
 
 
 def graph_io(path: str | Path) -> dict[str, tuple[str, tuple[int | str, ...]]]:
@@ -158,14 +173,3 @@ def graph_io(path: str | Path) -> dict[str, tuple[str, tuple[int | str, ...]]]:
         dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim)
         result[value.name] = (onnx.TensorProto.DataType.Name(tensor_type.elem_type), dims)
     return result
-
-
-def random_feed(spec: ModelSpec, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A first-frame feed (reset = 1, zero state) with a random frame, for smoke checks."""
-    rng = np.random.default_rng(seed)
-    feed = {
-        spec.frame.name: rng.random((batch, 3, height, width), dtype=np.float32),
-        spec.reset.name: np.ones((batch, 1, 1, 1), np.float32),
-    }
-    feed.update(spec.initial_state(batch, height, width))
-    return feed

@@ -12,7 +12,6 @@ actual model against torch fp32 passes, so a model whose outputs bf16 would spoi
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -83,14 +82,29 @@ def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:
     return report.within_reduced(), report.summary()
 
 
-@functools.lru_cache(maxsize=16)
-def _cpu_choice(model_key: str, checkpoint: str | None) -> BackendChoice:
+_CPU_CHOICES: dict[str, BackendChoice] = {}  # weights hash -> choice, so each network is checked once
+
+
+def choose_cpu_backend(network: nn.Module) -> BackendChoice:
+    """Runtime and precision for this network on this CPU; the bf16 parity check runs once per weights."""
+    from export.onnx import weights_hash
+
+    key = weights_hash(network)
+    if key not in _CPU_CHOICES:
+        _CPU_CHOICES[key] = _choose_cpu(network)
+        choice = _CPU_CHOICES[key]
+        logger.info(
+            "CPU backend for %s: %s %s (%s)", network.spec.name, choice.backend, choice.precision, choice.reason
+        )  # type: ignore[attr-defined]
+    return _CPU_CHOICES[key]
+
+
+def _choose_cpu(network: nn.Module) -> BackendChoice:
     backend = default_backend("cpu")
     if backend != "openvino":
         return BackendChoice(backend, "fp32", f"{backend} is the fastest CPU runtime installed")
     if not cpu_has_bf16():
         return BackendChoice("openvino", "fp32", "CPU has no native bf16 (AMX / AVX512-BF16)")
-    network, _ = load_model(model_key, checkpoint)
     ok, summary = bf16_parity_ok(network)
     if ok:
         return BackendChoice("openvino", "bf16", f"native bf16 and parity holds: {summary}")
@@ -98,10 +112,9 @@ def _cpu_choice(model_key: str, checkpoint: str | None) -> BackendChoice:
 
 
 def default_cpu_backend(model: str, checkpoint: str | Path | None = None) -> BackendChoice:
-    """Runtime and precision for ``model`` on this CPU (cached per model for the process)."""
-    choice = _cpu_choice(model, None if checkpoint is None else str(checkpoint))
-    logger.info("CPU backend for %s: %s %s (%s)", model, choice.backend, choice.precision, choice.reason)
-    return choice
+    """Runtime and precision for a model name (or checkpoint) on this CPU; see :func:`choose_cpu_backend`."""
+    network, _ = load_model(model, checkpoint)
+    return choose_cpu_backend(network)
 
 
 def create_backend(
@@ -116,18 +129,18 @@ def create_backend(
     ``backend="auto"`` resolves with :func:`default_cpu_backend` on the CPU (which also picks the
     precision when ``precision="auto"``) and :func:`default_backend` on a GPU.
     """
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
+    network, _ = load_model(model, checkpoint)
     if backend == "auto":
         if device == "cpu":
-            choice = default_cpu_backend(model, checkpoint)
+            choice = choose_cpu_backend(network)
             backend = choice.backend
             precision = choice.precision if precision == "auto" else precision
         else:
             backend = default_backend(device)
     if precision == "auto":
         precision = "fp16" if backend == "tensorrt" else "fp32"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
-    network, _ = load_model(model, checkpoint)
     return backend_for(network, backend, device, precision).load()
 
 
@@ -150,9 +163,11 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
         build = cached_engine(cached_onnx(network), spec, fp16=precision == "fp16")
         return TrtBackend(spec, build.path, device=device if device.startswith("cuda") else "cuda", precision=precision)
     if backend == "onnxruntime":
-        from service.backends.onnxrt import OrtBackend, _import_onnxruntime
+        from service.backends.onnxrt import OrtBackend, _import_onnxruntime, require_cuda_provider
 
-        _import_onnxruntime()
+        _import_onnxruntime()  # fail with the clear message before spending time on an export
+        if device.startswith("cuda"):
+            require_cuda_provider()
         from export.onnx import cached_onnx
 
         return OrtBackend(spec, cached_onnx(network), device=device, precision=precision)
@@ -167,4 +182,4 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
 
 
 __all__ = ["BACKENDS", "BackendChoice", "BackendUnavailable", "backend_for", "create_backend", "default_backend",
-           "default_cpu_backend"]  # fmt: skip
+           "default_cpu_backend", "choose_cpu_backend"]  # fmt: skip

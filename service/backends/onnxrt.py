@@ -32,6 +32,15 @@ def _import_onnxruntime():  # noqa: ANN202 - module object
     return import_runtime("onnxruntime", "onnxruntime", "onnxruntime")
 
 
+def require_cuda_provider() -> None:
+    """Fails with the package to install when onnxruntime cannot run on CUDA (CPU-only wheel)."""
+    if "CUDAExecutionProvider" not in _import_onnxruntime().get_available_providers():
+        raise BackendUnavailable(
+            "onnxruntime backend: device 'cuda' needs the CUDA execution provider; install "
+            "'onnxruntime-gpu' (pip install 'vident[gpu]') on a machine with an NVIDIA GPU"
+        )
+
+
 def cpu_threads() -> int:
     """Cores this process may use (affinity-aware), the right intra-op thread count for latency."""
     try:
@@ -51,11 +60,7 @@ class OrtBackend(Backend):
     def _load(self) -> None:
         ort = _import_onnxruntime()
         if self.info.device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailable(
-                    "onnxruntime backend: device 'cuda' needs the CUDA execution provider; install "
-                    "'onnxruntime-gpu' (pip install 'vident[gpu]') on a machine with an NVIDIA GPU"
-                )
+            require_cuda_provider()
             device_id = int(self.info.device.split(":")[1]) if ":" in self.info.device else 0
             providers: list = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         else:

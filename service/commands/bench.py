@@ -45,6 +45,7 @@ def _table(results: list, title: str) -> Table:  # results: list[BenchResult]
         "p99 ms",
         "peak MB",
         "GFLOP/s",
+        "CPU s/frame",
     ):
         table.add_column(column, justify="left" if column in ("backend", "device", "precision") else "right")
     baseline = next((r.fps for r in results if r.error is None), None)
@@ -57,6 +58,7 @@ def _table(results: list, title: str) -> Table:  # results: list[BenchResult]
             r.backend, r.device, r.precision, f"{r.fps:.2f}", f"{r.fps / baseline:.2f}",
             f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{lat['p99']:.1f}",
             f"{r.peak_memory_mb:.0f} ({'RSS' if r.memory_kind == 'rss' else 'CUDA'})", f"{r.achieved_gflops_s:.1f}",
+            f"{r.cpu_seconds_per_frame:.3f}",
         )  # fmt: skip
     return table
 

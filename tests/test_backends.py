@@ -1,0 +1,161 @@
+"""Backend factory, runtime choice and missing runtimes: one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model
+from service.backends import factory
+from service.backends.base import BackendUnavailable
+from service.cli import main
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Makes ``import module`` fail as if the package were not installed."""
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch) -> None:
+    monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vident-cache"))
+    factory._CPU_CHOICES.clear()
+
+
+@pytest.mark.parametrize(("backend", "device", "package"), [
+    ("openvino", "cpu", "openvino"),
+    ("onnxruntime", "cpu", "onnxruntime"),
+    ("tensorrt", "cuda", "tensorrt"),
+])  # fmt: skip
+def test_missing_runtime_names_the_package(monkeypatch, backend, device, package) -> None:
+    _hide(monkeypatch, package)
+    with pytest.raises(BackendUnavailable, match=f"'{package}'"):
+        factory.create_backend("most-nss-tiny", backend, device)
+
+
+def test_onnxruntime_cuda_without_gpu_provider_says_what_to_install(monkeypatch) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        factory.create_backend("most-nss-tiny", "onnxruntime", "cuda")
+
+
+def test_cli_prints_one_line_and_exits_2_without_tensorrt(monkeypatch, capsys, tmp_path) -> None:
+    _hide(monkeypatch, "tensorrt")
+    code = main(["bench", "--model", "most-nss-tiny", "--backend", "tensorrt", "--device", "cuda",
+                 "--size", "32x48", "--frames", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'tensorrt' package is not installed" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    code = main(["export", "tensorrt", "--onnx", str(tmp_path / "x.onnx"), "--model", "most-nss-tiny",
+                 "--out", str(tmp_path / "x.plan")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "tensorrt" in err and "Traceback" not in err
+
+
+def test_default_backend_follows_what_is_installed(monkeypatch) -> None:
+    assert factory.default_backend("cpu") == "openvino"
+    _hide(monkeypatch, "openvino")
+    monkeypatch.setattr(factory, "_installed", lambda m: m != "openvino")
+    assert factory.default_backend("cpu") == "onnxruntime"
+    monkeypatch.setattr(factory, "_installed", lambda m: False)
+    assert factory.default_backend("cpu") == "torch"
+    assert factory.default_backend("cuda") == "torch"
+
+
+def test_cpu_choice_uses_bf16_only_with_hardware_and_parity(monkeypatch) -> None:
+    torch.manual_seed(0)
+    network = create_model("most-nss-tiny").eval()
+    monkeypatch.setattr(factory, "cpu_has_bf16", lambda: False)
+    choice = factory.choose_cpu_backend(network)
+    assert (choice.backend, choice.precision) == ("openvino", "fp32") and "no native bf16" in choice.reason
+
+    factory._CPU_CHOICES.clear()
+    monkeypatch.setattr(factory, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: (False, "PSNR 12 dB"))
+    choice = factory.choose_cpu_backend(network)
+    assert choice.precision == "fp32" and "parity fails" in choice.reason
+
+    factory._CPU_CHOICES.clear()
+    monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: (True, "ok"))
+    assert factory.choose_cpu_backend(network).precision == "bf16"
+    monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: pytest.fail("checked twice"))
+    assert factory.choose_cpu_backend(network).precision == "bf16"  # once per weights
+
+
+@pytest.mark.skipif(not factory.cpu_has_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16)")
+def test_real_bf16_parity_check_passes_on_a_tiny_model() -> None:
+    torch.manual_seed(0)
+    ok, summary = factory.bf16_parity_ok(create_model("most-nss-tiny").eval())
+    assert ok, summary
+    assert "openvino/bf16 vs torch/fp32" in summary
+
+
+def test_auto_backend_runs_and_matches_torch() -> None:
+    backend = factory.create_backend("most-nss-tiny", "auto", "cpu", "auto")
+    assert backend.info.name == factory.default_backend("cpu")
+    spec = backend.spec
+    feed = {"frame": np.random.rand(1, 3, 32, 48).astype(np.float32), "reset": np.ones((1, 1, 1, 1), np.float32)}
+    outputs = backend.infer({**feed, **spec.initial_state(1, 32, 48)})
+    assert set(outputs) == set(spec.output_names)
+    assert outputs["restored"].shape == (1, 3, 32, 48) and np.isfinite(outputs["restored"]).all()
+    backend.close()
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'tflite'"):
+        factory.create_backend("most-nss-tiny", "tflite")
+
+
+def _tensorrt_ready() -> str | None:
+    try:
+        from export.trt import import_tensorrt
+
+        import_tensorrt()
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_tensorrt_ready() is not None, reason=f"TensorRT tests need it: {_tensorrt_ready()}")
+def test_tensorrt_fp16_engine_matches_onnxruntime(tmp_path) -> None:
+    from export.onnx import export_onnx
+    from export.trt import ShapeRange, build_engine
+    from export.verify import compare_backends
+    from service.backends.onnxrt import OrtBackend
+    from service.backends.tensorrt import TrtBackend
+
+    network = create_model("most-nss-tiny").eval()
+    path = export_onnx(network, tmp_path / "m.onnx")
+    shapes = ShapeRange((1, 32, 48), (1, 64, 96), (2, 96, 128))
+    build = build_engine(path, network.spec, tmp_path / "m.plan", fp16=True, shapes=shapes)
+    assert build.path.is_file() and build.layer_count > 0
+    with OrtBackend(network.spec, path) as reference, TrtBackend(network.spec, build.path) as engine:
+        for batch, height, width in ((1, 64, 96), (2, 48, 80)):  # two shapes in one profile
+            report = compare_backends(reference, engine, batch, height, width, frames=10)
+            assert report.within_reduced(psnr=45.0, iou=0.99, mace=0.05), report.summary()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_onnxruntime_cuda_matches_torch() -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    from export.verify import compare_backends
+
+    network = create_model("most-nss-tiny").eval()
+    reference = factory.backend_for(network, "torch", "cuda")
+    candidate = factory.backend_for(network, "onnxruntime", "cuda")
+    with reference, candidate:
+        report = compare_backends(reference, candidate, 1, 64, 96, frames=3)
+    assert report.worst_abs < 1e-3, report.summary()

@@ -1,0 +1,183 @@
+"""Export round trip: ONNX graphs with explicit state match torch over a stream, at two sizes, in every CPU runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import cached_onnx, export_onnx, graph_io, weights_hash
+from export.triton import export_triton, parse_pbtxt, triton_graph, validate_repository
+from export.verify import FP32_MAX_ABS, compare_backends, mace_px, mask_iou, psnr_db
+from models import create_model
+from service.backends.factory import backend_for, cpu_has_bf16
+from service.backends.onnxrt import OrtBackend
+from service.backends.openvino import OpenVinoBackend
+from service.backends.torch import TorchBackend
+
+# (batch, height, width): two sizes and two batch sizes from one exported file.
+SHAPES = ((1, 64, 96), (2, 48, 80))
+TINY = ("most-nss-tiny", "r2-d4-tiny")
+
+
+@pytest.fixture(scope="module", params=TINY)
+def exported(request, tmp_path_factory) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    model = create_model(request.param).eval()
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
+    return model, path
+
+
+def test_graph_has_spec_names_and_dynamic_axes(exported) -> None:
+    model, path = exported
+    spec = model.spec
+    io = graph_io(path)
+    assert list(io) == [*spec.input_names, *spec.output_names]
+    assert all(dtype == "FLOAT" for dtype, _ in io.values())
+    frame_dims = io[spec.frame.name][1]
+    assert frame_dims == ("batch", 3, "height", "width")
+    for state in spec.states:
+        dims = io[state.name][1]
+        assert dims[0] == "batch" and dims[1] == state.tensor.channels
+        assert all(isinstance(d, str) for d in dims[2:]), f"{state.name} is frozen at {dims}"
+        assert io[state.next_name][1] == dims
+    import onnx
+
+    graph = onnx.load(str(path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.graph.initializer)  # embedded
+
+
+@pytest.mark.parametrize("runtime", [OrtBackend, OpenVinoBackend])
+def test_fp32_runtimes_match_torch_over_a_stream(exported, runtime) -> None:
+    model, path = exported
+    with TorchBackend(model) as reference, runtime(model.spec, path) as candidate:
+        for batch, height, width in SHAPES:
+            report = compare_backends(reference, candidate, batch, height, width, frames=3)
+            assert report.within_fp32(), report.summary()
+            assert report.worst_abs <= FP32_MAX_ABS
+            assert set(report.max_abs) == set(model.spec.output_names)  # state compared too
+
+
+def test_parity_loop_detects_a_wrong_state(exported) -> None:
+    """A runtime that drops the state must fail the loop: the check can fail for a real reason."""
+    model, path = exported
+
+    class Forgetful(OrtBackend):
+        def _infer(self, feed):  # noqa: ANN001, ANN202
+            zeros = {n: np.zeros_like(v) for n, v in feed.items() if n not in ("frame", "reset")}
+            return super()._infer({**feed, **zeros})
+
+    with TorchBackend(model) as reference, Forgetful(model.spec, path) as candidate:
+        report = compare_backends(reference, candidate, 1, 64, 96, frames=3)
+    assert not report.within_fp32()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16)")
+def test_openvino_bf16_stays_close_to_fp32(exported) -> None:
+    model, path = exported
+    with TorchBackend(model) as reference, OpenVinoBackend(model.spec, path, precision="bf16") as candidate:
+        report = compare_backends(reference, candidate, 1, 64, 96, frames=3)
+    assert report.psnr_db is not None and report.psnr_db >= 40.0, report.summary()
+    assert 0 < report.worst_abs < 0.1  # bf16 really ran (not fp32) and stayed close
+
+
+def test_openvino_compiles_once_per_shape(exported) -> None:
+    model, path = exported
+    with OpenVinoBackend(model.spec, path) as backend:
+        for batch, height, width in (*SHAPES, SHAPES[0]):
+            feed = {"frame": np.random.rand(batch, 3, height, width).astype(np.float32)}
+            feed |= {"reset": np.ones((batch, 1, 1, 1), np.float32), **model.spec.initial_state(batch, height, width)}
+            outputs = backend.infer(feed)
+            assert outputs[model.spec.outputs[0].name].shape == (batch, 3, height, width)
+        assert len(backend.compiled_shapes) == 2
+
+
+def test_cache_exports_once_per_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path))
+    model = create_model("most-nss-tiny").eval()
+    first = cached_onnx(model)
+    mtime = first.stat().st_mtime_ns
+    assert cached_onnx(model) == first and first.stat().st_mtime_ns == mtime  # loaded, not exported again
+    other = create_model("most-nss-tiny").eval()  # new random weights
+    assert weights_hash(other) != weights_hash(model)
+    assert cached_onnx(other) != first
+    assert first.parent == tmp_path / "onnx"
+    assert backend_for(model, "onnxruntime").onnx_path == first
+
+
+def test_parity_measures() -> None:
+    a = np.random.rand(1, 3, 8, 8).astype(np.float32)
+    assert psnr_db(a, a) == float("inf")
+    assert psnr_db(a, np.clip(a + 0.01, 0, 1)) == pytest.approx(40.0, abs=0.5)
+    mask = np.zeros((1, 1, 8, 8), np.float32)
+    mask[..., :4] = 1
+    shifted = np.roll(mask, 2, axis=-1)
+    assert mask_iou(mask, shifted) == pytest.approx(16 / 48)
+    assert mask_iou(mask * 0, mask * 0) == 1.0
+    shift = np.eye(3)[None].copy()
+    shift[0, 0, 2] = 0.5
+    assert mace_px(np.eye(3)[None], shift, 48, 64) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton repository
+# ------------------------------------------------------------------------------------------------
+
+
+def test_triton_repository_matches_the_graph(exported, tmp_path) -> None:
+    model, path = exported
+    spec = model.spec
+    (model_dir,) = export_triton(path, spec, tmp_path, 64, 96, max_batch=4)
+    assert validate_repository(model_dir) == []
+    config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
+    assert config["platform"] == ["onnxruntime_onnx"] and config["max_batch_size"] == [4]
+    assert [i["name"][0] for i in config["input"]] == [spec.frame.name]
+    assert [o["name"][0] for o in config["output"]] == [o.name for o in spec.outputs]
+    batcher = config["sequence_batching"][0]
+    states = {s["input_name"][0]: s for s in batcher["state"]}
+    assert list(states) == [s.name for s in spec.states]
+    for state in spec.states:
+        entry = states[state.name]
+        assert entry["output_name"] == [state.next_name]
+        assert entry["dims"] == list(state.tensor.shape(1, 64, 96)[1:])
+        assert entry["initial_state"][0]["zero_data"] == [True]
+    (control,) = batcher["control_input"]
+    assert control["name"] == [spec.reset.name]
+    assert control["control"][0]["kind"] == ["CONTROL_SEQUENCE_START"]
+    io = graph_io(model_dir / "1" / "model.onnx")
+    assert io[spec.reset.name][1] == ("batch", 1)  # Triton's control tensor shape
+
+
+def test_triton_validation_catches_mismatches(exported, tmp_path) -> None:
+    model, path = exported
+    (model_dir,) = export_triton(path, model.spec, tmp_path, 64, 96)
+    config = model_dir / "config.pbtxt"
+    text = config.read_text()
+    state = model.spec.states[0]
+    config.write_text(text.replace(f'output_name: "{state.next_name}"', 'output_name: "nope"'))
+    errors = validate_repository(model_dir)
+    assert any("'nope' is not in the graph" in e for e in errors)
+    assert any(state.next_name in e for e in errors)  # the real output is now unmentioned
+    config.write_text(text.replace("dims: [ 3, 64, 96 ]", "dims: [ 4, 64, 96 ]", 1))
+    assert any("config dims [4, 64, 96]" in e for e in validate_repository(model_dir))
+
+
+def test_triton_graph_runs_with_a_2d_reset(exported, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model, path = exported
+    spec = model.spec
+    adapted = triton_graph(path, tmp_path / "triton.onnx", spec)
+    original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    triton = ort.InferenceSession(str(adapted), providers=["CPUExecutionProvider"])
+    feed = {"frame": np.random.rand(2, 3, 48, 80).astype(np.float32), **spec.initial_state(2, 48, 80)}
+    reset = np.array([1.0, 0.0], np.float32)
+    expected = original.run(None, {**feed, "reset": reset.reshape(2, 1, 1, 1)})
+    got = triton.run(None, {**feed, "reset": reset.reshape(2, 1)})
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(e, g)
+
+
+def test_pbtxt_parser_reads_nested_and_repeated_fields() -> None:
+    parsed = parse_pbtxt('a: 1 # comment\nb { c: "x" d: [ 1, 2 ] } b { c: "y" } e: [ { f: ENUM } ] g: true')
+    assert parsed == {"a": [1], "b": [{"c": ["x"], "d": [1, 2]}, {"c": ["y"]}], "e": [{"f": ["ENUM"]}], "g": [True]}
