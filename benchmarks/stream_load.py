@@ -3,7 +3,7 @@
 Starts ``vident serve`` as a subprocess (so its memory is measured alone), measures the backend's raw
 streaming FPS in this process first (same model, backend and frames, ``run_streams`` at batch 1),
 then runs N clients that each keep two frames in flight for ``--seconds``, then connects and drops
-``--churn`` sessions (half of them mid-stream). Reports aggregate FPS, per-session latency
+``--churn`` sessions (half of them mid-stream) ``--churn-rounds`` times. Reports aggregate FPS, per-session latency
 p50/p95/p99 (client-measured round trip), drops, and the server's RSS idle / after load / after churn.
 
     python -m benchmarks.stream_load --model most-nss-tiny --clients 4 --seconds 10 --size 240x320
@@ -44,13 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_fps(model: str, backend: str, device: str, frames: list[np.ndarray], seconds: float) -> dict[str, object]:
+def raw_fps(
+    model: str, backend: str, device: str, precision: str, frames: list[np.ndarray], seconds: float
+) -> dict[str, object]:
     """Streaming FPS of the backend alone (run_streams: pre/post-processing included, no network)."""
     from service.backends.factory import create_backend
     from service.engine import resolve_runtime
     from service.pipeline import Geometry, Stream, run_streams
 
-    name, precision = resolve_runtime(backend, device, "auto")
+    name, precision = resolve_runtime(backend, device, precision)
     runtime = create_backend(model, name, device, precision)
     h, w = frames[0].shape[:2]
     stream = Stream(runtime.spec, Geometry(h, w))
@@ -138,9 +140,11 @@ def get_json(url: str) -> dict[str, object]:
         return json.loads(response.read())
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} while waiting for {what}")
         try:
             if predicate():
                 return
@@ -161,10 +165,12 @@ def main() -> None:
     parser.add_argument("--model", default="most-nss-tiny")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--size", default="240x320", help="HxW of the streamed frames")
     parser.add_argument("--churn", type=int, default=50, help="sessions that connect and drop after the load")
+    parser.add_argument("--churn-rounds", type=int, default=3, help="rounds of --churn sessions")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="time for the raw backend FPS baseline")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -172,24 +178,31 @@ def main() -> None:
     clip = synthetic_clip(24, height, width, seed=5)
     jpegs = [encode_frame(f, "jpeg", 90) for f in clip]
 
-    raw = raw_fps(args.model, args.backend, args.device, clip, args.raw_seconds) if args.raw_seconds > 0 else None
+    load_start = round(os.getloadavg()[0], 2)
+    raw = None
+    if args.raw_seconds > 0:
+        raw = raw_fps(args.model, args.backend, args.device, args.precision, clip, args.raw_seconds)
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model", args.model]
-    command += ["--backend", args.backend, "--device", args.device, "--log-level", "warning"]
-    command += ["--max-sessions", str(max(args.clients, 8))]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # the app factory under uvicorn, configured like `vident serve` through VIDENT_* variables
+    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
+    settings = {"MODEL": args.model, "BACKEND": args.backend, "DEVICE": args.device, "PRECISION": args.precision}
+    settings["MAX_SESSIONS"] = str(max(args.clients, 8))
+    env = {**os.environ, **{f"VIDENT_{k}": v for k, v in settings.items()}}
+    server = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, env=env)
     base, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/stream"
     try:
-        wait_until(lambda: get_json(base + "/readyz")["ready"], 300, "the server to load the model")
+        wait_until(lambda: get_json(base + "/readyz")["ready"], 300, "the server to load the model", server)
         rss_idle = rss_mib(server.pid)
         start = time.perf_counter()
         sessions = asyncio.run(_load(ws_url, jpegs, args.clients, args.seconds))
         elapsed = time.perf_counter() - start
         rss_loaded = rss_mib(server.pid)
-        churned = asyncio.run(churn(ws_url, jpegs, args.churn, max(args.clients, 8))) if args.churn else 0
-        wait_until(lambda: get_json(base + "/healthz")["sessions"] == 0, 60, "every session to close")
-        time.sleep(1.0)
-        rss_after = rss_mib(server.pid)
+        churned, rss_churn = 0, []
+        for _ in range(args.churn_rounds if args.churn else 0):  # a leak grows every round; an allocator plateaus
+            churned += asyncio.run(churn(ws_url, jpegs, args.churn, max(args.clients, 8)))
+            wait_until(lambda: get_json(base + "/healthz")["sessions"] == 0, 60, "every session to close")
+            time.sleep(1.0)
+            rss_churn.append(round(rss_mib(server.pid), 1))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -214,9 +227,14 @@ def main() -> None:
         "server_rss_mib": {
             "idle": round(rss_idle, 1),
             "after_load": round(rss_loaded, 1),
-            "after_churn": round(rss_after, 1),
+            "after_each_churn_round": rss_churn,
         },
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},  # other work on the host
+        },
         "command": " ".join(["python -m benchmarks.stream_load", *sys.argv[1:]]),
     }
     print(json.dumps(report, indent=1))

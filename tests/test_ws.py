@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import cv2
@@ -321,6 +323,10 @@ def test_newest_frame_wins_and_drops_are_reported(frames: list[np.ndarray]) -> N
 def test_disconnect_mid_stream_releases_the_session(frames: list[np.ndarray]) -> None:
     backends: list[GatedBackend] = []
     with make_client(backends) as client:
+        manager = client.app.state.sessions
+        opened: list[weakref.ref] = []
+        open_session = manager.open
+        manager.open = lambda *a: opened.append(weakref.ref(s := open_session(*a))) or s  # type: ignore[method-assign]
         for _ in range(3):
             with client.websocket_connect("/v1/stream") as ws:
                 ws.receive_json()
@@ -334,6 +340,11 @@ def test_disconnect_mid_stream_releases_the_session(frames: list[np.ndarray]) ->
             wait_sessions_closed(client)
             backends[0].gate.set()
         assert 'vident_sessions{model="most-nss-tiny"} 0.0' in client.get("/metrics").text
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in opened) and time.monotonic() < deadline:
+            gc.collect()  # the engine may still hold the last stream until its gated call returns
+            time.sleep(0.05)
+        assert len(opened) == 3 and all(ref() is None for ref in opened), "session objects are still referenced"
         with client.websocket_connect("/v1/stream") as ws:  # the engine still serves new sessions
             ws.receive_json()
             ws.send_bytes(png(frames[2]))
