@@ -423,3 +423,41 @@ def test_model_that_fails_to_load() -> None:
             error = expect_close(ws, 4500)
         assert error["code"] == "model_unavailable" and "no such runtime" in error["message"]
         wait_sessions_closed(client)
+
+
+def test_frames_of_several_sessions_are_batched(frames: list[np.ndarray]) -> None:
+    """Two sessions' frames that wait at the same moment run as one backend call, each with its own state."""
+    backends: list[GatedBackend] = []
+    with make_client(backends) as client:
+        sockets = [client.websocket_connect("/v1/stream") for _ in range(3)]
+        first, second, third = (s.__enter__() for s in sockets)
+        try:
+            for ws in (first, second, third):
+                ws.receive_json()
+                ws.send_text(json.dumps({"type": "config", "output_format": "png"}))
+                ws.receive_json()
+            gated = backends[0]
+            gated.gate.clear()
+            first.send_bytes(png(frames[0]))
+            assert gated.entered.wait(10)  # a call of one frame holds the engine
+            second.send_bytes(png(frames[1]))
+            third.send_bytes(png(frames[2]))
+            engine = client.app.state.engines[TINY]
+            deadline = time.monotonic() + 10
+            while engine._queue.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gated.gate.set()
+            results = [receive_result(ws) for ws in (first, second, third)]
+        finally:
+            for s in sockets:
+                s.__exit__(None, None, None)
+        wait_sessions_closed(client)
+        metrics = client.get("/metrics").text
+        assert f'vident_batch_size_count{{model="{TINY}"}} 2.0' in metrics  # two calls for three frames
+        assert f'vident_batch_size_sum{{model="{TINY}"}} 3.0' in metrics
+        backend = gated.inner
+        for frame, (header, parts) in zip(frames[:3], results, strict=True):
+            alone = run_streams(backend, [Stream(backend.spec, Geometry(H, W))], [frame])[0]
+            assert header["index"] == 0
+            difference = np.abs(decode(parts["restored"]).astype(int) - alone.restored.astype(int))
+            assert difference.max() <= 1  # batch of 2 vs batch of 1: float summation order only
