@@ -260,10 +260,13 @@ class SessionRunner:
                 bye = {"type": "bye", "received": s.received, "processed": s.processed, "dropped": s.dropped}
                 await self.conn.send({**bye, "errors": s.errors})
                 await self.conn.close(CLOSE_NORMAL, "bye")
-            elif receiver not in done:  # a worker failed: a bug, not the client's fault
-                failed = next(t for t in done if t.exception() is not None)
-                logger.error("session %s failed", self.session.id, exc_info=failed.exception())
-                await self.conn.refuse("internal", f"server error: {failed.exception()}", CLOSE_INTERNAL)
+            elif receiver not in done:
+                # a worker ended first: a bug (it raised), or the client vanished while we were sending
+                for task in done:
+                    if task.exception() is not None:
+                        logger.error("session %s failed", self.session.id, exc_info=task.exception())
+                        await self.conn.refuse("internal", f"server error: {task.exception()}", CLOSE_INTERNAL)
+                        break
         finally:
             for task in (receiver, *workers):
                 task.cancel()

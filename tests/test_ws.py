@@ -461,3 +461,26 @@ def test_frames_of_several_sessions_are_batched(frames: list[np.ndarray]) -> Non
             assert header["index"] == 0
             difference = np.abs(decode(parts["restored"]).astype(int) - alone.restored.astype(int))
             assert difference.max() <= 1  # batch of 2 vs batch of 1: float summation order only
+
+
+def test_a_server_bug_closes_only_that_session(
+    client: TestClient, frames: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.ws
+
+    def broken(*args: object) -> list:
+        raise ZeroDivisionError("injected encoder bug")
+
+    monkeypatch.setattr(service.ws, "encode_result", broken)
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_bytes(png(frames[0]))
+        error = expect_close(ws, 1011)
+    assert error["code"] == "internal" and "injected encoder bug" in error["message"]
+    wait_sessions_closed(client)
+    monkeypatch.undo()
+    with client.websocket_connect("/v1/stream") as ws:  # the server and the engine carry on
+        ws.receive_json()
+        ws.send_bytes(png(frames[1]))
+        assert receive_result(ws)[0]["index"] == 0
+    wait_sessions_closed(client)
