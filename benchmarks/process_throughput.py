@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--size", default="320x416", help="HxW of the clip")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed frames first (allocations, autotuning)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed frames first (allocations, autotuning)")
     parser.add_argument("--rounds", type=int, default=1, help="raw and process runs, alternated; best of each")
     parser.add_argument("--clip", type=Path, default=None, help="input clip (made if missing)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -79,11 +79,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         raw_fps(backend, frames[: args.warmup])
         raws, reports = [], []
         engine = InferenceEngine(backend, max_batch=1)
-        try:  # alternate the two so that a busy neighbour slows both alike; keep each one's best round
-            for _ in range(args.rounds):
-                raws.append(raw_fps(backend, frames))
-                out = Path(tmp) / f"out{len(reports)}"
-                reports.append(process_video(clip, out, engine, ProcessOptions(), model_label=args.model))
+        # Alternate the two in ABBA order so that a busy neighbour or a drifting clock slows both alike;
+        # keep each one's best round.
+        try:
+            for round_index in range(args.rounds):
+                for kind in ("raw", "process") if round_index % 2 == 0 else ("process", "raw"):
+                    if kind == "raw":
+                        raws.append(raw_fps(backend, frames))
+                    else:
+                        out = Path(tmp) / f"out{len(reports)}"
+                        reports.append(process_video(clip, out, engine, ProcessOptions(), model_label=args.model))
         finally:
             engine.close()
         backend.close()

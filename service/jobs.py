@@ -365,6 +365,8 @@ class JobManager:
             try:
                 if self.db.claim(job_id, time.time()):
                     self._run(job_id, cancel)
+                elif cancel.is_set() and self.db.get(job_id) is None:
+                    shutil.rmtree(self.job_dir(job_id), ignore_errors=True)  # deleted between wake-up and claim
             except Exception:  # noqa: BLE001 - a worker must outlive any one job
                 log.exception("job %s: worker error", job_id)
             finally:
