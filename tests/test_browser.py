@@ -69,6 +69,8 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         "--disable-component-update",
         "--disable-sync",
         "--disable-dev-shm-usage",
+        "--use-fake-device-for-media-stream",  # a synthetic webcam, for the webcam source
+        "--use-fake-ui-for-media-stream",
         "--window-size=1400,1100",
         f"--user-data-dir={profile}",
     ):
@@ -158,3 +160,22 @@ def test_page_warp_matches_the_python_warp(driver, server: tuple[FastAPI, str]) 
     expected = warp_by_homography(tensor, torch.from_numpy(homography)[None])[0].numpy().transpose(1, 2, 0)
     assert np.abs(page - expected).max() <= 0.5 + 1e-3  # rounded bytes vs the float32 reference
     assert np.abs(expected - image).mean() > 10  # the warp really moved things
+
+
+def test_webcam_source_streams(driver, server: tuple[FastAPI, str]) -> None:
+    """The webcam path (video element -> canvas -> JPEG) with Chromium's synthetic camera."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    app, url = server
+    driver.get(url + "/")
+    text = lambda element_id: driver.find_element(By.ID, element_id).text  # noqa: E731
+    _wait(lambda: text("status") == "ready", 30, "the page to initialise")
+    Select(driver.find_element(By.ID, "source")).select_by_value("webcam")
+    driver.find_element(By.ID, "start").click()
+    _wait(lambda: int(text("processed")) >= 3, 60, f"3 processed webcam frames (status: {text('status')!r})")
+    assert text("errors") == "0", driver.find_element(By.ID, "log").text
+    width, height = driver.execute_script("const c = document.getElementById('restored'); return [c.width, c.height];")
+    assert width == 320 and 200 <= height <= 320  # scaled to the chosen width, camera aspect kept
+    driver.find_element(By.ID, "stop").click()
+    _wait(lambda: app.state.sessions.count == 0, 20, "the session to close after Stop")
