@@ -179,3 +179,33 @@ def test_webcam_source_streams(driver, server: tuple[FastAPI, str]) -> None:
     assert width == 320 and 200 <= height <= 320  # scaled to the chosen width, camera aspect kept
     driver.find_element(By.ID, "stop").click()
     _wait(lambda: app.state.sessions.count == 0, 20, "the session to close after Stop")
+
+
+def test_local_video_file_source_streams(driver, server: tuple[FastAPI, str], tmp_path: Path) -> None:
+    """The local-file path: a VP8 WebM picked in the file input plays in a video element and streams."""
+    import av
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    from benchmarks.make_sample import synthetic_clip
+
+    video = tmp_path / "clip.webm"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for frame in synthetic_clip(20, 120, 160, seed=4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    app, url = server
+    driver.get(url + "/")
+    text = lambda element_id: driver.find_element(By.ID, element_id).text  # noqa: E731
+    _wait(lambda: text("status") == "ready", 30, "the page to initialise")
+    Select(driver.find_element(By.ID, "source")).select_by_value("file")
+    driver.find_element(By.ID, "file").send_keys(str(video))
+    driver.find_element(By.ID, "start").click()
+    _wait(lambda: int(text("processed")) >= 3, 60, f"3 processed file frames (status: {text('status')!r})")
+    assert text("errors") == "0", driver.find_element(By.ID, "log").text
+    size = driver.execute_script("const c = document.getElementById('restored'); return [c.width, c.height];")
+    assert size == [160, 120]  # smaller than the chosen width: sent at its own size
+    driver.find_element(By.ID, "stop").click()
+    _wait(lambda: app.state.sessions.count == 0, 20, "the session to close after Stop")
