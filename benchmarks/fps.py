@@ -138,8 +138,17 @@ def run_benchmark(
     frames: int = 30,
     warmup: int = 3,
     checkpoint: str | None = None,
+    profile: bool = False,
+    parity_frames: int = 0,
 ) -> BenchResult:
-    """Loads ``model`` on ``backend`` and measures ``frames`` streaming frames after ``warmup`` steps."""
+    """Loads ``model`` on ``backend`` and measures ``frames`` streaming frames after ``warmup`` steps.
+
+    ``profile`` (OpenVINO only) adds per-part layer timings to ``extra["profile"]``, measured in a
+    separate run with performance counters so the counters do not slow the timed frames.
+    ``parity_frames`` > 0 adds ``extra["parity"]``: this backend against torch fp32 on the same
+    weights over a stream of that many frames at the benchmark's size and batch (random weights are
+    first made non-degenerate by :func:`export.verify.exercise_untrained`).
+    """
     import torch
 
     from export.verify import moving_frames
@@ -149,6 +158,10 @@ def run_benchmark(
 
     height, width = size
     network, used_checkpoint = load_model(model, checkpoint)
+    if parity_frames > 0 and used_checkpoint is None:
+        from export.verify import exercise_untrained
+
+        exercise_untrained(network)  # else masks sit at 0.5 and homographies at identity: nothing to compare
     spec = network.spec  # type: ignore[attr-defined]
     spec.check_size(height, width)
     gmacs = measure_complexity(network, height, width).gmacs
@@ -175,11 +188,18 @@ def run_benchmark(
                 timings.append(elapsed)
                 cpu_time += time.process_time() - start_cpu
             peak_rss = max(peak_rss, _rss_mb())
+        parity = _parity(runner, network, batch, height, width, parity_frames) if parity_frames > 0 else None
     finally:
         runner.close()
     total = sum(timings)
     fps = batch * len(timings) / total
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
+    extra: dict[str, object] = {} if parity is None else {"parity": parity}
+    if profile and backend == "openvino":
+        from export.openvino import profile_layers
+
+        groups = profile_layers(runner.onnx_path, spec, height, width, precision)  # type: ignore[attr-defined]
+        extra["profile"] = [asdict(g) for g in groups]
     return BenchResult(
         model=model,
         backend=backend,
@@ -201,7 +221,17 @@ def run_benchmark(
         random_weights=used_checkpoint is None,
         cpu_seconds_per_frame=cpu_time / (batch * len(timings)),
         load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+        extra=extra,
     )
+
+
+def _parity(runner, network, batch: int, height: int, width: int, frames: int) -> dict[str, object]:  # noqa: ANN001
+    from export.verify import compare_backends
+    from service.backends.torch import TorchBackend
+
+    with TorchBackend(network) as reference:
+        result = compare_backends(reference, runner, batch, height, width, frames)
+    return {**result.to_dict(), "summary": result.summary()}
 
 
 def report(results: list[BenchResult]) -> dict[str, object]:

@@ -108,6 +108,16 @@ def test_auto_backend_runs_and_matches_torch() -> None:
     backend.close()
 
 
+def test_auto_precision_follows_the_cpu_choice(monkeypatch) -> None:
+    monkeypatch.setattr(factory, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: (True, "ok"))
+    assert factory.create_backend("most-nss-tiny", "openvino", "cpu", "auto").info.precision == "bf16"
+    factory._CPU_CHOICES.clear()
+    monkeypatch.setattr(factory, "cpu_has_bf16", lambda: False)
+    assert factory.create_backend("most-nss-tiny", "openvino", "cpu", "auto").info.precision == "fp32"
+    assert factory.create_backend("most-nss-tiny", "onnxruntime", "cpu", "auto").info.precision == "fp32"
+
+
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown backend 'tflite'"):
         factory.create_backend("most-nss-tiny", "tflite")

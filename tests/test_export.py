@@ -8,7 +8,15 @@ import torch
 
 from export.onnx import cached_onnx, export_onnx, graph_io, weights_hash
 from export.triton import export_triton, parse_pbtxt, triton_graph, validate_repository
-from export.verify import FP32_MAX_ABS, compare_backends, mace_px, mask_iou, psnr_db
+from export.verify import (
+    FP32_MAX_ABS,
+    compare_backends,
+    confident_mask_iou,
+    exercise_untrained,
+    mace_px,
+    mask_iou,
+    psnr_db,
+)  # fmt: skip
 from models import create_model
 from service.backends.factory import backend_for, cpu_has_bf16
 from service.backends.onnxrt import OrtBackend
@@ -23,7 +31,7 @@ TINY = ("most-nss-tiny", "r2-d4-tiny")
 @pytest.fixture(scope="module", params=TINY)
 def exported(request, tmp_path_factory) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
-    model = create_model(request.param).eval()
+    model = exercise_untrained(create_model(request.param).eval())  # real masks and homographies to compare
     path = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
     return model, path
 
@@ -57,6 +65,8 @@ def test_fp32_runtimes_match_torch_over_a_stream(exported, runtime) -> None:
             assert report.within_fp32(), report.summary()
             assert report.worst_abs <= FP32_MAX_ABS
             assert set(report.max_abs) == set(model.spec.output_names)  # state compared too
+            if report.mace_px is not None:  # MOST: geometry and thresholds really exercised
+                assert report.mace_px <= 1e-3 and report.mask_iou_confident >= 0.999, report.summary()
 
 
 def test_parity_loop_detects_a_wrong_state(exported) -> None:
@@ -79,6 +89,13 @@ def test_openvino_bf16_stays_close_to_fp32(exported) -> None:
     with TorchBackend(model) as reference, OpenVinoBackend(model.spec, path, precision="bf16") as candidate:
         report = compare_backends(reference, candidate, 1, 64, 96, frames=3)
     assert report.psnr_db is not None and report.psnr_db >= 40.0, report.summary()
+    if report.mask_iou_confident is not None:
+        assert report.mask_iou_confident >= 0.99, report.summary()
+    if report.mace_px is not None:
+        # Known gap (docs/performance.md): OpenVINO runs the homography algebra in bf16 too, so MACE
+        # drifts ~0.26 px here where torch bf16 autocast (fp32 geometry) stays at ~0.02 px. The bound
+        # only catches gross breakage; the CPU default checks the 0.05 px limit on the real model.
+        assert report.mace_px < 1.0, report.summary()
     assert 0 < report.worst_abs < 0.1  # bf16 really ran (not fp32) and stayed close
 
 
@@ -115,6 +132,12 @@ def test_parity_measures() -> None:
     shifted = np.roll(mask, 2, axis=-1)
     assert mask_iou(mask, shifted) == pytest.approx(16 / 48)
     assert mask_iou(mask * 0, mask * 0) == 1.0
+    undecided = np.full((1, 1, 8, 8), 0.5, np.float32)
+    undecided[..., 0, 0] = 0.9
+    flipped = undecided + np.float32(0.001)  # every undecided pixel flips, the decided one stays
+    assert mask_iou(undecided, flipped) == pytest.approx(1 / 64)
+    assert confident_mask_iou(undecided, flipped) == 1.0
+    assert confident_mask_iou(np.full_like(undecided, 0.5), flipped) is None
     shift = np.eye(3)[None].copy()
     shift[0, 0, 2] = 0.5
     assert mace_px(np.eye(3)[None], shift, 48, 64) == pytest.approx(0.5)

@@ -126,8 +126,9 @@ def create_backend(
 ) -> Backend:
     """A loaded backend for a registered model name or checkpoint path.
 
-    ``backend="auto"`` resolves with :func:`default_cpu_backend` on the CPU (which also picks the
-    precision when ``precision="auto"``) and :func:`default_backend` on a GPU.
+    ``backend="auto"`` resolves with :func:`choose_cpu_backend` on the CPU and :func:`default_backend`
+    on a GPU. ``precision="auto"``: bf16 or fp32 for OpenVINO by :func:`choose_cpu_backend`, fp16 for
+    TensorRT, fp32 otherwise.
     """
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
@@ -140,7 +141,10 @@ def create_backend(
         else:
             backend = default_backend(device)
     if precision == "auto":
-        precision = "fp16" if backend == "tensorrt" else "fp32"
+        if backend == "openvino":  # bf16 where the hardware and the parity check allow it
+            precision = choose_cpu_backend(network).precision
+        else:
+            precision = "fp16" if backend == "tensorrt" else "fp32"
     return backend_for(network, backend, device, precision).load()
 
 

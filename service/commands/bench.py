@@ -63,6 +63,18 @@ def _table(results: list, title: str) -> Table:  # results: list[BenchResult]
     return table
 
 
+def _profile_table(result, rows: int = 14) -> Table:  # result: BenchResult
+    table = Table(title=f"{result.backend} {result.precision}: layer time by network part", show_edge=False)
+    for column in ("part", "ms/frame", "share", "kernels", "kernel types"):
+        table.add_column(column, justify="right" if column in ("ms/frame", "share", "kernels") else "left")
+    for group in result.extra["profile"][:rows]:
+        table.add_row(
+            group["name"], f"{group['ms_per_frame']:.1f}", f"{100 * group['share']:.1f}%", str(group["kernels"]),
+            escape(group["precisions"]),
+        )  # fmt: skip
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks.fps import BenchResult, plot, report, run_benchmark
     from service.backends.base import BackendUnavailable
@@ -74,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = run_benchmark(
                 args.model, backend, args.device, precision, args.size, args.batch, args.frames, args.warmup,
-                args.checkpoint,
+                args.checkpoint, args.profile, args.parity,
             )  # fmt: skip
         except BackendUnavailable as exc:
             if not args.compare:
@@ -92,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         if r.error is not None:
             console.print(f"[red]{r.backend} unavailable:[/] {escape(r.error)}")
+        if "parity" in r.extra:
+            console.print(f"parity: {r.extra['parity']['summary']}")  # type: ignore[index]
+        if "profile" in r.extra:
+            console.print(_profile_table(r))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report(results), indent=2) + "\n")
@@ -113,6 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--json", default=None, help="write the results here (schema in docs/performance.md)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    p.add_argument("--parity", type=int, default=0, metavar="FRAMES", help="also compare with torch fp32 over N frames")
+    p.add_argument("--profile", action="store_true", help="openvino: also time the layers, grouped by network part")
     p.add_argument(
         "--compare", default=None, help="several runtimes in one process: e.g. torch,onnxruntime,openvino:bf16"
     )
