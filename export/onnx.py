@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,16 +138,22 @@ def cached_onnx(model: nn.Module) -> Path:
     target = cache_dir() / "onnx" / f"{key}.onnx"
     if target.is_file():
         return target
+    write_atomically(target, lambda tmp: export_onnx(model, tmp))
+    _prune(target.parent, spec.name)
+    return target
+
+
+def write_atomically(target: Path, write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp)`` for a temporary file beside ``target``, then renames it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
-        export_onnx(model, tmp)
+        write(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _prune(target.parent, spec.name)
     return target
 
 

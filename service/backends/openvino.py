@@ -7,8 +7,8 @@ and all cores per request is what streaming wants (one frame at a time, as soon 
 
 bf16 (``INFERENCE_PRECISION_HINT``) needs CPU support (AVX512-BF16 or AMX, reported by the plugin
 as the ``BF16`` capability); without it the request fails with :class:`BackendUnavailable` rather
-than silently running fp32. The geometry stays accurate because OpenVINO keeps GridSample and
-the small homography algebra in fp32 (checked by the parity loop, not assumed).
+than silently running fp32. The graph is first rewritten by :func:`export.openvino.openvino_graph`
+so the homography algebra stays fp32 under bf16 (the parity loop checks it, with MACE).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class OpenVinoBackend(Backend):
         self.core = ov.Core()
         if self.info.precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
-        self.model = self.core.read_model(str(self.onnx_path))
+        from export.openvino import openvino_graph
+
+        # MatMuls rewritten element-wise so the geometry stays fp32 under bf16 (see export.openvino).
+        self.model = self.core.read_model(str(openvino_graph(self.onnx_path)))
 
     def _request_for(self, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - openvino InferRequest
         frame = feed[self.spec.frame.name]
