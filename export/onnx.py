@@ -150,6 +150,7 @@ def write_atomically(target: Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache (a container volume) must stay readable
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
