@@ -90,9 +90,12 @@ def _pin_geometry_to_fp32(trt, network) -> int:  # noqa: ANN001 - tensorrt objec
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE, trt.LayerType.CAST):
             continue
-        shapes = [tuple(layer.get_output(i).shape) for i in range(layer.num_outputs)]
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        if not outputs or any(o.dtype != trt.float32 for o in outputs):
+            continue  # shape arithmetic (int32/int64) and booleans have no precision to pin
+        shapes = [tuple(o.shape) for o in outputs]
         geometric = layer.type == trt.LayerType.GRID_SAMPLE or any(
             len(s) <= 3 or s[-1] == 2 or s[-2:] == (3, 3) for s in shapes
         )
