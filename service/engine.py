@@ -33,13 +33,22 @@ class Priority(IntEnum):
     BATCH = 1
 
 
+_STOP_PRIORITY = 1 << 30  # sorts after every real request: pending work finishes before the worker stops
+
+
 @dataclass(order=True)
 class _Request:
+    """A frame to run, or (``stream is None``) the stop marker; one type so the queue can always compare."""
+
     priority: int
     seq: int
-    stream: Stream = field(compare=False)
-    frame: np.ndarray = field(compare=False)
-    future: Future[FrameResult] = field(compare=False)
+    stream: Stream | None = field(default=None, compare=False)
+    frame: np.ndarray | None = field(default=None, compare=False)
+    future: Future[FrameResult] | None = field(default=None, compare=False)
+
+    @property
+    def is_stop(self) -> bool:
+        return self.stream is None
 
 
 class InferenceEngine:
@@ -52,7 +61,7 @@ class InferenceEngine:
         self.backend = backend
         self.max_batch = max(1, max_batch)
         self.on_batch = on_batch
-        self._queue: queue.PriorityQueue[_Request | tuple[int, int, None]] = queue.PriorityQueue()
+        self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._work, name=f"infer-{backend.spec.name}", daemon=True)
         self._closed = False
@@ -71,7 +80,7 @@ class InferenceEngine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put((99, -1, None))  # sentinel sorts last: pending work finishes first
+            self._queue.put(_Request(_STOP_PRIORITY, -1))
             self._thread.join(timeout=30)
 
     def _take_batch(self, first: _Request) -> list[_Request]:
@@ -84,7 +93,7 @@ class InferenceEngine:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(item, _Request):
+            if item.is_stop:
                 self._queue.put(item)
                 break
             same = item.priority == Priority.LIVE and item.stream.geometry == first.stream.geometry
@@ -100,7 +109,7 @@ class InferenceEngine:
     def _work(self) -> None:
         while True:
             item = self._queue.get()
-            if not isinstance(item, _Request):
+            if item.is_stop:
                 return
             batch = [r for r in self._take_batch(item) if r.future.set_running_or_notify_cancel()]
             if not batch:
