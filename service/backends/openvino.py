@@ -40,13 +40,21 @@ def cpu_supports_bf16() -> bool:
 
 
 class OpenVinoBackend(Backend):
-    def __init__(self, spec: ModelSpec, onnx_path: str | Path, device: str = "cpu", precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        onnx_path: str | Path,
+        device: str = "cpu",
+        precision: str = "fp32",
+        rewrite_matmuls: bool = True,  # False only to measure what the rewrite fixes (docs/performance.md)
+    ) -> None:
         super().__init__(spec, BackendInfo("openvino", device, precision))
         if device != "cpu":
             raise ValueError(f"openvino backend runs on the CPU only, not {device!r}")
         if precision not in _PRECISION_HINT:
             raise ValueError(f"openvino backend: precision must be fp32 or bf16, not {precision!r}")
         self.onnx_path = Path(onnx_path)
+        self.rewrite_matmuls = rewrite_matmuls
         self.threads = cpu_threads()
         self._compiled: dict[tuple[int, ...], tuple[object, object]] = {}  # shape key -> (compiled, request)
         self._lock = threading.Lock()
@@ -59,7 +67,8 @@ class OpenVinoBackend(Backend):
         from export.openvino import openvino_graph
 
         # MatMuls rewritten element-wise so the geometry stays fp32 under bf16 (see export.openvino).
-        self.model = self.core.read_model(str(openvino_graph(self.onnx_path)))
+        graph = openvino_graph(self.onnx_path) if self.rewrite_matmuls else self.onnx_path
+        self.model = self.core.read_model(str(graph))
 
     def _request_for(self, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - openvino InferRequest
         frame = feed[self.spec.frame.name]
