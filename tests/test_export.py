@@ -28,6 +28,12 @@ SHAPES = ((1, 64, 96), (2, 48, 80))
 TINY = ("most-nss-tiny", "r2-d4-tiny")
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch) -> None:
+    """Exports and rewritten graphs go to a temporary cache, never the user's ~/.cache/vident."""
+    monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vident-cache"))
+
+
 @pytest.fixture(scope="module", params=TINY)
 def exported(request, tmp_path_factory) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
