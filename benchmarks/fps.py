@@ -71,18 +71,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware() -> dict[str, object]:
-    from service.backends.factory import cpu_has_bf16
+    from models.hardware import cpu_has_bf16, cpu_model
 
     try:
         usable = len(os.sched_getaffinity(0))

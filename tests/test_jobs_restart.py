@@ -50,7 +50,7 @@ def start_server(data_dir: Path, weights: Path) -> tuple[subprocess.Popen[bytes]
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # generous: CI machines can be slow to import torch
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
@@ -60,7 +60,7 @@ def start_server(data_dir: Path, weights: Path) -> tuple[subprocess.Popen[bytes]
         except httpx.TransportError:
             time.sleep(0.1)
     process.kill()
-    raise AssertionError("server did not start within 60 s")
+    raise AssertionError("server did not start within 240 s")
 
 
 def test_job_survives_a_server_crash(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_job_survives_a_server_crash(tmp_path: Path) -> None:
     try:
         files = {"file": ("clip.mp4", clip.read_bytes())}
         job_id = httpx.post(f"{url}/v1/jobs", files=files, data={"frames": "true"}, timeout=30).json()["id"]
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # generous: CI machines can be slow to import torch
         while time.monotonic() < deadline:
             job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()
             if job["state"] == "running" and job["frames_done"] > 0:
@@ -84,7 +84,7 @@ def test_job_survives_a_server_crash(tmp_path: Path) -> None:
         server.kill()
     server, url = start_server(data_dir, weights)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()
             if job["state"] in ("done", "failed"):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoints import save_checkpoint
+from models.hardware import cpu_has_bf16
 from models.most import MostNet, Structure
 from models.r2d4 import R2D4
 from models.registry import create_model
@@ -72,14 +73,6 @@ class TrainConfig:
     perceptual_weights: Path | None = None  # R2-D4: VGG-19 .safetensors; the term is off without it
     init_from: Path | None = None  # start from these weights (safetensors), fresh optimiser
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:

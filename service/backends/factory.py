@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from models.checkpoints import load_model
+from models.hardware import cpu_has_bf16
 from service.backends.base import Backend, BackendUnavailable
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
@@ -59,15 +60,6 @@ def _cuda_ort() -> bool:
     import onnxruntime
 
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU: AMX or AVX512-BF16 in /proc/cpuinfo (Linux); False elsewhere."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
 
 
 def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:

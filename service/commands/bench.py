@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.commands.info import _size
+from service.commands.common import frame_size
 
 EXIT_UNAVAILABLE = 2
 
@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "openvino", "tensorrt"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--size", type=_size, default=(320, 416), help="HxW, multiples of 8 (default 320x416)")
+    p.add_argument("--size", type=frame_size, default=(320, 416), help="HxW, multiples of 8 (default 320x416)")
     p.add_argument("--batch", type=int, default=1, help="streams per call (default 1)")
     p.add_argument("--frames", type=int, default=30, help="timed frames after warm-up (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.commands.info import _size
+from service.commands.common import frame_size
 
 EXIT_PARITY = 1
 EXIT_UNAVAILABLE = 2
@@ -131,7 +131,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--checkpoint", default=None)
     onnx.add_argument("--out", required=True, help="output .onnx file")
     onnx.add_argument("--opset", type=int, default=17)
-    onnx.add_argument("--check-size", type=_size, default=(160, 208), help="HxW of the parity stream (default 160x208)")
+    onnx.add_argument(
+        "--check-size", type=frame_size, default=(160, 208), help="HxW of the parity stream (default 160x208)"
+    )
     onnx.add_argument("--frames", type=int, default=10, help="frames of the parity stream (default 10)")
 
     trt = formats.add_parser("tensorrt", help="FP16 engine from an exported ONNX file (needs a GPU)")
@@ -147,7 +149,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--model", default="most-nss")
     triton.add_argument("--checkpoint", default=None)
     triton.add_argument("--out", required=True, help="model repository directory")
-    triton.add_argument("--size", type=_size, default=(320, 416), help="frame size served (default 320x416)")
+    triton.add_argument("--size", type=frame_size, default=(320, 416), help="frame size served (default 320x416)")
     triton.add_argument("--max-batch", type=int, default=8)
     triton.add_argument("--tensorrt", action="store_true", help="also build an FP16 plan (needs a GPU)")
     p.set_defaults(func=run)

@@ -9,6 +9,8 @@ import platform
 from rich.console import Console
 from rich.table import Table
 
+from service.commands.common import frame_size
+
 RUNTIME_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "av", "fastapi")
 
 
@@ -63,18 +65,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 320x416, got {text!r}") from None
-    if h <= 0 or w <= 0 or h % 8 or w % 8:
-        raise argparse.ArgumentTypeError(f"size {text} must be positive multiples of 8")
-    return h, w
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="versions, backends, devices and model sizes")
-    p.add_argument("--size", type=_size, default=(320, 416), help="HxW for GFLOPs (default 320x416)")
+    p.add_argument("--size", type=frame_size, default=(320, 416), help="HxW for GFLOPs (default 320x416)")
     p.add_argument("--tiny", action="store_true", help="also list the tiny test variants")
     p.set_defaults(func=run)

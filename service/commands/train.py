@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.commands.info import _size
+from service.commands.common import frame_size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (the retrain phase with --search)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--clip-length", type=int, default=3, help="frames per clip, run in streaming form")
-    p.add_argument("--size", type=_size, default=(128, 160), help="training crop HxW (default 128x160)")
+    p.add_argument("--size", type=frame_size, default=(128, 160), help="training crop HxW (default 128x160)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--balancing", choices=("atb", "ls", "dwa", "rwl"), default="atb", help="MOST task weighting")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,96 @@
+"""Model cards: what a shipped checkpoint is, how it was made and what it measures.
+
+Everything on a card is read from the checkpoint's metadata, its training log and a ``vident eval``
+JSON report, so a card can be regenerated, and its numbers re-measured, by anyone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.checkpoints import read_metadata
+from models.hardware import cpu_model
+from models.most import TASKS, Structure
+
+METRIC_COLUMNS = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("iou", "IoU", "{:.3f}"),
+                  ("mace", "MACE (px)", "{:.2f}"), ("ew", "E(W)", "{:.5f}"), ("fps", "FPS", "{:.1f}"))  # fmt: skip
+
+
+def structure_table(structure: Structure) -> str:
+    lines = ["| task | s = 1 | s = 2 | s = 3 |", "|---|---|---|---|"]
+    for task, row in zip(TASKS, structure.table(), strict=True):
+        lines.append(f"| {task} | " + " | ".join("yes" if v else "-" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def eval_table(report: dict) -> str:
+    lines = ["| method | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " |",
+             "|---|" + "---|" * len(METRIC_COLUMNS)]  # fmt: skip
+    for name, values in report["rows"].items():
+        cells = ["-" if values.get(k) is None else fmt.format(values[k]) for k, _, fmt in METRIC_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_card(checkpoint: Path, eval_json: Path, eval_command: str, hardware: str | None = None) -> Path:
+    meta = read_metadata(checkpoint)
+    cfg = json.loads(meta.get("train_config", "{}"))
+    report = json.loads(Path(eval_json).read_text())
+    seconds = float(meta.get("train_seconds", "nan"))
+    parts = [
+        f"# {meta['model']}: `{checkpoint.name}`",
+        "",
+        "## Training",
+        "",
+        f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
+        f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}, noise "
+        f"{meta.get('noise', 'mixed')}, fresh clips every step",
+        f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
+        f"(warm-up {cfg.get('warmup')}, cosine)",
+        f"- task balancing: {cfg.get('balancing', '-')}" if "structure" in meta else "- loss: MSE(R) + 0.6 MSE(R')",
+        f"- mixed precision: {meta.get('amp')}",
+        f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or cpu_model()}",
+        f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",
+    ]
+    if "structure" in meta:
+        parts += ["", "## Scales-to-tasks structure", "", structure_table(Structure.from_json(meta["structure"]))]
+    parts += [
+        "",
+        "## Evaluation",
+        "",
+        f"{report['frames']} frames of {len(report['sequences'])} sequences in `{report['data']}`, "
+        f"backend {report['backend']} on {report['device']}. Reproduce:",
+        "",
+        "```bash",
+        eval_command,
+        "```",
+        "",
+        eval_table(report),
+    ]
+    for name, note in report.get("notes", {}).items():
+        parts.append(f"\n{name}: {note}")
+    card = checkpoint.with_suffix(".md")
+    card.write_text("\n".join(parts) + "\n")
+    return card
+
+
+def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None) -> Path:
+    """A run's fp32 ``last.safetensors`` -> ``models/checkpoints/<name>.safetensors`` in float16.
+
+    Half the bytes in the repository; the model computes in float32 after loading, and the card's
+    evaluation is measured on this very file, so the rounding is part of what is measured.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.checkpoints import CHECKPOINT_DIR
+
+    meta = read_metadata(run_weights)
+    tensors = {
+        k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+        for k, v in load_file(str(run_weights)).items()
+    }
+    out = (directory or CHECKPOINT_DIR) / f"{name}.safetensors"
+    save_file(tensors, str(out), metadata={**meta, "dtype": "float16", "source_run": run_weights.parent.name})
+    return out
