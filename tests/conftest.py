@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -13,3 +15,12 @@ torch.set_num_threads(2)
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Apps built in tests mount batch jobs too (service.jobs): each test module gets its own jobs
+    folder (a folder is locked by the server using it) instead of the user's data folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
+        yield

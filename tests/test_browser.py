@@ -28,14 +28,6 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 TINY = "most-nss-tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The app mounts batch jobs too (service.jobs): keep their database out of the user's data folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
-        yield
-
-
 def _browser_missing() -> str | None:
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     try:

@@ -22,14 +22,6 @@ TINY = "most-nss-tiny"
 H, W = 48, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The app mounts batch jobs too (service.jobs): keep their database out of the user's data folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     app = create_app(Settings(model=TINY, backend="torch", api_key="key", _env_file=None))

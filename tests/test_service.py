@@ -22,14 +22,6 @@ from service.settings import Settings
 TINY = "most-nss-tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The app mounts batch jobs too (service.jobs): keep their database out of the user's data folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
-        yield
-
-
 def settings(**overrides: object) -> Settings:
     return Settings(**{"model": TINY, "backend": "torch", "_env_file": None, **overrides})
 

@@ -29,14 +29,6 @@ TINY = "most-nss-tiny"
 H, W = 64, 96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The app mounts batch jobs too (service.jobs): keep their database out of the user's data folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
-        yield
-
-
 def png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, "PNG")
