@@ -27,9 +27,9 @@ def structure_table(structure: Structure) -> str:
 def eval_table(report: dict) -> str:
     lines = ["| method | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " |",
              "|---|" + "---|" * len(METRIC_COLUMNS)]  # fmt: skip
-    for name, values in report["rows"].items():
+    for values in report["rows"]:  # the JSON `vident eval --json` writes: a list of named rows
         cells = ["-" if values.get(k) is None else fmt.format(values[k]) for k, _, fmt in METRIC_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {values['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
