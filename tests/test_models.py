@@ -35,6 +35,17 @@ def _step(model, frame, reset, state):
     return out[:n], list(out[n:])
 
 
+def _stream(model: torch.nn.Module, clip: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Outputs of every step of a (time, batch, 3, h, w) clip streamed with the state carried."""
+    t_len, batch, _, h, w = clip.shape
+    state = _state(model, batch, h, w)
+    streamed = []
+    for t in range(t_len):
+        outputs, state = _step(model, clip[t], torch.full((batch, 1, 1, 1), float(t == 0)), state)
+        streamed.append(outputs)
+    return streamed
+
+
 def test_registry_lists_every_network_once() -> None:
     assert set(FULL + TINY) <= set(list_models())
     with pytest.raises(KeyError, match="registered"):
@@ -106,11 +117,7 @@ def _perturb(model: torch.nn.Module) -> torch.nn.Module:
 def test_most_streaming_equals_reference_loop() -> None:
     model = _perturb(create_model("most-net-tiny"))
     clip = torch.rand(5, 2, 3, 64, 96)
-    state = _state(model, 2, 64, 96)
-    streamed = []
-    for t in range(clip.shape[0]):
-        outputs, state = _step(model, clip[t], torch.full((2, 1, 1, 1), float(t == 0)), state)
-        streamed.append(outputs)
+    streamed = _stream(model, clip)
     # Reference: re-encode the previous frame from the clip at every step (no feature cache).
     motion: dict[str, torch.Tensor] = {}
     for t in range(clip.shape[0]):
@@ -131,11 +138,7 @@ def test_most_streaming_equals_reference_loop() -> None:
 def test_r2d4_streaming_equals_reference_loop() -> None:
     model = _perturb(create_model("r2-d4-tiny"))
     clip = torch.rand(5, 2, 3, 64, 96)
-    state = _state(model, 2, 64, 96)
-    streamed = []
-    for t in range(clip.shape[0]):
-        outputs, state = _step(model, clip[t], torch.full((2, 1, 1, 1), float(t == 0)), state)
-        streamed.append(outputs[0])
+    streamed = [outputs[0] for outputs in _stream(model, clip)]
     # Reference: E' applied afresh to (B_{t-2}, R^_{t-2}) from the history, the first frame
     # standing in for frames before the clip and as its own restoration.
     restored: list[torch.Tensor] = []
