@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         checkpoints={settings.model: settings.checkpoint} if settings.checkpoint else None,
         backend_factory=backend_factory,
         on_batch=metrics.batch_hook,
+        warmup_size=settings.warmup_hw,
     )
     extras = [m for m in map(_optional_module, EXTRA_ROUTER_MODULES) if m is not None]
 

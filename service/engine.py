@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.base import Backend, BackendInfo
-from service.pipeline import FrameResult, Stream, run_streams
+from service.pipeline import FrameResult, Geometry, Stream, run_streams
+from service.session import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,27 @@ def resolve_runtime(backend: str, device: str, precision: str) -> tuple[str, str
     return backend, precision
 
 
+def warm_up(backend: Backend, size: tuple[int, int], max_batch: int) -> None:
+    """Runs a new backend at batch 1 and at ``max_batch`` on grey frames of ``size``, before any session
+    can reach it.
+
+    Why: runtimes allocate their working set (kernels, activation buffers, thread pools) on first use.
+    Done at load time, the first client does not pay for it in latency, and the idle server's memory
+    already holds it, so memory comes back to the idle level however many sessions come and go.
+    """
+    height, width = size
+    geometry = Geometry(height, width, backend.spec.size_multiple)
+    start = time.perf_counter()
+    frame = np.full((height, width, 3), 128, np.uint8)
+    for batch in sorted({1, max_batch}):
+        streams = [Stream(backend.spec, geometry) for _ in range(batch)]
+        for _ in range(2):  # the first frame resets, the second runs with carried state
+            run_streams(backend, streams, [frame] * batch)
+    release_free_memory()
+    logger.info("%s warmed up at %dx%d, batch 1 and %d, in %.1f s", backend.spec.name, height, width, max_batch,
+                time.perf_counter() - start)  # fmt: skip
+
+
 class EnginePool:
     """Loaded models by name, each with one :class:`InferenceEngine`, shared by sessions and batch jobs.
 
@@ -184,8 +206,10 @@ class EnginePool:
         checkpoints: dict[str, str] | None = None,
         backend_factory: BackendFactory | None = None,
         on_batch: Callable[[str], Callable[[int, float], None]] | None = None,
+        warmup_size: tuple[int, int] | None = None,
     ) -> None:
         self.backend = backend
+        self.warmup_size = warmup_size
         self.device = device
         self.precision = precision
         self.max_batch = max_batch
@@ -212,6 +236,8 @@ class EnginePool:
             start = time.perf_counter()
             factory = self._factory or create_backend
             backend = factory(name, runtime, self.device, precision, checkpoint)
+            if self.warmup_size is not None:
+                warm_up(backend, self.warmup_size, self.max_batch or backend.info.max_batch)
             used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
             hook = self._on_batch(name) if self._on_batch else None
             engine = InferenceEngine(backend, max_batch=self.max_batch or backend.info.max_batch, on_batch=hook)

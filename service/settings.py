@@ -30,8 +30,16 @@ class Settings(BaseSettings):
     backend: str = Field("auto", description="torch | onnxruntime | openvino | tensorrt | auto (fastest for device)")
     device: str = "cpu"
     precision: str = Field("auto", description="fp32 | fp16 | bf16 | auto (the factory's choice for the runtime)")
-    max_batch: int = Field(8, ge=1, description="live frames of equal size from several sessions run as one call")
+    max_batch: int = Field(
+        0, ge=0, description="live frames of equal size from several sessions run as one call; 0 = the backend's "
+        "choice (1 on the CPU, where batching buys little and costs latency and memory; 8 on GPUs)",
+    )  # fmt: skip
     preload: bool = Field(True, description="load the default model at startup (readyz is 503 until done)")
+    warmup_size: str = Field(
+        "320x416",
+        pattern=r"^(\d+x\d+)?$",
+        description="HxW of the start-up warm-up (batch 1 and max_batch, before /readyz turns ready); '' = none",
+    )
 
     # Sessions and limits
     max_sessions: int = Field(16, ge=1)
@@ -50,6 +58,13 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: object) -> object:
         # VIDENT_API_KEY= (empty) in a compose file means "no key", not "the empty key".
         return None if value in ("", None) else value
+
+    @property
+    def warmup_hw(self) -> tuple[int, int] | None:
+        if not self.warmup_size:
+            return None
+        height, width = (int(v) for v in self.warmup_size.split("x"))
+        return height, width
 
     def key_matches(self, candidate: str | None) -> bool:
         """True when no key is configured or ``candidate`` equals it (constant time)."""

@@ -23,4 +23,5 @@ def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     folder (a folder is locked by the server using it) instead of the user's data folder."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
+        patch.setenv("VIDENT_WARMUP_SIZE", "64x96")  # the start-up warm-up runs, at a size tests can afford
         yield

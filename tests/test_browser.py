@@ -125,7 +125,8 @@ def test_demo_page_streams_the_sample_clip(driver, server: tuple[FastAPI, str], 
     assert shot.std() > 20, "the screenshot is blank"
     driver.find_element(By.ID, "stop").click()
     _wait(lambda: app.state.sessions.count == 0, 20, "the session to close after Stop")
-    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    # The page polls /readyz while the server warms its model up; those 503s are the protocol, not errors.
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/readyz" not in e["message"]]
     assert not severe, severe
 
 

@@ -56,3 +56,33 @@ def test_live_frames_overtake_batch_frames_and_share_a_call() -> None:
     engine.close()
     # the first call was already running; then the three live frames in one call, then the jobs one by one
     assert backend.calls == [1, 3, 1, 1]
+
+
+def test_pool_warms_a_model_up_before_anyone_can_use_it() -> None:
+    """Batch 1 and max_batch, reset then carried state, at the configured size; then the model is ready."""
+    from service.engine import EnginePool
+
+    seen: list[tuple[int, ...]] = []
+
+    class _Recording(TorchBackend):
+        def _infer(self, feed):  # type: ignore[no-untyped-def]
+            seen.append((*feed["frame"].shape, int(feed["reset"].sum())))
+            return super()._infer(feed)
+
+    def factory(name, runtime, device, precision, checkpoint):  # type: ignore[no-untyped-def]
+        return _Recording(create_model(name)).load()
+
+    pool = EnginePool(backend="torch", max_batch=3, backend_factory=factory, warmup_size=(32, 48))
+    try:
+        loaded = pool.load("most-nss-tiny")
+        assert seen == [(1, 3, 32, 48, 1), (1, 3, 32, 48, 0), (3, 3, 32, 48, 3), (3, 3, 32, 48, 0)]
+        assert pool.models["most-nss-tiny"] is loaded
+    finally:
+        pool.close()
+    cold = EnginePool(backend="torch", backend_factory=factory)
+    seen.clear()
+    try:
+        cold.load("most-nss-tiny")
+        assert seen == []
+    finally:
+        cold.close()

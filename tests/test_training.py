@@ -127,3 +127,36 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert b"pickle" not in path.read_bytes()[:64]
+
+
+def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
+    """`vident train --stop-at` keeps the schedule and stops; `vident ship` writes fp16 weights and a
+    card whose table is the evaluation of that very file."""
+    from safetensors.torch import load_file
+
+    from service.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", "--model", "most-nss-tiny", "--out", str(run), "--steps", "4", "--size", "32x48",
+              "--batch", "1", "--clip-length", "2", "--amp", "off", "--checkpoint-every", "2", "--workers", "0",
+              "--validate-every", "0", "--noise", "low"]  # fmt: skip
+    assert main([*common, "--stop-at", "2"]) == 0
+    meta = read_metadata(run / "last.safetensors")
+    assert meta["steps"] == "2" and '"noise": "low"' in meta["train_config"]
+    assert main([*common, "--resume"]) == 0
+    assert read_metadata(run / "last.safetensors")["steps"] == "4"
+
+    data = tmp_path / "test"
+    assert main(["synth", "--out", str(data), "--split", "test", "--sequences", "1", "--frames", "3",
+                 "--size", "32x48"]) == 0  # fmt: skip
+    status = tmp_path / "status.md"
+    status.write_text("**Status: test run.**")
+    shipped_dir = tmp_path / "ckpt"
+    shipped_dir.mkdir()
+    assert main(["ship", str(run), "--name", "most-nss-tiny", "--data", str(data), "--no-comparators",
+                 "--status", str(status), "--checkpoint-dir", str(shipped_dir)]) == 0  # fmt: skip
+    weights = load_file(str(shipped_dir / "most-nss-tiny.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    card = (shipped_dir / "most-nss-tiny.md").read_text()
+    assert card.startswith("# most-nss-tiny") and "**Status: test run.**" in card and "noise low" in card
+    assert "| BASELINE |" in card and "| most-nss-tiny |" in card and "--no-comparators" in card

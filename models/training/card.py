@@ -33,19 +33,37 @@ def eval_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(checkpoint: Path, eval_json: Path, eval_command: str, hardware: str | None = None) -> Path:
+def write_card(
+    checkpoint: Path,
+    eval_json: Path,
+    eval_command: str,
+    hardware: str | None = None,
+    status: str | None = None,
+    noise: str | None = None,
+) -> Path:
+    """``status`` is a paragraph put first (what the checkpoint is good for, what it misses); ``noise``
+    overrides the training noise level for runs older than the metadata that records it."""
     meta = read_metadata(checkpoint)
     cfg = json.loads(meta.get("train_config", "{}"))
+    extra = cfg.get("extra") or {}
+    noise = noise or extra.get("noise", "mixed")
     report = json.loads(Path(eval_json).read_text())
     seconds = float(meta.get("train_seconds", "nan"))
-    parts = [
-        f"# {meta['model']}: `{checkpoint.name}`",
-        "",
-        "## Training",
-        "",
+    source = extra.get("data", "synthetic")
+    data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
         f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}, noise "
-        f"{meta.get('noise', 'mixed')}, fresh clips every step",
+        f"{noise}, fresh clips every step"
+        if source == "synthetic"
+        else f"- data: `{source}` (on-disk format), clips of {cfg.get('clip_length')} frames"
+    )
+    parts = [f"# {meta['model']}: `{checkpoint.name}`", ""]
+    if status:
+        parts += [status.strip(), ""]
+    parts += [
+        "## Training",
+        "",
+        data_line,
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine)",
         f"- task balancing: {cfg.get('balancing', '-')}" if "structure" in meta else "- loss: MSE(R) + 0.6 MSE(R')",

@@ -90,8 +90,12 @@ def train(
     workers: int = 1,
     validate_every: int = 200,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> Path:
-    """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``)."""
+    """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
+    it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would."""
+    # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
+    cfg = replace(cfg, extra={**cfg.extra, "noise": noise, "data": str(data) if data is not None else "synthetic"})
     trainer = Trainer(cfg, iter(()))
     if resume and trainer.resume_path.is_file():
         trainer.load()
@@ -99,12 +103,13 @@ def train(
     original_log = trainer.log
 
     def log_with_validation(record: dict[str, float]) -> None:
-        if validate_every and (record["step"] % validate_every == 0 or record["step"] == cfg.steps):
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
             record.update(validate(trainer.model, cfg))
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]
-    return trainer.fit(progress=progress)
+    return trainer.fit(progress=progress, until=stop_at)
 
 
 def neural_scale_search(
@@ -119,7 +124,9 @@ def neural_scale_search(
 ) -> Path:
     """pretrain -> search -> derive -> retrain; writes ``structure.json`` and ``gates.jsonl`` in cfg.out."""
     base = cfg.out
-    pre = replace(cfg, model="most-net", out=base / "pretrain", steps=pretrain_steps, search=False, structure=None)
+    # The search needs every head: MOST-NET++ (or its tiny form, for quick runs and tests).
+    full = cfg.model if cfg.model.startswith("most-net") else "most-net"
+    pre = replace(cfg, model=full, out=base / "pretrain", steps=pretrain_steps, search=False, structure=None)
     pretrained = train(pre, resume=True, data=data, noise=noise, workers=workers, progress=progress)
     search_cfg = replace(pre, out=base / "search", steps=search_steps, search=True, init_from=pretrained)
     train(search_cfg, resume=True, data=data, noise=noise, workers=workers, validate_every=0, progress=progress)
@@ -135,5 +142,5 @@ def neural_scale_search(
     }, indent=2))  # fmt: skip
     gate_lines = [line for line in (search_cfg.out / "log.jsonl").read_text().splitlines() if "alpha_" in line]
     (base / "gates.jsonl").write_text("\n".join(gate_lines) + "\n")
-    final = replace(cfg, model="most-net", out=base / "retrain", steps=retrain_steps, search=False, structure=structure)
+    final = replace(cfg, model=full, out=base / "retrain", steps=retrain_steps, search=False, structure=structure)
     return train(final, resume=True, data=data, noise=noise, workers=workers, progress=progress)

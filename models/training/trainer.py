@@ -250,7 +250,7 @@ class Trainer:
         while self.step_index < stop:
             logs = self.train_step(next(self.batches))
             bar.update(1)
-            if self.step_index % self.cfg.log_every == 0 or self.step_index == self.cfg.steps:
+            if self.step_index % self.cfg.log_every == 0 or self.step_index == stop:
                 logs["seconds"] = self.seconds
                 self.log(logs)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})

@@ -28,7 +28,14 @@ class BackendInfo:
     name: str  # torch | onnxruntime | openvino | tensorrt
     device: str  # cpu | cuda
     precision: str  # fp32 | fp16 | bf16
-    max_batch: int = 8
+    # Most frames one call should take from several sessions; 0 = 1 on the CPU, 8 elsewhere. On the CPU one
+    # frame already fills the cores: most-nss at 320x416 on OpenVINO bf16 ran 2.16 FPS at batch 1 and 2.27 at
+    # batch 4, for 4x the latency and +950 MB (docs/performance-service.md).
+    max_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch == 0:
+            object.__setattr__(self, "max_batch", 1 if self.device == "cpu" else 8)
 
 
 class Backend(ABC):

@@ -20,6 +20,7 @@ _FLAGS = {
     "precision": str,
     "max_sessions": int,
     "max_batch": int,
+    "warmup_size": str,
     "idle_timeout_s": float,
     "fps_cap": float,
     "api_key": str,

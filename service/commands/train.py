@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"structure: {args.out / 'structure.json'}")
     else:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
-                     validate_every=args.validate_every)  # fmt: skip
+                     validate_every=args.validate_every, stop_at=args.stop_at)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=200, help="validation metrics into the log (0: never)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step, keeping the --steps schedule (resume later to go on)")
     p.add_argument("--data", type=Path, default=None, help="on-disk data set (docs/data.md) instead of synthetic")
     p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")

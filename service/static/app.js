@@ -333,6 +333,14 @@ async function init() {
   $("reset").onclick = () => session.ws && session.ws.send(JSON.stringify({ type: "reset" }));
   const key = new URLSearchParams(location.search).get("api_key");
   const headers = key ? { "X-API-Key": key } : {};
+  // The server loads and warms its default model before /readyz turns 200: wait, so the model line
+  // and the random-weights warning below describe the model that will answer.
+  for (;;) {
+    const ready = await fetch("/readyz").then((r) => r.json()).catch(() => ({ status: "unreachable" }));
+    if (ready.ready || ready.status === "failed") break;
+    setStatus(`waiting for the server (${ready.status})`);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
   const [samples, models] = await Promise.all([
     fetch("/static/samples/index.json").then((r) => r.json()),
     fetch("/v1/models", { headers }).then((r) => r.json()),

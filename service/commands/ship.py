@@ -1,0 +1,60 @@
+"""``vident ship``: a training run -> a shipped fp16 checkpoint, measured, with its model card.
+
+One command so that every card in ``models/checkpoints/`` is made the same way: the fp16 file is
+written first and the evaluation runs on that very file, so the card's numbers include the rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.checkpoints import CHECKPOINT_DIR, read_metadata
+    from models.evaluation import evaluate
+    from models.training.card import ship_checkpoint, write_card
+    from service.commands.eval import _clean
+
+    weights = args.run / "last.safetensors"
+    if not weights.is_file():
+        print(f"no weights in {args.run}: expected {weights.name} (from `vident train --out {args.run}`)")
+        return 2
+    meta = read_metadata(weights)
+    name = args.name or meta["model"]
+    directory = args.checkpoint_dir or CHECKPOINT_DIR
+    shipped = ship_checkpoint(weights, name, directory)
+    print(f"shipped {shipped} (step {meta.get('steps')})")
+    report = evaluate(str(shipped), args.data, max_sequences=args.max_sequences, comparators=not args.no_comparators)
+    eval_json = args.eval_json or (args.run / f"eval-{name}.json")
+    eval_json.write_text(json.dumps(_clean(report.to_json()), indent=2) + "\n")
+    command = ["vident", "eval", "--model", name, "--data", str(args.data), "--json", f"eval-{name}.json"]
+    if args.max_sequences:
+        command += ["--max-sequences", str(args.max_sequences)]
+    if args.no_comparators:
+        command.append("--no-comparators")
+    status = args.status.read_text() if args.status is not None else None
+    eval_command = (
+        f"vident synth --out {args.data} --split test   # the fixed test split\n{shlex.join(command)}"
+    )
+    card = write_card(shipped, eval_json, eval_command, status=status, noise=args.noise)
+    print(f"card {card}\neval {eval_json}")
+    for row in report.to_json()["rows"]:  # type: ignore[union-attr]
+        print({k: row[k] for k in ("name", "psnr", "iou", "mace") if k in row})
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ship", help="ship a training run as an fp16 checkpoint with a measured model card")
+    p.add_argument("run", type=Path, help="run folder of `vident train --out` (its last.safetensors)")
+    p.add_argument("--name", help="shipped name (default: the run's model name)")
+    p.add_argument("--data", type=Path, default=Path("data/test"), help="labelled test split (default data/test)")
+    p.add_argument("--max-sequences", type=int, help="evaluate on the first N sequences only")
+    p.add_argument("--no-comparators", action="store_true", help="skip the OpenCV rows (faster)")
+    p.add_argument("--status", type=Path, help="a Markdown paragraph put first on the card")
+    p.add_argument("--noise", help="training noise level, for runs whose metadata predates recording it")
+    p.add_argument("--eval-json", type=Path, help="where the evaluation JSON goes (default: in the run folder)")
+    p.add_argument("--checkpoint-dir", type=Path, help="write here instead of models/checkpoints (tests)")
+    p.set_defaults(func=run)
