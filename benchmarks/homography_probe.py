@@ -31,11 +31,6 @@ from models.training.run import _to_batch
 from models.training.trainer import TrainConfig, Trainer
 
 
-def _frames(sample: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    x = sample[key].float()
-    return x / 255.0 if sample[key].dtype == torch.uint8 else x
-
-
 def _report(step: int, window: list[tuple[float, float]], start: float) -> None:
     """Prints the mean MACE of the model and of the identity over the last steps, and empties the window."""
     model_mace, identity_mace = (sum(v) / len(v) for v in zip(*window, strict=True))
@@ -83,7 +78,7 @@ def probe_raw(args: argparse.Namespace, loader: DataLoader) -> None:
     window: list[tuple[float, float]] = []
     start = time.perf_counter()
     for step, sample in zip(range(1, args.steps + 1), loader, strict=False):
-        x = _frames(sample, args.source)
+        x = sample[args.source]  # float32 in [0, 1], as SyntheticStream yields it
         pair = torch.cat((F.avg_pool2d(x[:, 1], 4), F.avg_pool2d(x[:, 0], 4)), dim=1)
         truth = rescale_homography(sample["homography"][:, 1].float(), 0.25)
         estimate = offsets_to_homography(net(pair), float(h3), float(w3))

@@ -187,7 +187,10 @@ def main() -> None:
     command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
     settings = {"MODEL": args.model, "BACKEND": args.backend, "DEVICE": args.device, "PRECISION": args.precision}
     settings["MAX_SESSIONS"] = str(max(args.clients, 8))
-    settings["WARMUP_SIZE"] = f"{-(-height // 8) * 8}x{-(-width // 8) * 8}"  # warm at the size clients send
+    from service.pipeline import Geometry
+
+    padded_h, padded_w = Geometry(height, width).padded
+    settings["WARMUP_SIZE"] = f"{padded_h}x{padded_w}"  # warm up at the size the clients will send
     env = {**os.environ, **{f"VIDENT_{k}": v for k, v in settings.items()}}
     server = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, env=env)
     base, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/stream"

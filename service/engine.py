@@ -174,7 +174,7 @@ def warm_up(backend: Backend, size: tuple[int, int], max_batch: int) -> None:
 
     Why: runtimes allocate their working set (kernels, activation buffers, thread pools) on first use.
     Done at load time, the first client does not pay for it in latency, and the idle server's memory
-    already holds it, so memory comes back to the idle level however many sessions come and go.
+    already holds it (measured effect on memory: docs/performance-service.md).
     """
     height, width = size
     geometry = Geometry(height, width, backend.spec.size_multiple)
@@ -236,11 +236,12 @@ class EnginePool:
             start = time.perf_counter()
             factory = self._factory or create_backend
             backend = factory(name, runtime, self.device, precision, checkpoint)
+            max_batch = self.max_batch or backend.info.max_batch
             if self.warmup_size is not None:
-                warm_up(backend, self.warmup_size, self.max_batch or backend.info.max_batch)
+                warm_up(backend, self.warmup_size, max_batch)
             used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
             hook = self._on_batch(name) if self._on_batch else None
-            engine = InferenceEngine(backend, max_batch=self.max_batch or backend.info.max_batch, on_batch=hook)
+            engine = InferenceEngine(backend, max_batch=max_batch, on_batch=hook)
             loaded = LoadedModel(name, engine, backend.info, used, time.perf_counter() - start)
             info = backend.info
             logger.info(

@@ -101,9 +101,9 @@ def train(
         trainer.load()
     trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index)
     original_log = trainer.log
+    last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
     def log_with_validation(record: dict[str, float]) -> None:
-        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
             record.update(validate(trainer.model, cfg))
         original_log(record)

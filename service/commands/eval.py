@@ -26,6 +26,12 @@ def _clean(value: object) -> object:
     return value
 
 
+def write_report_json(report: object, path: Path) -> None:
+    """The ``--json`` file of ``vident eval`` (also written by ``vident ship``): NaN/inf become null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(report.to_json()), indent=2) + "\n")  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
@@ -81,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "FPS: per-frame wall time through the service pipeline (model) or the OpenCV call (comparators).[/]"
     )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_clean(report.to_json()), indent=2) + "\n")
+        write_report_json(report, args.json)
         console.print(f"wrote {args.json}")
     return 0
 

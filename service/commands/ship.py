@@ -7,7 +7,6 @@ written first and the evaluation runs on that very file, so the card's numbers i
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
@@ -16,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CHECKPOINT_DIR, read_metadata
     from models.evaluation import evaluate
     from models.training.card import ship_checkpoint, write_card
-    from service.commands.eval import _clean
+    from service.commands.eval import write_report_json
 
     weights = args.run / "last.safetensors"
     if not weights.is_file():
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"shipped {shipped} (step {meta.get('steps')})")
     report = evaluate(str(shipped), args.data, max_sequences=args.max_sequences, comparators=not args.no_comparators)
     eval_json = args.eval_json or (args.run / f"eval-{name}.json")
-    eval_json.write_text(json.dumps(_clean(report.to_json()), indent=2) + "\n")
+    write_report_json(report, eval_json)
     command = ["vident", "eval", "--model", name, "--data", str(args.data), "--json", f"eval-{name}.json"]
     if args.max_sequences:
         command += ["--max-sequences", str(args.max_sequences)]
@@ -41,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     )
     card = write_card(shipped, eval_json, eval_command, status=status, noise=args.noise)
     print(f"card {card}\neval {eval_json}")
-    for row in report.to_json()["rows"]:  # type: ignore[union-attr]
-        print({k: row[k] for k in ("name", "psnr", "iou", "mace") if k in row})
+    for row_name, values in report.rows.items():
+        print({"name": row_name, **{k: values.get(k) for k in ("psnr", "iou", "mace")}})
     return 0
 
 
