@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from service import health, ws
 from service.engine import BackendFactory, EnginePool
 from service.metrics import Metrics
-from service.session import SessionManager
+from service.session import SessionManager, limit_malloc_arenas
 from service.settings import Settings, require_api_key
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     """The app for ``settings`` (default: from the environment). ``backend_factory`` replaces
     :func:`service.backends.factory.create_backend` (tests use it to slow or break a backend)."""
     settings = settings or Settings()
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the worker threads exist
     metrics = Metrics()
     pool = EnginePool(
         backend=settings.backend,

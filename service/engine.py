@@ -57,16 +57,29 @@ class InferenceEngine:
     (the service feeds its batch-size and inference-time metrics from it)."""
 
     def __init__(
-        self, backend: Backend, max_batch: int = 8, on_batch: Callable[[int, float], None] | None = None
+        self,
+        backend: Backend,
+        max_batch: int = 8,
+        on_batch: Callable[[int, float], None] | None = None,
+        prepare: Callable[[Backend], None] | None = None,
     ) -> None:
+        """``prepare`` (the warm-up) runs first, on the worker thread itself: runtimes keep per-thread
+        working memory (oneDNN scratchpads, malloc arenas), so warming up on any other thread leaves
+        the real worker's first-use allocations to the first client. :meth:`wait_ready` waits for it."""
         self.backend = backend
         self.max_batch = max(1, max_batch)
         self.on_batch = on_batch
+        self._prepare = prepare
+        self._ready: Future[None] = Future()
         self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._work, name=f"infer-{backend.spec.name}", daemon=True)
         self._closed = False
         self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Blocks until ``prepare`` has run; re-raises what it raised."""
+        self._ready.result(timeout)
 
     def submit(self, stream: Stream, frame: np.ndarray, priority: Priority = Priority.LIVE) -> Future[FrameResult]:
         if self._closed:
@@ -108,27 +121,41 @@ class InferenceEngine:
         return batch
 
     def _work(self) -> None:
+        try:
+            if self._prepare is not None:
+                self._prepare(self.backend)
+        except BaseException as exc:  # noqa: BLE001 - the loader re-raises it from wait_ready
+            self._ready.set_exception(exc)
+        else:
+            self._ready.set_result(None)
         while True:
             item = self._queue.get()
             if item.is_stop:
                 return
-            batch = [r for r in self._take_batch(item) if r.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            start = time.perf_counter()
+            self._serve(item)
+            # Nothing of a served batch may outlive the call: a local holding the last request would
+            # keep a closed session's stream (its state: about 33 MiB at 320x416 for most-nss) alive
+            # until the next frame arrives.
+            del item
+
+    def _serve(self, item: _Request) -> None:
+        batch = [r for r in self._take_batch(item) if r.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            results = run_streams(self.backend, [r.stream for r in batch], [r.frame for r in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
+            for r in batch:
+                r.future.set_exception(exc)
+            return
+        if self.on_batch is not None:
             try:
-                results = run_streams(self.backend, [r.stream for r in batch], [r.frame for r in batch])
-            except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
-                for r in batch:
-                    r.future.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(len(batch), time.perf_counter() - start)
-                except Exception:  # a metrics hook must never leave waiters hanging
-                    logger.exception("on_batch hook failed")
-            for r, result in zip(batch, results, strict=True):
-                r.future.set_result(result)
+                self.on_batch(len(batch), time.perf_counter() - start)
+            except Exception:  # a metrics hook must never leave waiters hanging
+                logger.exception("on_batch hook failed")
+        for r, result in zip(batch, results, strict=True):
+            r.future.set_result(result)
 
 
 BackendFactory = Callable[..., Backend]
@@ -237,11 +264,17 @@ class EnginePool:
             factory = self._factory or create_backend
             backend = factory(name, runtime, self.device, precision, checkpoint)
             max_batch = self.max_batch or backend.info.max_batch
-            if self.warmup_size is not None:
-                warm_up(backend, self.warmup_size, max_batch)
             used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
             hook = self._on_batch(name) if self._on_batch else None
-            engine = InferenceEngine(backend, max_batch=max_batch, on_batch=hook)
+            size = self.warmup_size
+            prepare = None if size is None else (lambda b: warm_up(b, size, max_batch))
+            engine = InferenceEngine(backend, max_batch=max_batch, on_batch=hook, prepare=prepare)
+            try:
+                engine.wait_ready()
+            except BaseException:
+                engine.close()
+                backend.close()
+                raise
             loaded = LoadedModel(name, engine, backend.info, used, time.perf_counter() - start)
             info = backend.info
             logger.info(

@@ -14,6 +14,9 @@ pixels of the frame the client sent (see docs/protocol.md, "Frame sizes").
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from service.pipeline import FrameResult, Geometry, Stream
 
 ImageFormat = Literal["jpeg", "png"]
 InputFormat = Literal["encoded", "rgb24"]
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
 class SessionLimitReached(RuntimeError):
@@ -253,6 +257,29 @@ class SessionManager:
             release_free_memory()
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Caps glibc's malloc arenas (``mallopt(M_ARENA_MAX)``); returns whether the cap was set.
+
+    glibc gives threads their own arenas (up to 8 per core); decode/encode threads, the inference
+    worker and runtime threads each keep freed pages in theirs, which ``malloc_trim`` does not always
+    return, so RSS crept up with every burst of sessions (docs/performance-service.md). With a
+    couple of arenas it stays flat. An explicit ``MALLOC_ARENA_MAX`` in the environment wins.
+    """
+    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, arenas))
+
+
 def release_free_memory() -> None:
     """Hands freed heap pages back to the OS (glibc ``malloc_trim``) once the last session is gone.
 
@@ -260,14 +287,6 @@ def release_free_memory() -> None:
     pages, so without this the server's RSS stays at its peak after a burst of sessions although
     nothing is leaked. A no-op where glibc is absent.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        return
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

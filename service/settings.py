@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         "choice (1 on the CPU, where batching buys little and costs latency and memory; 8 on GPUs)",
     )  # fmt: skip
     preload: bool = Field(True, description="load the default model at startup (readyz is 503 until done)")
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        description="glibc malloc arenas for the server process (0 = glibc's default of 8 per core); a small "
+        "number stops per-thread arenas from keeping freed memory after sessions close",
+    )
     warmup_size: str = Field(
         "320x416",
         pattern=r"^(\d+x\d+)?$",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
+import pytest
 
 from models import create_model
 from service.backends.torch import TorchBackend
@@ -63,10 +65,12 @@ def test_pool_warms_a_model_up_before_anyone_can_use_it() -> None:
     from service.engine import EnginePool
 
     seen: list[tuple[int, ...]] = []
+    threads: set[str] = set()
 
     class _Recording(TorchBackend):
         def _infer(self, feed):  # type: ignore[no-untyped-def]
             seen.append((*feed["frame"].shape, int(feed["reset"].sum())))
+            threads.add(threading.current_thread().name)
             return super()._infer(feed)
 
     def factory(name, runtime, device, precision, checkpoint):  # type: ignore[no-untyped-def]
@@ -76,6 +80,8 @@ def test_pool_warms_a_model_up_before_anyone_can_use_it() -> None:
     try:
         loaded = pool.load("most-nss-tiny")
         assert seen == [(1, 3, 32, 48, 1), (1, 3, 32, 48, 0), (3, 3, 32, 48, 3), (3, 3, 32, 48, 0)]
+        # on the thread that serves the sessions, so its per-thread working memory is part of idle
+        assert threads == {"infer-most-nss-tiny"}
         assert pool.models["most-nss-tiny"] is loaded
     finally:
         pool.close()
@@ -86,3 +92,48 @@ def test_pool_warms_a_model_up_before_anyone_can_use_it() -> None:
         assert seen == []
     finally:
         cold.close()
+
+
+def test_a_failing_warm_up_fails_the_load_and_registers_nothing() -> None:
+    from service.engine import EnginePool
+
+    closed: list[bool] = []
+
+    class _Broken(TorchBackend):
+        def _infer(self, feed):  # type: ignore[no-untyped-def]
+            raise RuntimeError("out of memory while compiling")
+
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    def factory(name, runtime, device, precision, checkpoint):  # type: ignore[no-untyped-def]
+        return _Broken(create_model(name)).load()
+
+    pool = EnginePool(backend="torch", max_batch=1, backend_factory=factory, warmup_size=(32, 48))
+    with pytest.raises(RuntimeError, match="out of memory while compiling"):
+        pool.load("most-nss-tiny")
+    assert pool.models == {} and pool.engines == {}
+    assert closed == [True]
+
+
+def test_an_idle_engine_keeps_no_stream_alive() -> None:
+    """A closed session's state must be freed at once, not when the next frame comes: the worker
+    thread used to keep its last request (and so the stream's state tensors) in a local variable."""
+    import gc
+    import weakref
+
+    backend = TorchBackend(create_model("most-nss-tiny")).load()
+    engine = InferenceEngine(backend, max_batch=1)
+    try:
+        stream = Stream(backend.spec, Geometry(32, 40))
+        engine.submit(stream, _frame()).result(timeout=30)
+        gone = weakref.ref(stream)
+        del stream
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:  # the worker may still be unwinding
+            gc.collect()
+            time.sleep(0.01)
+        assert gone() is None
+    finally:
+        engine.close()

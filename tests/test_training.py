@@ -143,8 +143,11 @@ def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     assert main([*common, "--stop-at", "2"]) == 0
     meta = read_metadata(run / "last.safetensors")
     assert meta["steps"] == "2" and '"noise": "low"' in meta["train_config"]
-    assert main([*common, "--resume"]) == 0
-    assert read_metadata(run / "last.safetensors")["steps"] == "4"
+    assert main([*common, "--resume", "--motion", "2.5"]) == 0
+    meta = read_metadata(run / "last.safetensors")
+    assert meta["steps"] == "4"
+    # a resumed run that changed the camera motion says which steps saw which
+    assert '"motion": "1.0 to step 2, then 2.5"' in meta["train_config"]
 
     data = tmp_path / "test"
     assert main(["synth", "--out", str(data), "--split", "test", "--sequences", "1", "--frames", "3",
@@ -159,4 +162,5 @@ def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     card = (shipped_dir / "most-nss-tiny.md").read_text()
     assert card.startswith("# most-nss-tiny") and "**Status: test run.**" in card and "noise low" in card
+    assert "camera motion x1.0 to step 2, then 2.5" in card
     assert "| BASELINE |" in card and "| most-nss-tiny |" in card and "--no-comparators" in card

@@ -53,7 +53,7 @@ def write_card(
     data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
         f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}, noise "
-        f"{noise}, fresh clips every step"
+        f"{noise}, camera motion x{extra.get('motion', '1.0')}, fresh clips every step"
         if source == "synthetic"
         else f"- data: `{source}` (on-disk format), clips of {cfg.get('clip_length')} frames"
     )

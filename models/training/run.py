@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from models.checkpoints import read_metadata
 from models.data.dataset import SequenceFolderClips, SyntheticClips, SyntheticStream
 from models.data.synth import SynthConfig
 from models.metrics import iou, mace, psnr
@@ -30,7 +31,12 @@ def _to_batch(sample: dict[str, torch.Tensor]) -> ClipBatch:
 
 
 def training_batches(
-    cfg: TrainConfig, data: Path | None = None, noise: str = "mixed", workers: int = 1, start_step: int = 0
+    cfg: TrainConfig,
+    data: Path | None = None,
+    noise: str = "mixed",
+    workers: int = 1,
+    start_step: int = 0,
+    motion: float = 1.0,
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
     resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences."""
@@ -42,7 +48,7 @@ def training_batches(
                                 num_workers=workers, persistent_workers=False)  # fmt: skip
             for sample in loader:
                 yield _to_batch(sample)
-    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=cfg.clip_length, noise=noise)
+    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=cfg.clip_length, noise=noise, motion=motion)
     stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch)
     loader = DataLoader(stream, batch_size=cfg.batch, num_workers=workers, prefetch_factor=4 if workers else None)
     for sample in loader:
@@ -50,10 +56,12 @@ def training_batches(
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, cfg: TrainConfig, sequences: int = 2, frames: int = 8) -> dict[str, float]:
-    """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size."""
+def validate(
+    model: torch.nn.Module, cfg: TrainConfig, sequences: int = 2, frames: int = 8, motion: float = 1.0
+) -> dict[str, float]:
+    """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size and motion."""
     model.eval()
-    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=frames, noise="moderate")
+    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=frames, noise="moderate", motion=motion)
     dataset = SyntheticClips(synth, sequences, seed=VALIDATION_SEED, split="val")
     spec = model.spec  # type: ignore[attr-defined]
     scores: dict[str, list[float]] = {"val_psnr": [], "val_psnr_input": [], "val_iou": [], "val_mace": [],
@@ -91,21 +99,33 @@ def train(
     validate_every: int = 200,
     progress: bool = True,
     stop_at: int | None = None,
+    motion: float = 1.0,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
-    it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would."""
+    it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
+
+    ``motion`` multiplies the synthetic camera speed. Speeds are quoted at 320x416 and scale with the
+    crop, so a 128x160 crop sees 2.5 times fewer pixels of motion and blur than the 320x416 test
+    split; ``motion=2.5`` there restores the test's pixel statistics (what a conv regressor sees)."""
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
-    cfg = replace(cfg, extra={**cfg.extra, "noise": noise, "data": str(data) if data is not None else "synthetic"})
+    source = str(data) if data is not None else "synthetic"
+    cfg = replace(cfg, extra={**cfg.extra, "noise": noise, "data": source, "motion": str(motion)})
     trainer = Trainer(cfg, iter(()))
     if resume and trainer.resume_path.is_file():
         trainer.load()
-    trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index)
+        # A resumed run may change the motion; the card must say which steps saw which.
+        before = json.loads(read_metadata(cfg.out / "last.safetensors").get("train_config", "{}")).get("extra") or {}
+        previous = before.get("motion", "1.0")
+        changed = previous.split()[-1] != str(motion)
+        record = f"{previous} to step {trainer.step_index}, then {motion}" if changed else previous
+        trainer.cfg = replace(cfg, extra={**cfg.extra, "motion": record})
+    trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion)
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
     def log_with_validation(record: dict[str, float]) -> None:
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
-            record.update(validate(trainer.model, cfg))
+            record.update(validate(trainer.model, cfg, motion=motion))
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"structure: {args.out / 'structure.json'}")
     else:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
-                     validate_every=args.validate_every, stop_at=args.stop_at)  # fmt: skip
+                     validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -51,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
     p.add_argument("--data", type=Path, default=None, help="on-disk data set (docs/data.md) instead of synthetic")
     p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed")
+    p.add_argument("--motion", type=float, default=1.0,
+                   help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--init-from", type=Path, default=None, help="start from these .safetensors weights")
     p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
