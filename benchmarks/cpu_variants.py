@@ -2,6 +2,7 @@
 
     python -m benchmarks.cpu_variants torch      # torch fp32/bf16 autocast x contiguous/channels_last
     python -m benchmarks.cpu_variants openvino   # OpenVINO bf16: original graph vs MatMul rewrite
+    python -m benchmarks.cpu_variants openvino-shapes  # OpenVinoBackend bf16: static vs dynamic compilation
 
 Each variant reports wall FPS and process CPU seconds per frame (all threads); on a CPU shared with
 other work the second is the one to compare.
@@ -81,15 +82,35 @@ def openvino_variants(model_name: str, height: int, width: int, steps: int) -> N
     _interleave(variants, steps)
 
 
+def openvino_shape_variants(model_name: str, height: int, width: int, steps: int) -> None:
+    """What a frame size beyond the backend's static-shape budget costs: the shared dynamic compilation."""
+    from export.onnx import cached_onnx
+    from models import create_model
+    from service.backends.openvino import OpenVinoBackend
+
+    torch.manual_seed(0)
+    model = create_model(model_name).eval()
+    spec = model.spec
+    feed = {"frame": np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)}
+    feed |= {"reset": np.zeros((1, 1, 1, 1), np.float32), **spec.initial_state(1, height, width)}
+    variants = {}
+    for name, budget in (("static", 1), ("dynamic", 0)):
+        backend = OpenVinoBackend(spec, cached_onnx(model), precision="bf16", max_static_shapes=budget).load()
+        variants[f"openvino bf16 {name}"] = lambda step, backend=backend: backend.infer(feed)  # noqa: ARG005
+    _interleave(variants, steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", choices=("torch", "openvino"))
+    parser.add_argument("experiment", choices=("torch", "openvino", "openvino-shapes"))
     parser.add_argument("--model", default="most-nss")
     parser.add_argument("--size", default="320x416", help="HxW")
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.split("x"))
-    run = torch_variants if args.experiment == "torch" else openvino_variants
+    run = {"torch": torch_variants, "openvino": openvino_variants, "openvino-shapes": openvino_shape_variants}[
+        args.experiment
+    ]
     run(args.model, height, width, args.steps)
     return 0
 

@@ -129,6 +129,17 @@ def test_openvino_compiles_once_per_shape(exported) -> None:
         assert len(backend.compiled_shapes) == 2
 
 
+def test_openvino_shapes_beyond_the_static_budget_share_one_dynamic_compilation(exported) -> None:
+    """Memory stays bounded for clients of many frame sizes, and the dynamic path computes the same."""
+    model, path = exported
+    with TorchBackend(model) as reference, OpenVinoBackend(model.spec, path, max_static_shapes=1) as candidate:
+        for batch, height, width in SHAPES:
+            report = compare_backends(reference, candidate, batch, height, width, frames=3)
+            assert report.within_fp32(), report.summary()
+        assert candidate.compiled_shapes == [(SHAPES[0][0], 3, *SHAPES[0][1:])]
+        assert candidate.uses_dynamic
+
+
 def test_cache_exports_once_per_weights(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path))
     model = create_model("most-nss-tiny").eval()

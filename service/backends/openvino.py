@@ -2,7 +2,11 @@
 
 OpenVINO compiles a graph for static shapes fastest, so the model is reshaped and compiled once per
 input shape (batch, height, width) and the compiled model is cached; a live stream keeps one
-shape, so compilation happens once per stream size. ``PERFORMANCE_HINT=LATENCY`` with one stream
+shape, so compilation happens once per stream size. Each compiled shape holds its own buffers
+(about 0.2 GB for most-nss at 320x416), so only the first ``max_static_shapes`` shapes get one;
+later shapes share a single dynamic-shape compilation, which bounds the memory of a server whose
+clients send many frame sizes. (Evicting compiled models instead crashed the process later with
+SIGSEGV: docs/performance-service.md.) ``PERFORMANCE_HINT=LATENCY`` with one stream
 and all cores per request is what streaming wants (one frame at a time, as soon as possible).
 
 bf16 (``INFERENCE_PRECISION_HINT``) needs CPU support (AVX512-BF16 or AMX, reported by the plugin
@@ -47,6 +51,7 @@ class OpenVinoBackend(Backend):
         device: str = "cpu",
         precision: str = "fp32",
         rewrite_matmuls: bool = True,  # False only to measure what the rewrite fixes (docs/performance.md)
+        max_static_shapes: int = 4,
     ) -> None:
         super().__init__(spec, BackendInfo("openvino", device, precision))
         if device != "cpu":
@@ -56,7 +61,9 @@ class OpenVinoBackend(Backend):
         self.onnx_path = Path(onnx_path)
         self.rewrite_matmuls = rewrite_matmuls
         self.threads = cpu_threads()
+        self.max_static_shapes = max_static_shapes
         self._compiled: dict[tuple[int, ...], tuple[object, object]] = {}  # shape key -> (compiled, request)
+        self._dynamic: tuple[object, object] | None = None  # every shape beyond max_static_shapes
         self._lock = threading.Lock()
 
     def _load(self) -> None:
@@ -70,25 +77,38 @@ class OpenVinoBackend(Backend):
         graph = openvino_graph(self.onnx_path) if self.rewrite_matmuls else self.onnx_path
         self.model = self.core.read_model(str(graph))
 
+    def _compile(self, model: object) -> tuple[object, object]:
+        config = {
+            "INFERENCE_PRECISION_HINT": _PRECISION_HINT[self.info.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
+        compiled = self.core.compile_model(model, "CPU", config)
+        return compiled, compiled.create_infer_request()
+
     def _request_for(self, feed: Mapping[str, np.ndarray]):  # noqa: ANN202 - openvino InferRequest
         frame = feed[self.spec.frame.name]
         key = tuple(frame.shape)
-        if key not in self._compiled:
+        if key in self._compiled:
+            return self._compiled[key]
+        if len(self._compiled) < self.max_static_shapes:
             model = self.model.clone()
             model.reshape({n: list(np.shape(feed[n])) for n in self.spec.input_names})
-            config = {
-                "INFERENCE_PRECISION_HINT": _PRECISION_HINT[self.info.precision],
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": self.threads,
-            }
-            compiled = self.core.compile_model(model, "CPU", config)
-            self._compiled[key] = (compiled, compiled.create_infer_request())
-        return self._compiled[key]
+            self._compiled[key] = self._compile(model)
+            return self._compiled[key]
+        if self._dynamic is None:
+            self._dynamic = self._compile(self.model.clone())  # the exported graph's dynamic batch, H, W
+        return self._dynamic
 
     @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:
-        """Frame shapes compiled so far (each one cost a compile)."""
+        """Frame shapes with their own static compilation (each one cost a compile)."""
         return list(self._compiled)
+
+    @property
+    def uses_dynamic(self) -> bool:
+        """Whether some shape beyond ``max_static_shapes`` has run on the shared dynamic compilation."""
+        return self._dynamic is not None
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {n: np.ascontiguousarray(feed[n], np.float32) for n in self.spec.input_names}
@@ -100,3 +120,4 @@ class OpenVinoBackend(Backend):
 
     def _close(self) -> None:
         self._compiled.clear()
+        self._dynamic = None
