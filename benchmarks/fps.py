@@ -188,7 +188,8 @@ def run_benchmark(
     if profile and backend == "openvino":
         from export.openvino import profile_layers
 
-        groups = profile_layers(runner.onnx_path, spec, height, width, precision)  # type: ignore[attr-defined]
+        groups = profile_layers(runner.onnx_path, spec, height, width, precision,  # type: ignore[attr-defined]
+                                model_path=runner.int8_model)  # type: ignore[attr-defined]  # fmt: skip
         extra["profile"] = [asdict(g) for g in groups]
     return BenchResult(
         model=model,

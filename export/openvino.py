@@ -100,17 +100,24 @@ def profile_layers(
     precision: str = "fp32",
     steps: int = 3,
     depth: int = 2,
+    model_path: str | Path | None = None,
 ) -> list[LayerGroup]:
-    """Runs ``steps`` streaming steps (after one warm-up) with performance counters; groups sorted by cost."""
+    """Runs ``steps`` streaming steps (after one warm-up) with performance counters; groups sorted by cost.
+
+    ``model_path``: an IR to profile instead of the rewritten ONNX (the quantised one for int8, whose
+    unquantised layers run bf16 where the CPU has it, as in the backend)."""
     ov = _import_openvino()
     core = ov.Core()
-    model = core.read_model(str(openvino_graph(onnx_path)))
+    model = core.read_model(str(model_path or openvino_graph(onnx_path)))
+    hint = _PRECISION_HINT.get(precision)
+    if hint is None:  # int8: the float layers' precision
+        hint = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
     feed = {spec.frame.name: np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)}
     feed[spec.reset.name] = np.zeros((1, 1, 1, 1), np.float32)
     feed.update(spec.initial_state(1, height, width))
     model.reshape({n: list(v.shape) for n, v in feed.items()})
     config = {
-        "INFERENCE_PRECISION_HINT": _PRECISION_HINT[precision],
+        "INFERENCE_PRECISION_HINT": hint,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": cpu_threads(),
         "PERF_COUNT": True,

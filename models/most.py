@@ -303,6 +303,9 @@ class MostNet(nn.Module):
                 StateSpec(TensorSpec(f"prev_motion_s{s}", cfg.channels(s), 2 ** (s - 1)), f"next_motion_s{s}")
                 for s in st.homography
             ),
+            # Measured (docs/performance.md): int8 here keeps the restored frame >= 40 dB of fp32; the
+            # scale-3 path that feeds the homography and the restoration heads must stay bf16/fp32.
+            int8_modules=("encoder", "alignment.1", "alignment.2", "decoder.1", "decoder.2", "segmentation_heads"),
         )
 
     @property

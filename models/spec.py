@@ -66,6 +66,9 @@ class ModelSpec:
     reset: TensorSpec = field(
         default_factory=lambda: TensorSpec("reset", kind="flag", doc="1 = first frame of a stream")
     )
+    # Module paths whose convolutions may run in int8 (export/int8.py): a measured choice per network,
+    # empty = no int8 variant.
+    int8_modules: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(None, description="weights for the default model; none = shipped or random")
     backend: str = Field("auto", description="torch | onnxruntime | openvino | tensorrt | auto (fastest for device)")
     device: str = "cpu"
-    precision: str = Field("auto", description="fp32 | fp16 | bf16 | auto (the factory's choice for the runtime)")
+    precision: str = Field(
+        "auto", description="fp32 | fp16 | bf16 | int8 (openvino) | auto (the factory's choice for the runtime)"
+    )
     max_batch: int = Field(
         0, ge=0, description="live frames of equal size from several sessions run as one call; 0 = the backend's "
         "choice (1 on the CPU, where batching buys little and costs latency and memory; 8 on GPUs)",

@@ -89,6 +89,26 @@ def test_cpu_choice_uses_bf16_only_with_hardware_and_parity(monkeypatch) -> None
     assert factory.choose_cpu_backend(network).precision == "bf16"  # once per weights
 
 
+def test_int8_is_refused_where_it_cannot_run(monkeypatch) -> None:
+    from export.int8 import cached_int8, int8_available
+
+    torch.manual_seed(0)
+    r2d4 = create_model("r2-d4-tiny").eval()
+    assert "lists no int8-tolerant layers" in int8_available(r2d4.spec)
+    with pytest.raises(BackendUnavailable, match="lists no int8-tolerant layers"):
+        cached_int8(r2d4)
+    _hide(monkeypatch, "nncf")
+    assert "needs the nncf package" in int8_available(create_model("most-nss-tiny").spec)
+    with pytest.raises(BackendUnavailable, match="needs the nncf package"):
+        factory.create_backend("most-nss-tiny", "openvino", "cpu", "int8")
+
+
+def test_a_fixed_precision_skips_the_parity_checks(monkeypatch) -> None:
+    monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: pytest.fail("parity checked for a fixed precision"))
+    with factory.create_backend("most-nss-tiny", "auto", "cpu", "fp32") as backend:
+        assert (backend.info.name, backend.info.precision) == ("openvino", "fp32")
+
+
 @pytest.mark.skipif(not factory.cpu_has_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16)")
 def test_real_bf16_parity_check_passes_on_a_tiny_model() -> None:
     torch.manual_seed(0)

@@ -234,3 +234,41 @@ def test_triton_graph_runs_with_a_2d_reset(exported, tmp_path) -> None:
 def test_pbtxt_parser_reads_nested_and_repeated_fields() -> None:
     parsed = parse_pbtxt('a: 1 # comment\nb { c: "x" d: [ 1, 2 ] } b { c: "y" } e: [ { f: ENUM } ] g: true')
     assert parsed == {"a": [1], "b": [{"c": ["x"], "d": [1, 2]}, {"c": ["y"]}], "e": [{"f": ["ENUM"]}], "g": [True]}
+
+
+def test_int8_quantises_only_the_listed_modules_and_is_cached(monkeypatch) -> None:
+    import openvino as ov
+
+    import export.int8
+    from export.int8 import cached_int8
+
+    torch.manual_seed(0)
+    model = exercise_untrained(create_model("most-nss-tiny").eval())
+    build = cached_int8(model, size=(64, 96), sequences=2)
+    assert build.seconds > 0 and build.path.is_file() and build.path.with_suffix(".bin").is_file()
+    consumers = [
+        target.get_node()
+        for op in ov.Core().read_model(str(build.path)).get_ops()
+        if op.get_type_name() == "FakeQuantize"
+        for output in op.outputs()
+        for target in output.get_target_inputs()
+    ]
+    assert any(n.get_type_name() == "Convolution" for n in consumers)  # something really is int8
+    allowed = tuple(f"/{m}/" for m in model.spec.int8_modules)
+    outside = sorted({n.get_friendly_name() for n in consumers if not n.get_friendly_name().startswith(allowed)})
+    assert not outside, f"quantised outside {model.spec.int8_modules}: {outside[:5]}"
+    # The parity report is of a real int8 run: features differ from fp32, the outputs stay within limits.
+    assert build.parity["max_abs"]["next_features_s1"] > 1e-4
+    assert build.within_limits and build.parity["psnr_db"] >= 40, build.summary()
+
+    monkeypatch.setattr(export.int8, "quantize", lambda *a, **k: pytest.fail("rebuilt although cached"))
+    again = cached_int8(model, size=(64, 96), sequences=2)
+    assert (again.path, again.parity, again.seconds) == (build.path, build.parity, 0.0)
+
+
+def test_openvino_int8_needs_its_quantised_model(exported) -> None:
+    model, path = exported
+    with pytest.raises(ValueError, match="int8 runs the quantised IR"):
+        OpenVinoBackend(model.spec, path, precision="int8")
+    with pytest.raises(ValueError, match="int8 runs the quantised IR"):
+        OpenVinoBackend(model.spec, path, precision="bf16", int8_model=path)

@@ -8,6 +8,9 @@ on first use and only loads afterwards.
 CPU (docs/performance.md), OpenVINO is the fastest CPU runtime for these graphs, then ONNX Runtime,
 then torch; bf16 is chosen only where the CPU has native bf16 *and* a short parity check of the
 actual model against torch fp32 passes, so a model whose outputs bf16 would spoil stays in fp32.
+int8 (export/int8.py) is faster still but only on request (``precision="int8"``): on the test split
+the shipped most-nss's restored frame came out at 38.3 dB of fp32, under the 40 dB bar
+(docs/performance.md), so ``auto`` does not take it.
 """
 
 from __future__ import annotations
@@ -126,10 +129,11 @@ def create_backend(
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
     network, _ = load_model(model, checkpoint)
     if backend == "auto":
-        if device == "cpu":
+        if device == "cpu" and precision == "auto":
             choice = choose_cpu_backend(network)
-            backend = choice.backend
-            precision = choice.precision if precision == "auto" else precision
+            backend, precision = choice.backend, choice.precision
+        elif device == "cpu":  # a fixed precision needs no parity checks, only the fastest runtime
+            backend = default_backend("cpu")
         else:
             backend = default_backend(device)
     if precision == "auto":
@@ -173,7 +177,14 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
         _import_openvino()
         from export.onnx import cached_onnx
 
-        return OpenVinoBackend(spec, cached_onnx(network), device=device, precision=precision)
+        if precision != "int8":
+            return OpenVinoBackend(spec, cached_onnx(network), device=device, precision=precision)
+        from export.int8 import cached_int8
+
+        build = cached_int8(network)
+        log = logger.info if build.within_limits else logger.warning
+        log("%s int8: %s%s", spec.name, build.summary(), "" if build.within_limits else " (outside the parity limits)")
+        return OpenVinoBackend(spec, cached_onnx(network), device=device, precision="int8", int8_model=build.path)
     raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 

@@ -1,4 +1,4 @@
-"""OpenVINO backend: the exported ONNX graph compiled for the CPU, fp32 or bf16.
+"""OpenVINO backend: the exported ONNX graph compiled for the CPU, fp32, bf16 or int8 (export/int8.py).
 
 OpenVINO compiles a graph for static shapes fastest, so the model is reshaped and compiled once per
 input shape (batch, height, width) and the compiled model is cached; a live stream keeps one
@@ -28,6 +28,7 @@ from service.backends.base import Backend, BackendInfo, BackendUnavailable
 from service.backends.onnxrt import cpu_threads, import_runtime
 
 _PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def _import_openvino():  # noqa: ANN202 - module object
@@ -52,12 +53,16 @@ class OpenVinoBackend(Backend):
         precision: str = "fp32",
         rewrite_matmuls: bool = True,  # False only to measure what the rewrite fixes (docs/performance.md)
         max_static_shapes: int = 4,
+        int8_model: str | Path | None = None,  # the quantised IR for precision "int8" (export.int8.cached_int8)
     ) -> None:
         super().__init__(spec, BackendInfo("openvino", device, precision))
         if device != "cpu":
             raise ValueError(f"openvino backend runs on the CPU only, not {device!r}")
-        if precision not in _PRECISION_HINT:
-            raise ValueError(f"openvino backend: precision must be fp32 or bf16, not {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"openvino backend: precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if (precision == "int8") != (int8_model is not None):
+            raise ValueError("openvino backend: int8 runs the quantised IR (int8_model), and only int8 does")
+        self.int8_model = Path(int8_model) if int8_model is not None else None
         self.onnx_path = Path(onnx_path)
         self.rewrite_matmuls = rewrite_matmuls
         self.threads = cpu_threads()
@@ -71,6 +76,13 @@ class OpenVinoBackend(Backend):
         self.core = ov.Core()
         if self.info.precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
+        if self.int8_model is not None:
+            # The quantised IR was made from the rewritten graph; layers left unquantised run bf16 where
+            # the CPU has it (the parity report of export.int8 measured exactly this), else fp32.
+            self.float_hint = "bf16" if "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+            self.model = self.core.read_model(str(self.int8_model))
+            return
+        self.float_hint = _PRECISION_HINT[self.info.precision]
         from export.openvino import openvino_graph
 
         # MatMuls rewritten element-wise so the geometry stays fp32 under bf16 (see export.openvino).
@@ -79,7 +91,7 @@ class OpenVinoBackend(Backend):
 
     def _compile(self, model: object) -> tuple[object, object]:
         config = {
-            "INFERENCE_PRECISION_HINT": _PRECISION_HINT[self.info.precision],
+            "INFERENCE_PRECISION_HINT": self.float_hint,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": self.threads,
         }

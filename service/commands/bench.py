@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="weights for --model (default: shipped or random)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "openvino", "tensorrt"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
     p.add_argument("--size", type=frame_size, default=(320, 416), help="HxW, multiples of 8 (default 320x416)")
     p.add_argument("--batch", type=int, default=1, help="streams per call (default 1)")
     p.add_argument("--frames", type=int, default=30, help="timed frames after warm-up (default 30)")

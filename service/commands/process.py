@@ -71,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--backend", default="torch", help="torch, onnxruntime, openvino, tensorrt or auto (default torch)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or auto (default fp32)")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16, bf16, int8 (openvino) or auto (default fp32)")
     p.add_argument("--checkpoint", default=None, help="weights file for --model")
     p.add_argument("--frames", action="store_true", help="also write lossless PNG frames and masks")
     p.add_argument("--max-frames", type=_positive_int, default=None, help="process only the first N frames")
