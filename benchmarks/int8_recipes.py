@@ -17,26 +17,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from export.int8 import CALIBRATION_FRAMES, CALIBRATION_SEED, calibration_feeds, quantize, synthetic_streams
 from export.onnx import cached_onnx
-from export.verify import compare_streams
+from export.verify import as_stream, compare_streams
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from service.backends.openvino import OpenVinoBackend
 from service.backends.torch import TorchBackend
 
+# MOST's int8 modules plus the scale-3 path that feeds the homography.
+WITH_SCALE_3 = ("encoder", "alignment.1", "alignment.2", "alignment.3", "decoder.1", "decoder.2", "decoder.3",
+                "segmentation_heads")  # fmt: skip
 # name -> (modules to quantise: None = the spec's list, () = NNCF's default everything; preset; calibration sequences)
 RECIPES: dict[str, tuple[tuple[str, ...] | None, str, int]] = {
     "nncf default (everything, symmetric)": ((), "performance", 4),
-    "listed modules + scale 3, symmetric, 2 calibration sequences": (
-        ("encoder", "alignment.1", "alignment.2", "alignment.3", "decoder.1", "decoder.2", "decoder.3",
-         "segmentation_heads"), "performance", 2),  # fmt: skip
-    "listed modules + scale 3, symmetric, 4 calibration sequences": (
-        ("encoder", "alignment.1", "alignment.2", "alignment.3", "decoder.1", "decoder.2", "decoder.3",
-         "segmentation_heads"), "performance", 4),  # fmt: skip
+    "listed modules + scale 3, symmetric, 2 calibration sequences": (WITH_SCALE_3, "performance", 2),
+    "listed modules + scale 3, symmetric, 4 calibration sequences": (WITH_SCALE_3, "performance", 4),
     "shipped: listed modules (spec), mixed, 4 calibration sequences": (None, "mixed", 4),
 }
 
@@ -56,14 +54,14 @@ def main() -> None:
     streams = []
     for folder in find_sequences(args.data)[: args.sequences]:
         seq = read_sequence(folder, count=args.frames)
-        streams.append([np.ascontiguousarray(f.transpose(2, 0, 1)[None], np.float32) / 255 for f in seq.input])
+        streams.append(as_stream(seq.input))
     height, width = streams[0][0].shape[2:]
     rows = []
     with torch.inference_mode(), TorchBackend(network) as reference:
         with OpenVinoBackend(spec, onnx_path, precision="bf16") as bf16:
             rows.append(("openvino bf16 (no int8)", compare_streams(reference, bf16, streams), 0.0))
         with OpenVinoBackend(spec, onnx_path, precision="fp32") as fp32:
-            calibration = {n: calibration_feeds(spec, fp32, synthetic_streams(height, width, n, CALIBRATION_FRAMES,
+            calibration = {n: calibration_feeds(fp32, synthetic_streams(height, width, n, CALIBRATION_FRAMES,
                                                                               CALIBRATION_SEED))
                            for n in sorted({r[2] for r in RECIPES.values()})}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:

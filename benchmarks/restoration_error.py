@@ -22,12 +22,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.ndimage import gaussian_filter
 
+from export.verify import as_stream, stream_steps
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.metrics import psnr
+from service.backends.torch import TorchBackend
 
 
 def _low_pass(frames: np.ndarray, sigma: float = 3.0) -> np.ndarray:
@@ -43,20 +44,10 @@ def _colour_fit(out: np.ndarray, target: np.ndarray) -> np.ndarray:
     return fitted
 
 
-@torch.inference_mode()
-def restored_frames(model: torch.nn.Module, frames: np.ndarray) -> np.ndarray:
+def restored_frames(backend: TorchBackend, frames: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, H, W, 3) float in 0..255, streaming with the state carried."""
-    spec = model.spec  # type: ignore[attr-defined]
-    _, height, width, _ = frames.shape
-    state = {k: torch.from_numpy(v) for k, v in spec.initial_state(1, height, width).items()}
-    out = []
-    for t, frame in enumerate(frames):
-        x = torch.from_numpy(frame.astype(np.float32) / 255).permute(2, 0, 1)[None]
-        named = dict(zip(spec.output_names, model(x, torch.full((1, 1, 1, 1), float(t == 0)), *state.values()),
-                         strict=True))  # fmt: skip
-        state = {s.name: named[s.next_name] for s in spec.states}
-        out.append(named["restored"][0].clamp(0, 1).permute(1, 2, 0).numpy() * 255)
-    return np.stack(out)
+    return np.stack([np.clip(outputs["restored"][0], 0, 1).transpose(1, 2, 0) * 255
+                     for _, outputs in stream_steps(backend, as_stream(frames))])  # fmt: skip
 
 
 def main() -> None:
@@ -66,14 +57,14 @@ def main() -> None:
     p.add_argument("--sequences", type=int, default=4)
     args = p.parse_args()
     model, checkpoint = load_model(args.model)
-    model.eval()
+    backend = TorchBackend(model.eval()).load()
     print(f"{args.model} ({checkpoint}) on {args.data}")
     print("| sequence | psnr input | psnr | psnr colour-fit | psnr low-pass | hf rms output | hf rms target |")
     print("|---|---|---|---|---|---|---|")
     for folder in find_sequences(args.data)[: args.sequences]:
         seq = read_sequence(folder)
         target = seq.target.astype(np.float32)
-        out = restored_frames(model, seq.input)
+        out = restored_frames(backend, seq.input)
         low_out, low_target = _low_pass(out), _low_pass(target)
         row = (
             psnr(seq.input.astype(np.float32), target).mean(),

@@ -36,9 +36,9 @@ import numpy as np
 from torch import nn
 
 from export.onnx import cache_dir, cached_onnx, weights_hash, write_atomically
-from export.verify import ParityReport, compare_streams
+from export.verify import ParityReport, as_stream, compare_streams, stream_steps
 from models.spec import ModelSpec
-from service.backends.base import BackendUnavailable
+from service.backends.base import Backend, BackendUnavailable
 
 # Bump when the calibration or the quantised layers change, so stale IRs are not reused.
 RECIPE_VERSION = "1"
@@ -94,22 +94,13 @@ def synthetic_streams(
     streams = []
     for index in range(sequences):
         seq = render_sequence(cfg, sequence_seed(seed, "val", index))
-        streams.append([np.ascontiguousarray(f.transpose(2, 0, 1)[None], np.float32) / 255 for f in seq.input])
+        streams.append(as_stream(seq.input))
     return streams
 
 
-def calibration_feeds(spec: ModelSpec, reference, streams: list[list[np.ndarray]]) -> list[dict[str, np.ndarray]]:  # noqa: ANN001
+def calibration_feeds(reference: Backend, streams: list[list[np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Every input of every step, with the state an fp32 run carried: NNCF sees live-stream statistics."""
-    feeds = []
-    for stream in streams:
-        _, _, height, width = stream[0].shape
-        state = spec.initial_state(1, height, width)
-        for t, frame in enumerate(stream):
-            feed = {spec.frame.name: frame, spec.reset.name: np.full((1, 1, 1, 1), float(t == 0), np.float32), **state}
-            feeds.append(feed)
-            outputs = reference.infer(feed)
-            state = {s.name: outputs[s.next_name] for s in spec.states}
-    return feeds
+    return [feed for stream in streams for feed, _ in stream_steps(reference, stream)]
 
 
 def quantize(
@@ -180,7 +171,7 @@ def _build(
     tmp_xml = folder / f".{xml.stem}.{time.time_ns()}.xml"
     with OpenVinoBackend(spec, onnx_path, precision="fp32") as fp32:
         streams = synthetic_streams(height, width, sequences, CALIBRATION_FRAMES, CALIBRATION_SEED)
-        feeds = calibration_feeds(spec, fp32, streams)
+        feeds = calibration_feeds(fp32, streams)
         try:
             quantize(onnx_path, spec, feeds, tmp_xml)
             tmp_xml.with_suffix(".bin").replace(xml.with_suffix(".bin"))

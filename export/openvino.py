@@ -28,7 +28,7 @@ import numpy as np
 from export.onnx import cache_dir, write_atomically
 from models.spec import ModelSpec
 from service.backends.onnxrt import cpu_threads
-from service.backends.openvino import _PRECISION_HINT, _import_openvino
+from service.backends.openvino import _import_openvino, inference_hint
 
 # Bump when the rewrite changes, so stale rewritten graphs are not reused.
 REWRITE_VERSION = "1"
@@ -109,15 +109,12 @@ def profile_layers(
     ov = _import_openvino()
     core = ov.Core()
     model = core.read_model(str(model_path or openvino_graph(onnx_path)))
-    hint = _PRECISION_HINT.get(precision)
-    if hint is None:  # int8: the float layers' precision
-        hint = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
     feed = {spec.frame.name: np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)}
     feed[spec.reset.name] = np.zeros((1, 1, 1, 1), np.float32)
     feed.update(spec.initial_state(1, height, width))
     model.reshape({n: list(v.shape) for n, v in feed.items()})
     config = {
-        "INFERENCE_PRECISION_HINT": hint,
+        "INFERENCE_PRECISION_HINT": inference_hint(core, precision),
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": cpu_threads(),
         "PERF_COUNT": True,

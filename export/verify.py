@@ -68,18 +68,30 @@ def exercise_untrained(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def run_stream(backend: Backend, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Outputs of every step of one stream (reset on the first frame), the state fed back each step."""
+def stream_steps(
+    backend: Backend, frames: list[np.ndarray]
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(feed, outputs) of every step of one stream (reset on the first frame), the state fed back each
+    step. A generator, so a caller keeps only what it needs (int8 calibration keeps the feeds)."""
     spec: ModelSpec = backend.spec
     batch, _, height, width = frames[0].shape
     state = spec.initial_state(batch, height, width)
-    results = []
     for t, frame in enumerate(frames):
         reset = np.full((batch, 1, 1, 1), 1.0 if t == 0 else 0.0, np.float32)
-        outputs = backend.infer({spec.frame.name: frame, spec.reset.name: reset, **state})
+        feed = {spec.frame.name: frame, spec.reset.name: reset, **state}
+        outputs = backend.infer(feed)
         state = {s.name: outputs[s.next_name] for s in spec.states}
-        results.append(outputs)
-    return results
+        yield feed, outputs
+
+
+def run_stream(backend: Backend, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Outputs of every step of one stream (reset on the first frame), the state fed back each step."""
+    return [outputs for _, outputs in stream_steps(backend, frames)]
+
+
+def as_stream(frames: np.ndarray) -> list[np.ndarray]:
+    """uint8 (T, H, W, 3) frames, as data sets hold them -> the (1, 3, H, W) floats in [0, 1] a stream feeds."""
+    return [np.ascontiguousarray(f.transpose(2, 0, 1)[None], np.float32) / 255 for f in frames]
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:

@@ -35,6 +35,14 @@ def _import_openvino():  # noqa: ANN202 - module object
     return import_runtime("openvino", "openvino", "openvino")
 
 
+def inference_hint(core, precision: str) -> str:  # noqa: ANN001 - openvino Core
+    """``INFERENCE_PRECISION_HINT`` for a precision. int8: the precision of the layers left unquantised,
+    bf16 where the CPU has it (what export.int8's parity report measured), else f32."""
+    if precision == "int8":
+        return "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    return _PRECISION_HINT[precision]
+
+
 def cpu_supports_bf16() -> bool:
     """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX)."""
     try:
@@ -76,13 +84,10 @@ class OpenVinoBackend(Backend):
         self.core = ov.Core()
         if self.info.precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
-        if self.int8_model is not None:
-            # The quantised IR was made from the rewritten graph; layers left unquantised run bf16 where
-            # the CPU has it (the parity report of export.int8 measured exactly this), else fp32.
-            self.float_hint = "bf16" if "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+        self.float_hint = inference_hint(self.core, self.info.precision)
+        if self.int8_model is not None:  # quantised from the rewritten graph already
             self.model = self.core.read_model(str(self.int8_model))
             return
-        self.float_hint = _PRECISION_HINT[self.info.precision]
         from export.openvino import openvino_graph
 
         # MatMuls rewritten element-wise so the geometry stays fp32 under bf16 (see export.openvino).
