@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from torch import nn
 
 from export.verify import as_stream, stream_steps
 from models.checkpoints import load_model
@@ -50,15 +51,21 @@ def restored_frames(backend: TorchBackend, frames: np.ndarray) -> np.ndarray:
                      for _, outputs in stream_steps(backend, as_stream(frames))])  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def data_benchmark(description: str, sequences: int) -> tuple[argparse.Namespace, nn.Module, TorchBackend]:
+    """The command line the data-set diagnostics share (--model, --data, --sequences), and the model
+    run on torch fp32, the reference every backend is checked against."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="most-nss", help="registered name or checkpoint .safetensors")
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--sequences", type=int, default=4)
+    p.add_argument("--sequences", type=int, default=sequences)
     args = p.parse_args()
-    model, checkpoint = load_model(args.model)
-    backend = TorchBackend(model.eval()).load()
-    print(f"{args.model} ({checkpoint}) on {args.data}")
+    model, args.checkpoint = load_model(args.model)
+    return args, model, TorchBackend(model.eval()).load()
+
+
+def main() -> None:
+    args, _, backend = data_benchmark(__doc__ or "", sequences=4)
+    print(f"{args.model} ({args.checkpoint}) on {args.data}")
     print("| sequence | psnr input | psnr | psnr colour-fit | psnr low-pass | hf rms output | hf rms target |")
     print("|---|---|---|---|---|---|---|")
     for folder in find_sequences(args.data)[: args.sequences]:

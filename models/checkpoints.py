@@ -1,8 +1,8 @@
 """Shipped and trained weights: ``.safetensors`` with the metadata needed to rebuild the network.
 
 Loading never unpickles. The metadata (all strings, as safetensors requires) holds the registered
-model name and, for the MOST family, the scales-to-tasks structure, so a checkpoint trained with a
-structure found by NSS rebuilds the same heads.
+model name and, for the MOST family, the scales-to-tasks structure and the homography pooling, so a
+checkpoint trained with a structure found by NSS rebuilds the same heads.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
     meta = {"model": model.spec.name, **(metadata or {})}  # type: ignore[attr-defined]
     if isinstance(model, MostNet):
         meta["structure"] = model.structure.to_json()
+        meta["homography_pool"] = model.cfg.homography_pool
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -60,7 +61,10 @@ def load_model(name_or_path: str, checkpoint: str | Path | None = None) -> tuple
         return create_model(name_or_path).eval(), None
     meta = read_metadata(checkpoint)
     name = meta.get("model") or name_or_path
-    kwargs = {"structure": Structure.from_json(meta["structure"])} if "structure" in meta else {}
+    kwargs: dict[str, object] = {}
+    if "structure" in meta:  # the MOST family; checkpoints older than the key pooled globally
+        pool = meta.get("homography_pool", "global")
+        kwargs = {"structure": Structure.from_json(meta["structure"]), "homography_pool": pool}
     model = create_model(name, **kwargs)
     state = load_file(str(checkpoint))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -94,6 +94,11 @@ class MostConfig:
     encoder_blocks: int = 5
     decoder_blocks: int = 2
     dropout: float = 0.2
+    # How the homography regressor pools before its linear layer: "corners" keeps one cell per image
+    # quadrant (the corner whose offset it mostly predicts); "global" averages everything, as
+    # checkpoints made before the change did. A global average keeps only what all positions share,
+    # i.e. translation: trained most-nss recovered none of the rotation/zoom part (docs/training.md).
+    homography_pool: str = "corners"
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -201,15 +206,43 @@ class DenseHead(nn.Module):
         return self.body(x)
 
 
+class CornerPool(nn.Module):
+    """(b, c, h, w) -> (b, 4c): the means of the four quadrants, in the DLT's corner order.
+
+    Adaptive average pooling to 2x2 (odd sizes overlap by a row / column, as adaptive pooling
+    does), written with slices so the exported graph keeps dynamic input sizes.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        top, bottom = x[..., : (h + 1) // 2, :], x[..., h // 2 :, :]
+        left, right = slice(None, (w + 1) // 2), slice(w // 2, None)
+        cells = (top[..., left], top[..., right], bottom[..., right], bottom[..., left])
+        return torch.cat([c.mean(dim=(2, 3)) for c in cells], dim=1)
+
+
+def corner_pooled_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights of a "global"-pooled homography head as a "corners"-pooled one computing the same.
+
+    The mean of the four quadrant means is the global mean (exactly for even sizes), so each cell
+    gets a quarter of the old weights; training then learns what differs between corners.
+    """
+    out = dict(state)
+    for key, weight in state.items():
+        if key.startswith("homography_heads.") and key.endswith("offsets.weight"):
+            out[key] = weight.repeat(1, 4) / 4
+    return out
+
+
 class HomographyHead(nn.Module):
     """Motion-gated homography estimation at one scale (6.2.1, "Decoders: Homography Outputs").
 
     g^s * sigmoid(M^s) keeps context on the teeth; a 3x3 conv halves it; a second 3x3 conv reads
     R^s; together they form h_t^s. Offsets come from concat(h_t^s, W(h_{t-1}^s)) through
     conv-BN-ReLU-maxpool blocks (64, 128, 256, 256, 256 at s = 1; s = 2 starts at the 2nd block,
-    s = 3 at the 3rd), adaptive average pooling (any size divisible by 8), dropout and a linear
-    layer regressing the 4 corner offsets in pixels of scale s. The linear layer starts at zero so
-    an untrained head predicts the identity.
+    s = 3 at the 3rd), adaptive average pooling to one cell per corner (any size divisible by 8;
+    ``MostConfig.homography_pool``), dropout and a linear layer regressing the 4 corner offsets in
+    pixels of scale s. The linear layer starts at zero so an untrained head predicts the identity.
     """
 
     def __init__(self, channels: int, scale: int, cfg: MostConfig) -> None:
@@ -228,7 +261,14 @@ class HomographyHead(nn.Module):
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             in_ch = w
-        self.regressor = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout))
+        if cfg.homography_pool == "corners":
+            pool: list[nn.Module] = [CornerPool()]
+            in_ch *= 4
+        elif cfg.homography_pool == "global":
+            pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        else:
+            raise ValueError(f"homography_pool must be 'corners' or 'global', not {cfg.homography_pool!r}")
+        self.regressor = nn.Sequential(*blocks, *pool, nn.Dropout(cfg.dropout))
         self.offsets = nn.Linear(in_ch, 8)
         nn.init.zeros_(self.offsets.weight)
         nn.init.zeros_(self.offsets.bias)
@@ -406,22 +446,22 @@ def build_most(name: str, structure: Structure | None = None, **overrides: objec
 
 
 @register_model("most-net")
-def most_net(structure: Structure | None = None) -> MostNet:
+def most_net(structure: Structure | None = None, **overrides: object) -> MostNet:
     """MOST-NET++: every task at every scale."""
-    return build_most("most-net", structure or MOST_NET_STRUCTURE)
+    return build_most("most-net", structure or MOST_NET_STRUCTURE, **overrides)
 
 
 @register_model("most-nss")
-def most_nss(structure: Structure | None = None) -> MostNet:
+def most_nss(structure: Structure | None = None, **overrides: object) -> MostNet:
     """MOST-NSS++: the scales-to-tasks structure NSS found in the dissertation (Fig. 6.6)."""
-    return build_most("most-nss", structure or MOST_NSS_STRUCTURE)
+    return build_most("most-nss", structure or MOST_NSS_STRUCTURE, **overrides)
 
 
 @register_model("most-net-tiny")
-def most_net_tiny(structure: Structure | None = None) -> MostNet:
-    return build_most("most-net-tiny", structure or MOST_NET_STRUCTURE, **TINY)
+def most_net_tiny(structure: Structure | None = None, **overrides: object) -> MostNet:
+    return build_most("most-net-tiny", structure or MOST_NET_STRUCTURE, **{**TINY, **overrides})
 
 
 @register_model("most-nss-tiny")
-def most_nss_tiny(structure: Structure | None = None) -> MostNet:
-    return build_most("most-nss-tiny", structure or MOST_NSS_STRUCTURE, **TINY)
+def most_nss_tiny(structure: Structure | None = None, **overrides: object) -> MostNet:
+    return build_most("most-nss-tiny", structure or MOST_NSS_STRUCTURE, **{**TINY, **overrides})

@@ -81,3 +81,23 @@ def test_warping_error_zero_for_true_motion_positive_otherwise() -> None:
     region = np.zeros((1, 24, 32), bool)
     region[0, :, :3] = True
     assert math.isnan(warping_error(prev, cur, h[None], region)[0])
+
+
+def test_homography_error_splits_translation_from_the_rest() -> None:
+    """benchmarks.homography_error: a translation-only estimate has no translation error and all of
+    the rotation as error; an exact estimate has none; the slope sees an underestimate."""
+    from benchmarks.homography_error import corner_displacements, decompose
+
+    angle = np.deg2rad(2.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    shifts = [np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1]], float) for dx, dy in ((3, 1), (-2, 4), (5, -3))]
+    true = corner_displacements(np.stack([s @ rotation for s in shifts]), 320, 416)
+    only_shift = np.broadcast_to(true.mean(1, keepdims=True), true.shape)  # the right translation, nothing else
+    got = decompose(only_shift, true)
+    assert got["model err translation"] < 1e-9
+    assert got["model err rest"] == pytest.approx(got["rest"]) and got["rest"] > 3  # 2 deg at 416 px
+    assert got["model"] == pytest.approx(got["rest"])
+    exact = decompose(true, true)
+    assert exact["model"] < 1e-9 and exact["ratio"] < 1e-9 and exact["slope x"] == pytest.approx(1.0)
+    half = decompose(true * 0.5, true)
+    assert half["slope x"] == pytest.approx(0.5) and half["ratio"] == pytest.approx(0.5)

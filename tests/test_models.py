@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import create_model, list_models
 from models.complexity import count_parameters
-from models.most import MOST_NSS_STRUCTURE, MostNet, Structure
+from models.most import MOST_NSS_STRUCTURE, CornerPool, MostNet, Structure, corner_pooled_state
 from models.r2d4 import R2D4
 
 FULL = ("most-net", "most-nss", "r2-d4", "r2-d3")
@@ -15,12 +16,12 @@ TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 
 # Pinned so that an accidental architecture change shows; docs/models.md explains each figure.
 PARAMETERS = {
-    "most-net": 9_187_690,
-    "most-nss": 5_850_438,
+    "most-net": 9_206_122,
+    "most-nss": 5_856_582,
     "r2-d4": 4_532_132,
     "r2-d3": 3_744_113,
-    "most-net-tiny": 237_446,
-    "most-nss-tiny": 174_494,
+    "most-net-tiny": 239_750,
+    "most-nss-tiny": 175_262,
     "r2-d4-tiny": 94_444,
 }
 
@@ -213,3 +214,37 @@ def test_structure_validation_and_round_trip() -> None:
 def test_r2d3_has_one_decoder() -> None:
     model = create_model("r2-d3")
     assert isinstance(model, R2D4) and model.deblur_decoder is None
+
+
+@pytest.mark.parametrize("size", [(4, 4), (4, 5), (3, 7), (1, 1)])
+def test_corner_pool_is_a_2x2_adaptive_average_in_corner_order(size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    cells = F.adaptive_avg_pool2d(x, 2)  # (b, c, 2, 2), overlapping cells for odd sizes
+    order = [cells[..., 0, 0], cells[..., 0, 1], cells[..., 1, 1], cells[..., 1, 0]]  # TL, TR, BR, BL
+    torch.testing.assert_close(CornerPool()(x), torch.cat(order, dim=1))
+
+
+@torch.no_grad()
+def test_corner_pooled_state_computes_what_the_global_head_did() -> None:
+    """A checkpoint with globally pooled homography heads, converted, predicts the same homographies
+    (exactly where the regressor's last map has even sides: 64x64 gives 2x2 at scale 3 of the tiny
+    net) and no longer does once the corners learn apart."""
+    torch.manual_seed(0)
+    old = create_model("most-net-tiny", homography_pool="global").eval()
+    for head in old.homography_heads.values():
+        head.offsets.weight.normal_(0, 0.5)  # zero-initialised otherwise: every head would say identity
+    new = create_model("most-net-tiny").eval()
+    assert new.cfg.homography_pool == "corners"
+    new.load_state_dict(corner_pooled_state(old.state_dict()))
+    clip = torch.rand(2, 1, 3, 64, 64)
+    (a, b) = (_stream(m, clip)[-1] for m in (old, new))
+    assert not torch.allclose(a[2], torch.eye(3).expand_as(a[2]), atol=1e-3)  # a real motion estimate
+    torch.testing.assert_close(b[2], a[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b[0], a[0], atol=1e-4, rtol=1e-4)
+    new.homography_heads["3"].offsets.weight[:, :8].add_(1.0)  # only the top-left cell changes
+    assert not torch.allclose(_stream(new, clip)[-1][2], a[2], atol=1e-3)
+
+
+def test_homography_pool_is_checked() -> None:
+    with pytest.raises(ValueError, match="homography_pool"):
+        create_model("most-nss-tiny", homography_pool="max")

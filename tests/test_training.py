@@ -129,6 +129,29 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert b"pickle" not in path.read_bytes()[:64]
 
 
+def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path) -> None:
+    """Weights saved before ``homography_pool`` existed (no such metadata) load with the global
+    average they were trained with; ``--init-from`` them converts to corner pooling."""
+    from safetensors.torch import load_file, save_file
+
+    old = create_model("most-nss-tiny", homography_pool="global")
+    with torch.no_grad():
+        old.homography_heads["3"].offsets.weight.normal_()
+    path = save_checkpoint(old, tmp_path / "old.safetensors")
+    assert read_metadata(path)["homography_pool"] == "global"
+    legacy = tmp_path / "legacy.safetensors"
+    meta = {k: v for k, v in read_metadata(path).items() if k != "homography_pool"}
+    save_file(load_file(str(path)), str(legacy), metadata=meta)
+    loaded, _ = load_model(str(legacy))
+    assert loaded.cfg.homography_pool == "global"
+    new, _ = load_model(str(save_checkpoint(create_model("most-nss-tiny"), tmp_path / "new.safetensors")))
+    assert new.cfg.homography_pool == "corners"
+    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=legacy), iter(()))
+    weight, before = trainer.model.homography_heads["3"].offsets.weight, old.homography_heads["3"].offsets.weight
+    assert trainer.model.cfg.homography_pool == "corners" and weight.shape[1] == 4 * before.shape[1]
+    torch.testing.assert_close(weight, before.repeat(1, 4) / 4)
+
+
 def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     """`vident train --stop-at` keeps the schedule and stops; `vident ship` writes fp16 weights and a
     card whose table is the evaluation of that very file."""

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.checkpoints import save_checkpoint
+from models.checkpoints import read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16
-from models.most import MostNet, Structure
+from models.most import MostNet, Structure, corner_pooled_state
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.training.balancing import Balancer, create_balancer
@@ -97,7 +97,11 @@ class Trainer:
         if cfg.init_from is not None:
             from safetensors.torch import load_file
 
-            self.model.load_state_dict(load_file(str(cfg.init_from)), strict=True)
+            state = load_file(str(cfg.init_from))
+            if isinstance(self.model, MostNet) and self.model.cfg.homography_pool == "corners":
+                if read_metadata(cfg.init_from).get("homography_pool", "global") == "global":
+                    state = corner_pooled_state(state)  # same function; the corners then learn apart
+            self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
             raise TypeError(f"cannot train {type(self.model).__name__}")
