@@ -34,6 +34,23 @@ def test_synth_writes_documented_layout(tiny_data: Path) -> None:
     assert seq.input.shape == (3, 64, 96, 3)
 
 
+def test_synth_motion_scales_the_camera_motion(tiny_data: Path, tmp_path: Path) -> None:
+    """--motion 2.5 renders the same sequence with the camera moving faster (and says so in dataset.json)."""
+    fast = tmp_path / "fast"
+    argv = ["synth", "--out", str(fast), "--sequences", "1", "--frames", "3", "--size", "64x96", "--motion", "2.5"]
+    assert main(argv) == 0
+    assert json.loads((fast / "dataset.json").read_text())["config"]["motion"] == 2.5
+    assert json.loads((tiny_data / "dataset.json").read_text())["config"]["motion"] == 1.0
+
+    def shift(folder: Path) -> float:
+        h = read_sequence(folder / "seq_000").homographies[1:]
+        corners = np.array([[0, 0, 1], [96, 0, 1], [96, 64, 1], [0, 64, 1]], float).T
+        moved = np.einsum("tij,jk->tik", h, corners)
+        return float(np.abs(moved[:, :2] / moved[:, 2:] - corners[:2]).mean())
+
+    assert shift(fast) > 1.5 * shift(tiny_data)
+
+
 def _rows(path: Path) -> dict[str, dict]:
     report = json.loads(path.read_text())
     return report, {row["name"]: row for row in report["rows"]}

@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     sequences_default, noise_default = SPLIT_DEFAULTS[args.split]
     sequences = args.sequences if args.sequences is not None else sequences_default
     height, width = args.size
-    cfg = SynthConfig(height=height, width=width, frames=args.frames, noise=args.noise or noise_default)
+    cfg = SynthConfig(
+        height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion
+    )
     if args.preview is not None:
         preview_cfg = SynthConfig(**{**asdict(cfg), "frames": max(cfg.frames, 5)})
         seq = render_sequence(preview_cfg, sequence_seed(args.seed, args.split, args.preview_index))
@@ -96,6 +98,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
     p.add_argument(
         "--noise", choices=NOISE_CHOICES, help="noise level (default: test moderate, train/val mixed per sequence)"
+    )
+    p.add_argument(
+        "--motion",
+        type=float,
+        default=1.0,
+        help="camera speed multiplier (default 1; 2.5 at 128x160 gives the pixel motion of 320x416, as "
+        "`vident train --motion 2.5`)",
     )
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
