@@ -152,6 +152,28 @@ def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path)
     torch.testing.assert_close(weight, before.repeat(1, 4) / 4)
 
 
+def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: Path) -> None:
+    """--init-from weights that were themselves fine-tuned: the new checkpoint records the steps and
+    hours of the whole ancestry, and the card states them."""
+    import json
+
+    from models.training.card import write_card
+
+    before = {"steps": "7", "train_seconds": "3600", "prior_steps": "3", "prior_seconds": "1800"}
+    parent = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "parent.safetensors", before)
+    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=parent), iter(()))
+    trainer.step_index, trainer.seconds = 5, 900.0
+    meta = trainer.metadata()
+    assert (meta["prior_steps"], meta["prior_seconds"], meta["prior_weights"]) == ("10", "5400", str(parent))
+    child = save_checkpoint(trainer.model, tmp_path / "child.safetensors", meta)
+    report = {"frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch", "device": "cpu",
+              "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    card = write_card(child, tmp_path / "eval.json", "vident eval ...").read_text()
+    assert "steps: 5 x batch 4" in card
+    assert f"started from `{parent}`, trained 10 steps (1.50 h) before (15 in all)" in card
+
+
 def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     """`vident train --stop-at` keeps the schedule and stops; `vident ship` writes fp16 weights and a
     card whose table is the evaluation of that very file."""

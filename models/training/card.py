@@ -49,6 +49,18 @@ def write_card(
     noise = noise or extra.get("noise", "mixed")
     report = json.loads(Path(eval_json).read_text())
     seconds = float(meta.get("train_seconds", "nan"))
+    prior = meta if "prior_steps" in meta else {}
+    if not prior and cfg.get("init_from") and Path(cfg["init_from"]).is_file():  # runs older than prior_*
+        from models.training.trainer import prior_training
+
+        prior = prior_training(Path(cfg["init_from"]))
+    start = ""
+    if prior:
+        total = int(meta.get("steps", 0)) + int(prior["prior_steps"])
+        hours = float(prior["prior_seconds"]) / 3600
+        parent = prior.get("prior_weights", cfg.get("init_from"))
+        steps = prior["prior_steps"]
+        start = f"; started from `{parent}`, trained {steps} steps ({hours:.2f} h) before ({total} in all)"
     source = extra.get("data", "synthetic")
     data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
@@ -65,7 +77,7 @@ def write_card(
         "",
         data_line,
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
-        f"(warm-up {cfg.get('warmup')}, cosine)",
+        f"(warm-up {cfg.get('warmup')}, cosine){start}",
         f"- task balancing: {cfg.get('balancing', '-')}" if "structure" in meta else "- loss: MSE(R) + 0.6 MSE(R')",
         f"- mixed precision: {meta.get('amp')}",
         f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or cpu_model()}",

@@ -87,17 +87,30 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+def prior_training(weights: Path) -> dict[str, str]:
+    """What the weights a run starts from (``--init-from``) had been trained for, steps and seconds
+    summed over their own ancestry, so that a fine-tuned checkpoint's card states the whole budget."""
+    meta = read_metadata(weights)
+    if "steps" not in meta:
+        return {}
+    steps = int(meta["steps"]) + int(meta.get("prior_steps", "0"))
+    seconds = float(meta.get("train_seconds", "0")) + float(meta.get("prior_seconds", "0"))
+    return {"prior_steps": str(steps), "prior_seconds": f"{seconds:.0f}", "prior_weights": str(weights)}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, batches: Iterator[ClipBatch]) -> None:
         self.cfg = cfg
         self.batches = batches
         torch.manual_seed(cfg.seed)
+        self.prior: dict[str, str] = {}
         kwargs = {"structure": cfg.structure} if cfg.structure is not None else {}
         self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
         if cfg.init_from is not None:
             from safetensors.torch import load_file
 
             state = load_file(str(cfg.init_from))
+            self.prior = prior_training(cfg.init_from)
             if isinstance(self.model, MostNet) and self.model.cfg.homography_pool == "corners":
                 if read_metadata(cfg.init_from).get("homography_pool", "global") == "global":
                     state = corner_pooled_state(state)  # same function; the corners then learn apart
@@ -236,6 +249,7 @@ class Trainer:
             "steps": str(self.step_index),
             "train_seconds": f"{self.seconds:.0f}",
             "amp": str(self.amp_dtype),
+            **self.prior,
         }
 
     def log(self, record: dict[str, float]) -> None:
