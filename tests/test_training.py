@@ -174,6 +174,32 @@ def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: P
     assert f"started from `{parent}`, trained 10 steps (1.50 h) before (15 in all)" in card
 
 
+def test_validation_size_is_a_flag(tmp_path: Path) -> None:
+    """--validate-sequences sets how many validation sequences (of 7 frame pairs each) the log's
+    MACE is averaged over; 2, the default, is too few to see a change in it."""
+    import json
+    from unittest import mock
+
+    import models.training.run as run
+
+    seen: list[int] = []
+    real = run.validate
+
+    def spy(model, cfg, sequences=2, frames=8, motion=1.0):  # noqa: ANN001, ANN202
+        seen.append(sequences)
+        return real(model, cfg, sequences=sequences, frames=3, motion=motion)
+
+    argv = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path), "--steps", "2", "--size", "32x48", "--batch",
+            "2", "--amp", "off", "--validate-every", "2", "--validate-sequences", "3", "--noise", "low"]  # fmt: skip
+    from service.cli import main
+
+    with mock.patch.object(run, "validate", spy):
+        assert main(argv) == 0
+    assert seen == [3]
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert "val_mace" in last and "val_psnr" in last
+
+
 def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     """`vident train --stop-at` keeps the schedule and stops; `vident ship` writes fp16 weights and a
     card whose table is the evaluation of that very file."""

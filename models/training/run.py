@@ -100,6 +100,7 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     motion: float = 1.0,
+    validate_sequences: int = 2,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
@@ -125,7 +126,7 @@ def train(
 
     def log_with_validation(record: dict[str, float]) -> None:
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
-            record.update(validate(trainer.model, cfg, motion=motion))
+            record.update(validate(trainer.model, cfg, sequences=validate_sequences, motion=motion))
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]

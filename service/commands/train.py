@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"structure: {args.out / 'structure.json'}")
     else:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
-                     validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion)  # fmt: skip
+                     validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
+                     validate_sequences=args.validate_sequences)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -46,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="mixed precision (auto: bf16 where the CPU/GPU has it)")  # fmt: skip
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=200, help="validation metrics into the log (0: never)")
+    p.add_argument("--validate-sequences", type=int, default=2,
+                   help="validation sequences of 8 frames (2: quick, too few to track MACE; use 8+)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
