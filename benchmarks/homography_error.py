@@ -16,9 +16,13 @@ corner distance in pixels, so:
 - ``slope x`` / ``slope y``: least-squares slope of estimated on true translation (1 = right size,
   below 1 = motion underestimated).
 
+``--crop HxW`` runs on the centre crop of every frame instead (the homographies conjugated by the
+crop's offset), so the same content and pixel motion can be measured at a smaller frame size.
+
 ::
 
     python -m benchmarks.homography_error --model most-nss --data data/test
+    python -m benchmarks.homography_error --model most-nss --data data/test --crop 128x160
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ def corner_displacements(h: np.ndarray, height: int, width: int) -> np.ndarray:
     corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
     mapped = np.concatenate([corners, np.ones((4, 1))], 1) @ np.asarray(h, np.float64).transpose(0, 2, 1)
     return mapped[..., :2] / mapped[..., 2:3] - corners
+
+
+def centre_crop(frames: np.ndarray, homographies: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, H, W, 3) frames and their (T, 3, 3) H_{t-1->t} -> the centre ``height x width`` crop and the
+    same motion in the crop's pixel coordinates: T(-o) H T(o), o the crop's top-left corner."""
+    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"crop {height}x{width} is larger than the frames {frames.shape[1]}x{frames.shape[2]}")
+    shift = np.array([[1, 0, left], [0, 1, top], [0, 0, 1]], np.float64)
+    back = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], np.float64)
+    return frames[:, top : top + height, left : left + width], back @ homographies @ shift
 
 
 def decompose(estimated: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -62,16 +77,20 @@ def decompose(estimated: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def main() -> None:
-    args, model, backend = data_benchmark(__doc__ or "", sequences=8)
+    args, model, backend = data_benchmark(__doc__ or "", sequences=8, crop=True)
     estimated, true = [], []
     for folder in find_sequences(args.data)[: args.sequences]:
         seq = read_sequence(folder)
-        height, width = seq.input.shape[1:3]
-        steps = list(stream_steps(backend, as_stream(seq.input)))[1:]  # the first frame has no predecessor
+        frames, homographies = seq.input, seq.homographies
+        if args.crop is not None:
+            frames, homographies = centre_crop(frames, homographies, *args.crop)
+        height, width = frames.shape[1:3]
+        steps = list(stream_steps(backend, as_stream(np.ascontiguousarray(frames))))[1:]  # frame 0: no predecessor
         estimated.append(corner_displacements(np.concatenate([o["homography"] for _, o in steps]), height, width))
-        true.append(corner_displacements(seq.homographies[1:], height, width))
+        true.append(corner_displacements(homographies[1:], height, width))
     figures = decompose(np.concatenate(estimated), np.concatenate(true))
-    print(f"{args.model} ({args.checkpoint}, homography pooling {model.cfg.homography_pool}) on {args.data}")
+    print(f"{args.model} ({args.checkpoint}, homography pooling {model.cfg.homography_pool}) on {args.data}"
+          + (f", centre crop {args.crop[0]}x{args.crop[1]}" if args.crop else ""))
     print("| " + " | ".join(figures) + " |")
     print("|" + "---|" * len(figures))
     print("| " + " | ".join(f"{v:.0f}" if k == "pairs" else f"{v:.3f}" for k, v in figures.items()) + " |")

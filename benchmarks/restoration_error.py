@@ -51,13 +51,19 @@ def restored_frames(backend: TorchBackend, frames: np.ndarray) -> np.ndarray:
                      for _, outputs in stream_steps(backend, as_stream(frames))])  # fmt: skip
 
 
-def data_benchmark(description: str, sequences: int) -> tuple[argparse.Namespace, nn.Module, TorchBackend]:
+def data_benchmark(
+    description: str, sequences: int, crop: bool = False
+) -> tuple[argparse.Namespace, nn.Module, TorchBackend]:
     """The command line the data-set diagnostics share (--model, --data, --sequences), and the model
     run on torch fp32, the reference every backend is checked against."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="most-nss", help="registered name or checkpoint .safetensors")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--sequences", type=int, default=sequences)
+    if crop:
+        from service.commands.synth import parse_size
+
+        p.add_argument("--crop", type=parse_size, help="HxW: measure on the centre crop of every frame")
     args = p.parse_args()
     model, args.checkpoint = load_model(args.model)
     return args, model, TorchBackend(model.eval()).load()

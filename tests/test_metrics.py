@@ -101,3 +101,19 @@ def test_homography_error_splits_translation_from_the_rest() -> None:
     assert exact["model"] < 1e-9 and exact["ratio"] < 1e-9 and exact["slope x"] == pytest.approx(1.0)
     half = decompose(true * 0.5, true)
     assert half["slope x"] == pytest.approx(0.5) and half["ratio"] == pytest.approx(0.5)
+
+
+def test_homography_error_centre_crop_keeps_the_motion_in_crop_pixels() -> None:
+    from benchmarks.homography_error import centre_crop
+
+    frames = np.arange(2 * 8 * 12 * 3, dtype=np.uint8).reshape(2, 8, 12, 3)
+    angle = np.deg2rad(3.0)
+    h = np.array([[np.cos(angle), -np.sin(angle), 2.0], [np.sin(angle), np.cos(angle), -1.0], [0, 0, 1]])
+    cropped, hc = centre_crop(frames, np.stack([np.eye(3), h]), 4, 6)
+    assert cropped.shape == (2, 4, 6, 3) and np.array_equal(cropped[0, 0, 0], frames[0, 2, 3])
+    p_crop = np.array([1.0, 2.0, 1.0])
+    offset = np.array([3.0, 2.0, 0.0])  # (left, top): the crop's corner in the frame
+    np.testing.assert_allclose(hc[1] @ p_crop, h @ (p_crop + offset) - offset)  # same motion, crop pixels
+    np.testing.assert_allclose(hc[0], np.eye(3))
+    with pytest.raises(ValueError, match="larger"):
+        centre_crop(frames, np.stack([h, h]), 10, 6)
