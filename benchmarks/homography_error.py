@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks.restoration_error import data_benchmark
 from export.verify import as_stream, stream_steps
 from models.data.format import find_sequences, read_sequence
+from models.data.synth import crop_sequence
 
 
 def corner_displacements(h: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -39,17 +40,6 @@ def corner_displacements(h: np.ndarray, height: int, width: int) -> np.ndarray:
     corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
     mapped = np.concatenate([corners, np.ones((4, 1))], 1) @ np.asarray(h, np.float64).transpose(0, 2, 1)
     return mapped[..., :2] / mapped[..., 2:3] - corners
-
-
-def centre_crop(frames: np.ndarray, homographies: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, H, W, 3) frames and their (T, 3, 3) H_{t-1->t} -> the centre ``height x width`` crop and the
-    same motion in the crop's pixel coordinates: T(-o) H T(o), o the crop's top-left corner."""
-    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
-    if top < 0 or left < 0:
-        raise ValueError(f"crop {height}x{width} is larger than the frames {frames.shape[1]}x{frames.shape[2]}")
-    shift = np.array([[1, 0, left], [0, 1, top], [0, 0, 1]], np.float64)
-    back = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], np.float64)
-    return frames[:, top : top + height, left : left + width], back @ homographies @ shift
 
 
 def decompose(estimated: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -81,9 +71,11 @@ def main() -> None:
     estimated, true = [], []
     for folder in find_sequences(args.data)[: args.sequences]:
         seq = read_sequence(folder)
-        frames, homographies = seq.input, seq.homographies
         if args.crop is not None:
-            frames, homographies = centre_crop(frames, homographies, *args.crop)
+            height, width = args.crop
+            top, left = (seq.input.shape[1] - height) // 2, (seq.input.shape[2] - width) // 2
+            seq = crop_sequence(seq, top, left, height, width)
+        frames, homographies = seq.input, seq.homographies
         height, width = frames.shape[1:3]
         steps = list(stream_steps(backend, as_stream(np.ascontiguousarray(frames))))[1:]  # frame 0: no predecessor
         estimated.append(corner_displacements(np.concatenate([o["homography"] for _, o in steps]), height, width))

@@ -145,3 +145,23 @@ def test_synthetic_stream_shards_workers_without_repeats() -> None:
     ]
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_crops_of_larger_renders_are_windows_of_the_same_clip() -> None:
+    """``crop``: the clip is a window of the full-size render (scene at the full size's scale), at a
+    seeded position, with its homographies moved into the window's pixels."""
+    from models.data.dataset import rendered_clip
+
+    cfg = SynthConfig(height=64, width=96, frames=3)
+    positions = set()
+    for index in range(4):
+        clip = rendered_clip(cfg, 0, "train", index, crop=(32, 48))
+        assert clip["input"].shape == (3, 3, 32, 48)
+        full = render_sequence(cfg, sequence_seed(0, "train", index))
+        pixels = (full.input.astype(np.float32) / 255).transpose(0, 3, 1, 2)
+        hits = [(t, left) for t in range(33) for left in range(49)
+                if np.array_equal(pixels[:, :, t : t + 32, left : left + 48], clip["input"].numpy())]  # fmt: skip
+        assert len(hits) == 1
+        positions.add(hits[0])
+        torch.testing.assert_close(rendered_clip(cfg, 0, "train", index, crop=(32, 48))["input"], clip["input"])
+    assert len(positions) > 1  # the window moves from clip to clip

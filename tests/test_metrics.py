@@ -103,17 +103,22 @@ def test_homography_error_splits_translation_from_the_rest() -> None:
     assert half["slope x"] == pytest.approx(0.5) and half["ratio"] == pytest.approx(0.5)
 
 
-def test_homography_error_centre_crop_keeps_the_motion_in_crop_pixels() -> None:
-    from benchmarks.homography_error import centre_crop
+def test_crop_sequence_keeps_the_motion_in_crop_pixels() -> None:
+    """Cropped frames and labels, and the same motion expressed in the crop's pixels (what the
+    benchmark's --crop and training on crops of larger renders rely on)."""
+    from models.data.synth import crop_sequence
 
-    frames = np.arange(2 * 8 * 12 * 3, dtype=np.uint8).reshape(2, 8, 12, 3)
-    angle = np.deg2rad(3.0)
-    h = np.array([[np.cos(angle), -np.sin(angle), 2.0], [np.sin(angle), np.cos(angle), -1.0], [0, 0, 1]])
-    cropped, hc = centre_crop(frames, np.stack([np.eye(3), h]), 4, 6)
-    assert cropped.shape == (2, 4, 6, 3) and np.array_equal(cropped[0, 0, 0], frames[0, 2, 3])
+    seq = render_sequence(SynthConfig(height=32, width=48, frames=3), seed=5)
+    cropped = crop_sequence(seq, 4, 6, 16, 24)
+    assert cropped.input.shape == (3, 16, 24, 3) and cropped.mask.shape == (3, 16, 24)
+    assert np.array_equal(cropped.input[1, 0, 0], seq.input[1, 4, 6])
+    assert np.array_equal(cropped.mask, seq.mask[:, 4:20, 6:30])
+    assert cropped.target_blurry is not None and cropped.target_blurry.shape == (3, 16, 24, 3)
     p_crop = np.array([1.0, 2.0, 1.0])
-    offset = np.array([3.0, 2.0, 0.0])  # (left, top): the crop's corner in the frame
-    np.testing.assert_allclose(hc[1] @ p_crop, h @ (p_crop + offset) - offset)  # same motion, crop pixels
-    np.testing.assert_allclose(hc[0], np.eye(3))
-    with pytest.raises(ValueError, match="larger"):
-        centre_crop(frames, np.stack([h, h]), 10, 6)
+    offset = np.array([6.0, 4.0, 0.0])  # (left, top): the crop's corner in the frame
+    for h, hc in zip(seq.homographies, cropped.homographies, strict=True):
+        mapped = h @ (p_crop + offset)
+        np.testing.assert_allclose(hc @ p_crop / (hc @ p_crop)[2], mapped / mapped[2] - offset, atol=1e-9)
+    np.testing.assert_allclose(cropped.homographies[0], np.eye(3), atol=1e-12)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_sequence(seq, 20, 0, 16, 24)

@@ -185,9 +185,9 @@ def test_validation_size_is_a_flag(tmp_path: Path) -> None:
     seen: list[int] = []
     real = run.validate
 
-    def spy(model, cfg, sequences=2, frames=8, motion=1.0):  # noqa: ANN001, ANN202
+    def spy(model, cfg, sequences=2, frames=8, motion=1.0, render_size=None):  # noqa: ANN001, ANN202
         seen.append(sequences)
-        return real(model, cfg, sequences=sequences, frames=3, motion=motion)
+        return real(model, cfg, sequences=sequences, frames=3, motion=motion, render_size=render_size)
 
     argv = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path), "--steps", "2", "--size", "32x48", "--batch",
             "2", "--amp", "off", "--validate-every", "2", "--validate-sequences", "3", "--noise", "low"]  # fmt: skip
@@ -198,6 +198,23 @@ def test_validation_size_is_a_flag(tmp_path: Path) -> None:
     assert seen == [3]
     last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert "val_mace" in last and "val_psnr" in last
+
+
+def test_train_on_crops_of_larger_renders(tmp_path: Path) -> None:
+    """--render-size: clips rendered larger and cropped to --size; recorded for the card; a render
+    smaller than the crops is refused before anything runs."""
+    import json
+
+    from service.cli import main
+
+    argv = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path / "run"), "--steps", "2", "--size", "32x48",
+            "--batch", "2", "--amp", "off", "--validate-every", "2", "--noise", "low"]  # fmt: skip
+    assert main([*argv, "--render-size", "64x96"]) == 0
+    config = json.loads(read_metadata(tmp_path / "run" / "last.safetensors")["train_config"])
+    assert config["extra"]["render_size"] == "64x96" and (config["height"], config["width"]) == (32, 48)
+    assert "val_mace" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    with pytest.raises(ValueError, match="smaller than the 32x48 crops"):
+        main([*argv[:4], str(tmp_path / "other"), *argv[5:], "--render-size", "16x96"])
 
 
 def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:

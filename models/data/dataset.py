@@ -24,7 +24,14 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from models.data.format import DataFormatError, SequenceInfo, find_sequences, read_sequence, validate_sequence
-from models.data.synth import DEFAULT_SEED, LabelledSequence, SynthConfig, render_sequence, sequence_seed
+from models.data.synth import (
+    DEFAULT_SEED,
+    LabelledSequence,
+    SynthConfig,
+    crop_sequence,
+    render_sequence,
+    sequence_seed,
+)
 
 
 def _images(frames: np.ndarray) -> Tensor:
@@ -45,12 +52,34 @@ def clip_tensors(seq: LabelledSequence) -> dict[str, Tensor]:
     return clip
 
 
+def rendered_clip(
+    cfg: SynthConfig, seed: int, split: str, index: int, crop: tuple[int, int] | None = None
+) -> dict[str, Tensor]:
+    """Clip ``index`` of ``split``; with ``crop`` (h, w), a window of it at a position drawn from the
+    same seed. Crops of a full-size render keep the scene at the scale the test frames show it,
+    where a render at the crop size shrinks the whole scene into the crop."""
+    seq = render_sequence(cfg, sequence_seed(seed, split, index))
+    if crop is not None:
+        rng = np.random.default_rng(sequence_seed(seed, split, index).spawn(1)[0])
+        top = int(rng.integers(0, cfg.height - crop[0] + 1))
+        left = int(rng.integers(0, cfg.width - crop[1] + 1))
+        seq = crop_sequence(seq, top, left, *crop)
+    return clip_tensors(seq)
+
+
 class SyntheticClips(Dataset):
     """``length`` fixed synthetic clips: item ``i`` is sequence ``i`` of ``split`` (deterministic)."""
 
-    def __init__(self, cfg: SynthConfig, length: int, seed: int = DEFAULT_SEED, split: str = "train") -> None:
+    def __init__(
+        self,
+        cfg: SynthConfig,
+        length: int,
+        seed: int = DEFAULT_SEED,
+        split: str = "train",
+        crop: tuple[int, int] | None = None,
+    ) -> None:
         sequence_seed(seed, split, 0)  # validates split
-        self.cfg, self.length, self.seed, self.split = cfg, length, seed, split
+        self.cfg, self.length, self.seed, self.split, self.crop = cfg, length, seed, split, crop
 
     def __len__(self) -> int:
         return self.length
@@ -58,7 +87,7 @@ class SyntheticClips(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        return clip_tensors(render_sequence(self.cfg, sequence_seed(self.seed, self.split, index)))
+        return rendered_clip(self.cfg, self.seed, self.split, index, self.crop)
 
 
 class SyntheticStream(IterableDataset):
@@ -67,16 +96,23 @@ class SyntheticStream(IterableDataset):
     Resuming a run at step ``s`` with batch ``b`` continues the same stream with ``start = s * b``.
     """
 
-    def __init__(self, cfg: SynthConfig, seed: int = DEFAULT_SEED, split: str = "train", start: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: SynthConfig,
+        seed: int = DEFAULT_SEED,
+        split: str = "train",
+        start: int = 0,
+        crop: tuple[int, int] | None = None,
+    ) -> None:
         sequence_seed(seed, split, 0)
-        self.cfg, self.seed, self.split, self.start = cfg, seed, split, start
+        self.cfg, self.seed, self.split, self.start, self.crop = cfg, seed, split, start, crop
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         worker = get_worker_info()
         offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
         index = self.start + offset
         while True:
-            yield clip_tensors(render_sequence(self.cfg, sequence_seed(self.seed, self.split, index)))
+            yield rendered_clip(self.cfg, self.seed, self.split, index, self.crop)
             index += stride
 
 
@@ -117,4 +153,4 @@ class SequenceFolderClips(Dataset):
         return clip_tensors(read_sequence(info.path, start, self.clip_frames, info=info))
 
 
-__all__ = ["clip_tensors", "SyntheticClips", "SyntheticStream", "SequenceFolderClips"]
+__all__ = ["clip_tensors", "rendered_clip", "SyntheticClips", "SyntheticStream", "SequenceFolderClips"]

@@ -27,7 +27,7 @@ the project's continuous convention (``models/layers.py``): pixel ``(i, j)`` has
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -69,6 +69,24 @@ class SynthConfig:
             raise ValueError("subframes must be >= 1 and exposure a positive odd number (centred window)")
         if self.noise not in NOISE_CHOICES:
             raise ValueError(f"noise must be one of {', '.join(NOISE_CHOICES)}, got {self.noise!r}")
+
+
+def crop_sequence(seq: LabelledSequence, top: int, left: int, height: int, width: int) -> LabelledSequence:
+    """The ``height x width`` window at (top, left) of every frame and label; homographies in the
+    window's pixel coordinates, ``T(-o) H T(o)`` with o = (left, top), so the motion is unchanged."""
+    full_h, full_w = seq.input.shape[1:3]
+    if top < 0 or left < 0 or top + height > full_h or left + width > full_w:
+        raise ValueError(f"crop {height}x{width} at ({top}, {left}) does not fit {full_h}x{full_w}")
+    window = (slice(None), slice(top, top + height), slice(left, left + width))
+    shift = np.array([[1, 0, left], [0, 1, top], [0, 0, 1]], np.float64)
+    back = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], np.float64)
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a[window])
+
+    homographies = back @ seq.homographies @ shift
+    return replace(seq, input=cut(seq.input), target=cut(seq.target), target_blurry=cut(seq.target_blurry),
+                   mask=cut(seq.mask), occluder=cut(seq.occluder), homographies=homographies)  # fmt: skip
 
 
 def sequence_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:

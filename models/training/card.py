@@ -62,9 +62,10 @@ def write_card(
         steps = prior["prior_steps"]
         start = f"; started from `{parent}`, trained {steps} steps ({hours:.2f} h) before ({total} in all)"
     source = extra.get("data", "synthetic")
+    rendered = f" (crops of {extra['render_size']} renders)" if extra.get("render_size") else ""
     data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
-        f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}, noise "
+        f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}{rendered}, noise "
         f"{noise}, camera motion x{extra.get('motion', '1.0')}, fresh clips every step"
         if source == "synthetic"
         else f"- data: `{source}` (on-disk format), clips of {cfg.get('clip_length')} frames"

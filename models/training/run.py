@@ -37,6 +37,7 @@ def training_batches(
     workers: int = 1,
     start_step: int = 0,
     motion: float = 1.0,
+    render_size: tuple[int, int] | None = None,
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
     resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences."""
@@ -48,8 +49,10 @@ def training_batches(
                                 num_workers=workers, persistent_workers=False)  # fmt: skip
             for sample in loader:
                 yield _to_batch(sample)
-    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=cfg.clip_length, noise=noise, motion=motion)
-    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch)
+    height, width = render_size or (cfg.height, cfg.width)
+    synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion)
+    crop = (cfg.height, cfg.width) if render_size else None
+    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch, crop=crop)
     loader = DataLoader(stream, batch_size=cfg.batch, num_workers=workers, prefetch_factor=4 if workers else None)
     for sample in loader:
         yield _to_batch(sample)
@@ -57,12 +60,20 @@ def training_batches(
 
 @torch.no_grad()
 def validate(
-    model: torch.nn.Module, cfg: TrainConfig, sequences: int = 2, frames: int = 8, motion: float = 1.0
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    sequences: int = 2,
+    frames: int = 8,
+    motion: float = 1.0,
+    render_size: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size and motion."""
+    """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size and
+    motion (crops of ``render_size`` renders when training uses them)."""
     model.eval()
-    synth = SynthConfig(height=cfg.height, width=cfg.width, frames=frames, noise="moderate", motion=motion)
-    dataset = SyntheticClips(synth, sequences, seed=VALIDATION_SEED, split="val")
+    height, width = render_size or (cfg.height, cfg.width)
+    synth = SynthConfig(height=height, width=width, frames=frames, noise="moderate", motion=motion)
+    crop = (cfg.height, cfg.width) if render_size else None
+    dataset = SyntheticClips(synth, sequences, seed=VALIDATION_SEED, split="val", crop=crop)
     spec = model.spec  # type: ignore[attr-defined]
     scores: dict[str, list[float]] = {"val_psnr": [], "val_psnr_input": [], "val_iou": [], "val_mace": [],
                                       "val_mace_identity": []}  # fmt: skip
@@ -101,6 +112,7 @@ def train(
     stop_at: int | None = None,
     motion: float = 1.0,
     validate_sequences: int = 2,
+    render_size: tuple[int, int] | None = None,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
@@ -110,7 +122,13 @@ def train(
     split; ``motion=2.5`` there restores the test's pixel statistics (what a conv regressor sees)."""
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
     source = str(data) if data is not None else "synthetic"
-    cfg = replace(cfg, extra={**cfg.extra, "noise": noise, "data": source, "motion": str(motion)})
+    extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
+    if render_size is not None:
+        rendered = f"{render_size[0]}x{render_size[1]}"
+        if render_size[0] < cfg.height or render_size[1] < cfg.width:
+            raise ValueError(f"render size {rendered} is smaller than the {cfg.height}x{cfg.width} crops")
+        extra["render_size"] = rendered
+    cfg = replace(cfg, extra=extra)
     trainer = Trainer(cfg, iter(()))
     if resume and trainer.resume_path.is_file():
         trainer.load()
@@ -120,13 +138,14 @@ def train(
         changed = previous.split()[-1] != str(motion)
         record = f"{previous} to step {trainer.step_index}, then {motion}" if changed else previous
         trainer.cfg = replace(cfg, extra={**cfg.extra, "motion": record})
-    trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion)
+    trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion,
+                                       render_size=render_size)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
     def log_with_validation(record: dict[str, float]) -> None:
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
-            record.update(validate(trainer.model, cfg, sequences=validate_sequences, motion=motion))
+            record.update(validate(trainer.model, cfg, validate_sequences, motion=motion, render_size=render_size))
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]

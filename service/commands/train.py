@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
                      validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
-                     validate_sequences=args.validate_sequences)  # fmt: skip
+                     validate_sequences=args.validate_sequences, render_size=args.render_size)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--validate-every", type=int, default=200, help="validation metrics into the log (0: never)")
     p.add_argument("--validate-sequences", type=int, default=2,
                    help="validation sequences of 8 frames (2: quick, too few to track MACE; use 8+)")  # fmt: skip
+    p.add_argument("--render-size", type=frame_size, default=None,
+                   help="render synthetic clips at HxW (e.g. 320x416) and train on --size crops of them, so the "
+                   "scene keeps the test's scale (default: render at --size)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
