@@ -28,18 +28,20 @@ crop's offset), so the same content and pixel motion can be measured at a smalle
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from benchmarks.restoration_error import data_benchmark
 from export.verify import as_stream, stream_steps
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import crop_sequence
+from models.layers import apply_homography, image_corners
 
 
 def corner_displacements(h: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(n, 3, 3) homographies -> (n, 4, 2) displacements of the image corners, pixels."""
-    corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
-    mapped = np.concatenate([corners, np.ones((4, 1))], 1) @ np.asarray(h, np.float64).transpose(0, 2, 1)
-    return mapped[..., :2] / mapped[..., 2:3] - corners
+    """(n, 3, 3) homographies -> (n, 4, 2) displacements of the image corners, pixels (float64)."""
+    hs = torch.as_tensor(np.asarray(h, np.float64))
+    corners = image_corners(height, width, hs)  # the 4-point parametrisation's corners, (4, 2)
+    return (apply_homography(hs, corners) - corners).numpy()
 
 
 def decompose(estimated: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -75,11 +77,10 @@ def main() -> None:
             height, width = args.crop
             top, left = (seq.input.shape[1] - height) // 2, (seq.input.shape[2] - width) // 2
             seq = crop_sequence(seq, top, left, height, width)
-        frames, homographies = seq.input, seq.homographies
-        height, width = frames.shape[1:3]
-        steps = list(stream_steps(backend, as_stream(np.ascontiguousarray(frames))))[1:]  # frame 0: no predecessor
+        height, width = seq.input.shape[1:3]
+        steps = list(stream_steps(backend, as_stream(seq.input)))[1:]  # frame 0: no predecessor
         estimated.append(corner_displacements(np.concatenate([o["homography"] for _, o in steps]), height, width))
-        true.append(corner_displacements(homographies[1:], height, width))
+        true.append(corner_displacements(seq.homographies[1:], height, width))
     figures = decompose(np.concatenate(estimated), np.concatenate(true))
     print(f"{args.model} ({args.checkpoint}, homography pooling {model.cfg.homography_pool}) on {args.data}"
           + (f", centre crop {args.crop[0]}x{args.crop[1]}" if args.crop else ""))

@@ -30,6 +30,13 @@ def _to_batch(sample: dict[str, torch.Tensor]) -> ClipBatch:
     return ClipBatch(sample["input"], sample["target"], blurry, sample["mask"], sample["homography"])
 
 
+def _render_plan(cfg: TrainConfig, render_size: tuple[int, int] | None) -> tuple[int, int, tuple[int, int] | None]:
+    """(height, width) to render synthetic clips at, and the crop to cut from them (None: none)."""
+    if render_size is None:
+        return cfg.height, cfg.width, None
+    return render_size[0], render_size[1], (cfg.height, cfg.width)
+
+
 def training_batches(
     cfg: TrainConfig,
     data: Path | None = None,
@@ -49,9 +56,8 @@ def training_batches(
                                 num_workers=workers, persistent_workers=False)  # fmt: skip
             for sample in loader:
                 yield _to_batch(sample)
-    height, width = render_size or (cfg.height, cfg.width)
+    height, width, crop = _render_plan(cfg, render_size)
     synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion)
-    crop = (cfg.height, cfg.width) if render_size else None
     stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch, crop=crop)
     loader = DataLoader(stream, batch_size=cfg.batch, num_workers=workers, prefetch_factor=4 if workers else None)
     for sample in loader:
@@ -70,9 +76,8 @@ def validate(
     """PSNR / IoU / MACE of streaming inference on fixed validation clips at the training size and
     motion (crops of ``render_size`` renders when training uses them)."""
     model.eval()
-    height, width = render_size or (cfg.height, cfg.width)
+    height, width, crop = _render_plan(cfg, render_size)
     synth = SynthConfig(height=height, width=width, frames=frames, noise="moderate", motion=motion)
-    crop = (cfg.height, cfg.width) if render_size else None
     dataset = SyntheticClips(synth, sequences, seed=VALIDATION_SEED, split="val", crop=crop)
     spec = model.spec  # type: ignore[attr-defined]
     scores: dict[str, list[float]] = {"val_psnr": [], "val_psnr_input": [], "val_iou": [], "val_mace": [],

@@ -87,10 +87,11 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def prior_training(weights: Path) -> dict[str, str]:
+def prior_training(weights: Path, meta: dict[str, str] | None = None) -> dict[str, str]:
     """What the weights a run starts from (``--init-from``) had been trained for, steps and seconds
-    summed over their own ancestry, so that a fine-tuned checkpoint's card states the whole budget."""
-    meta = read_metadata(weights)
+    summed over their own ancestry, so that a fine-tuned checkpoint's card states the whole budget.
+    ``meta``: their metadata, when the caller has read it already."""
+    meta = read_metadata(weights) if meta is None else meta
     if "steps" not in meta:
         return {}
     steps = int(meta["steps"]) + int(meta.get("prior_steps", "0"))
@@ -109,10 +110,10 @@ class Trainer:
         if cfg.init_from is not None:
             from safetensors.torch import load_file
 
-            state = load_file(str(cfg.init_from))
-            self.prior = prior_training(cfg.init_from)
+            state, meta = load_file(str(cfg.init_from)), read_metadata(cfg.init_from)
+            self.prior = prior_training(cfg.init_from, meta)
             if isinstance(self.model, MostNet) and self.model.cfg.homography_pool == "corners":
-                if read_metadata(cfg.init_from).get("homography_pool", "global") == "global":
+                if meta.get("homography_pool", "global") == "global":
                     state = corner_pooled_state(state)  # same function; the corners then learn apart
             self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
