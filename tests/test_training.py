@@ -174,6 +174,22 @@ def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: P
     assert f"started from `{parent}`, trained 10 steps (1.50 h) before (15 in all)" in card
 
 
+def test_the_budget_follows_init_from_through_weights_older_than_prior_metadata(tmp_path: Path) -> None:
+    """Weights written before ``prior_*`` existed still name their own --init-from in the training
+    config; the ancestry is followed through it, so a third run's card does not drop the first."""
+    import json
+
+    from models.training.trainer import prior_training
+
+    first = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "a.safetensors",
+                            {"steps": "2600", "train_seconds": "16524"})  # fmt: skip
+    legacy = {"steps": "1400", "train_seconds": "6455", "train_config": json.dumps({"init_from": str(first)})}
+    second = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "b.safetensors", legacy)
+    assert prior_training(second) == {"prior_steps": "4000", "prior_seconds": "22979", "prior_weights": str(second)}
+    first.unlink()  # the ancestor is gone: only what the file itself records can be counted
+    assert prior_training(second)["prior_steps"] == "1400"
+
+
 def test_validation_size_is_a_flag(tmp_path: Path) -> None:
     """--validate-sequences sets how many validation sequences (of 7 frame pairs each) the log's
     MACE is averaged over; 2, the default, is too few to see a change in it."""

@@ -94,8 +94,12 @@ def prior_training(weights: Path, meta: dict[str, str] | None = None) -> dict[st
     meta = read_metadata(weights) if meta is None else meta
     if "steps" not in meta:
         return {}
-    steps = int(meta["steps"]) + int(meta.get("prior_steps", "0"))
-    seconds = float(meta.get("train_seconds", "0")) + float(meta.get("prior_seconds", "0"))
+    prior: dict[str, str] = meta
+    if "prior_steps" not in meta:  # written before prior_* existed: follow its own --init-from, if kept
+        parent = json.loads(meta.get("train_config", "{}")).get("init_from")
+        prior = prior_training(Path(parent)) if parent and Path(parent).is_file() else {}
+    steps = int(meta["steps"]) + int(prior.get("prior_steps", "0"))
+    seconds = float(meta.get("train_seconds", "0")) + float(prior.get("prior_seconds", "0"))
     return {"prior_steps": str(steps), "prior_seconds": f"{seconds:.0f}", "prior_weights": str(weights)}
 
 
