@@ -61,9 +61,9 @@ def data_benchmark(
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--sequences", type=int, default=sequences)
     if crop:
-        from service.commands.synth import parse_size
+        from service.commands.common import frame_size
 
-        p.add_argument("--crop", type=parse_size, help="HxW: measure on the centre crop of every frame")
+        p.add_argument("--crop", type=frame_size, help="HxW: measure on the centre crop of every frame")
     args = p.parse_args()
     model, args.checkpoint = load_model(args.model)
     return args, model, TorchBackend(model.eval()).load()

@@ -49,11 +49,9 @@ def write_card(
     noise = noise or extra.get("noise", "mixed")
     report = json.loads(Path(eval_json).read_text())
     seconds = float(meta.get("train_seconds", "nan"))
-    prior = meta if "prior_steps" in meta else {}
-    if not prior and cfg.get("init_from") and Path(cfg["init_from"]).is_file():  # runs older than prior_*
-        from models.training.trainer import prior_training
+    from models.training.trainer import recorded_prior
 
-        prior = prior_training(Path(cfg["init_from"]))
+    prior = recorded_prior(meta)
     start = ""
     if prior:
         total = int(meta.get("steps", 0)) + int(prior["prior_steps"])

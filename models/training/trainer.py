@@ -94,13 +94,20 @@ def prior_training(weights: Path, meta: dict[str, str] | None = None) -> dict[st
     meta = read_metadata(weights) if meta is None else meta
     if "steps" not in meta:
         return {}
-    prior: dict[str, str] = meta
-    if "prior_steps" not in meta:  # written before prior_* existed: follow its own --init-from, if kept
-        parent = json.loads(meta.get("train_config", "{}")).get("init_from")
-        prior = prior_training(Path(parent)) if parent and Path(parent).is_file() else {}
+    prior = recorded_prior(meta)
     steps = int(meta["steps"]) + int(prior.get("prior_steps", "0"))
     seconds = float(meta.get("train_seconds", "0")) + float(prior.get("prior_seconds", "0"))
     return {"prior_steps": str(steps), "prior_seconds": f"{seconds:.0f}", "prior_weights": str(weights)}
+
+
+def recorded_prior(meta: dict[str, str]) -> dict[str, str]:
+    """The ``prior_*`` budget a checkpoint's metadata records. Weights written before those keys
+    existed still name their own --init-from in the training config: the ancestry is followed
+    through it while that file is kept ({} otherwise: only the file's own steps can be counted)."""
+    if "prior_steps" in meta:
+        return meta
+    parent = json.loads(meta.get("train_config", "{}")).get("init_from")
+    return prior_training(Path(parent)) if parent and Path(parent).is_file() else {}
 
 
 class Trainer:
