@@ -268,3 +268,89 @@ def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     assert card.startswith("# most-nss-tiny") and "**Status: test run.**" in card and "noise low" in card
     assert "camera motion x1.0 to step 2, then 2.5" in card
     assert "| BASELINE |" in card and "| most-nss-tiny |" in card and "--no-comparators" in card
+
+
+def test_emphasis_multiplies_the_balanced_weights() -> None:
+    """--emphasis homography=3: ATB still equalises the losses, then the homography weight is tripled."""
+    losses = {"restoration": torch.tensor(0.3), "segmentation": torch.tensor(0.05), "homography": torch.tensor(7.0)}
+    plain = create_balancer("atb", tuple(losses))
+    emphasised = create_balancer("atb", tuple(losses), {"homography": 3.0})
+    total_plain, w_plain = plain.combine(losses)
+    total, w = emphasised.combine(losses)
+    assert w["homography"] == pytest.approx(3 * w_plain["homography"])
+    assert w["restoration"] == pytest.approx(w_plain["restoration"])
+    assert float(total) == pytest.approx(float(total_plain) + 2 * w_plain["homography"] * 7.0)
+    with pytest.raises(ValueError, match="no task 'teeth'"):
+        create_balancer("atb", tuple(losses), {"teeth": 2.0})
+    with pytest.raises(ValueError, match="must be positive"):
+        create_balancer("atb", tuple(losses), {"homography": 0.0})
+
+
+def test_emphasis_flag_parses_task_and_factor() -> None:
+    import argparse
+
+    from service.commands.train import task_factor
+
+    assert task_factor("homography=2.5") == ("homography", 2.5)
+    for bad in ("homography", "homography=", "=2", "homography=-1", "homography=two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="TASK=FACTOR"):
+            task_factor(bad)
+
+
+def test_emphasis_is_refused_for_r2d4(tmp_path: Path) -> None:
+    cfg = TrainConfig(model="r2-d4-tiny", out=tmp_path, emphasis={"homography": 2.0})
+    with pytest.raises(ValueError, match="R2-D4 has fixed stage weights"):
+        Trainer(cfg, iter(()))
+
+
+def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
+    """--keep-best mace: best.safetensors holds the weights of the step with the lowest validation
+    MACE (not the last step), says so in its metadata, survives --resume, and `vident ship --best`
+    ships it. The validation is replaced by a script of scores so the ranking is known."""
+    import json
+    from unittest import mock
+
+    from safetensors.torch import load_file
+
+    import models.training.run as run
+    from service.cli import main
+
+    scores = iter([5.0, 3.0, 4.0, 2.5, 9.0])  # steps 1..5: best at 2, then at 4
+
+    def scripted(model, cfg, sequences=2, frames=8, motion=1.0, render_size=None):  # noqa: ANN001, ANN202
+        return {"val_psnr": 20.0, "val_iou": 0.5, "val_mace": next(scores), "val_mace_identity": 6.0}
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="most-nss-tiny", out=out, steps=5, batch=1, clip_length=2, height=32, width=48,
+                      amp="off", checkpoint_every=1, log_every=1)  # fmt: skip
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    real_offer = run.BestKeeper.offer
+
+    def spy_offer(self, record):  # noqa: ANN001, ANN202
+        kept[int(record["step"])] = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+        return real_offer(self, record)
+
+    common = {"noise": "low", "workers": 0, "validate_every": 1, "progress": False, "keep_best": "mace"}
+    with mock.patch.object(run, "validate", scripted), mock.patch.object(run.BestKeeper, "offer", spy_offer):
+        run.train(cfg, stop_at=3, **common)
+        assert read_metadata(out / "best.safetensors")["steps"] == "2"
+        run.train(cfg, resume=True, **common)
+    meta = read_metadata(out / "best.safetensors")
+    assert (meta["steps"], meta["best_metric"], float(meta["best_value"])) == ("4", "mace", 2.5)
+    assert float(meta["val_mace"]) == 2.5
+    best = load_file(str(out / "best.safetensors"))
+    assert all(torch.equal(best[k], kept[4][k]) for k in best)
+    assert not all(torch.equal(best[k], kept[5][k]) for k in best)  # the last step is not the best
+    assert json.loads(meta["train_config"])["steps"] == 5
+
+    data = tmp_path / "test"
+    assert main(["synth", "--out", str(data), "--split", "test", "--sequences", "1", "--frames", "2",
+                 "--size", "32x48"]) == 0  # fmt: skip
+    shipped = tmp_path / "ship"
+    assert main(["ship", str(out), "--best", "--data", str(data), "--no-comparators", "--checkpoint-dir",
+                 str(shipped)]) == 0  # fmt: skip
+    card = (shipped / "most-nss-tiny.md").read_text()
+    assert "best validation mace (2.5)" in card
+    assert read_metadata(shipped / "most-nss-tiny.safetensors")["steps"] == "4"
+    with pytest.raises(ValueError, match="needs --validate-every"):
+        run.train(cfg, **{**common, "validate_every": 0})

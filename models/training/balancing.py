@@ -23,12 +23,15 @@ class Balancer:
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
+        # Fixed factors on top of the method's weights (``vident train --emphasis``): ATB equalises
+        # the weighted losses, so it cannot be told that one task matters more than the others.
+        self.emphasis = {t: 1.0 for t in self.tasks}
 
     def weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
     def combine(self, losses: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        weights = self.weights(losses)
+        weights = {t: w * self.emphasis[t] for t, w in self.weights(losses).items()}
         total = sum(weights[t] * losses[t] for t in self.tasks)
         return total, weights  # type: ignore[return-value]
 
@@ -106,8 +109,16 @@ BALANCERS: dict[str, type[Balancer]] = {
 }
 
 
-def create_balancer(name: str, tasks: Sequence[str]) -> Balancer:
+def create_balancer(name: str, tasks: Sequence[str], emphasis: Mapping[str, float] | None = None) -> Balancer:
+    """``emphasis``: task -> factor multiplying that task's weight (1 for tasks not named)."""
     try:
-        return BALANCERS[name](tasks)
+        balancer = BALANCERS[name](tasks)
     except KeyError:
         raise ValueError(f"unknown task balancing {name!r}; choose from {', '.join(BALANCERS)}") from None
+    for task, factor in (emphasis or {}).items():
+        if task not in balancer.emphasis:
+            raise ValueError(f"no task {task!r} to emphasise; tasks: {', '.join(balancer.tasks)}")
+        if not factor > 0:
+            raise ValueError(f"emphasis of {task!r} must be positive, got {factor}")
+        balancer.emphasis[task] = float(factor)
+    return balancer

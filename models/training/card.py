@@ -71,13 +71,18 @@ def write_card(
     parts = [f"# {meta['model']}: `{checkpoint.name}`", ""]
     if status:
         parts += [status.strip(), ""]
+    if "best_metric" in meta:
+        chosen = f"the run's best validation {meta['best_metric']} ({float(meta['best_value']):.4g}) of its checkpoints"
+        data_line += f"\n- weights: {chosen}, not necessarily its last step"
     parts += [
         "## Training",
         "",
         data_line,
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine){start}",
-        f"- task balancing: {cfg.get('balancing', '-')}" if "structure" in meta else "- loss: MSE(R) + 0.6 MSE(R')",
+        f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
+        if "structure" in meta
+        else "- loss: MSE(R) + 0.6 MSE(R')",
         f"- mixed precision: {meta.get('amp')}",
         f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or cpu_model()}",
         f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",
@@ -105,7 +110,7 @@ def write_card(
 
 
 def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None) -> Path:
-    """A run's fp32 ``last.safetensors`` -> ``models/checkpoints/<name>.safetensors`` in float16.
+    """A run's fp32 ``last.safetensors`` (or ``best``) -> ``models/checkpoints/<name>.safetensors`` in float16.
 
     Half the bytes in the repository; the model computes in float32 after loading, and the card's
     evaluation is measured on this very file, so the rounding is part of what is measured.
@@ -121,5 +126,13 @@ def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None)
         for k, v in load_file(str(run_weights)).items()
     }
     out = (directory or CHECKPOINT_DIR) / f"{name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={**meta, "dtype": "float16", "source_run": run_weights.parent.name})
     return out
+
+
+def emphasis_text(emphasis: dict[str, float] | None) -> str:
+    """`` with homography weight x2`` for runs trained with ``--emphasis`` (empty otherwise)."""
+    if not emphasis:
+        return ""
+    return " with " + ", ".join(f"{task} weight x{factor:g}" for task, factor in sorted(emphasis.items()))

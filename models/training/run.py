@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models.checkpoints import read_metadata
+from models.checkpoints import read_metadata, save_checkpoint
 from models.data.dataset import SequenceFolderClips, SyntheticClips, SyntheticStream
 from models.data.synth import SynthConfig
 from models.metrics import iou, mace, psnr
 from models.training.trainer import ClipBatch, TrainConfig, Trainer
 
 VALIDATION_SEED = 7  # validation clips come from the "val" split with this seed
+# --keep-best: the validation metric that ranks checkpoints, and whether higher is better.
+BEST_METRICS = {"psnr": ("val_psnr", True), "iou": ("val_iou", True), "mace": ("val_mace", False)}
 
 
 def _to_batch(sample: dict[str, torch.Tensor]) -> ClipBatch:
@@ -118,13 +120,19 @@ def train(
     motion: float = 1.0,
     validate_sequences: int = 2,
     render_size: tuple[int, int] | None = None,
+    keep_best: str | None = None,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
 
     ``motion`` multiplies the synthetic camera speed. Speeds are quoted at 320x416 and scale with the
     crop, so a 128x160 crop sees 2.5 times fewer pixels of motion and blur than the 320x416 test
-    split; ``motion=2.5`` there restores the test's pixel statistics (what a conv regressor sees)."""
+    split; ``motion=2.5`` there restores the test's pixel statistics (what a conv regressor sees).
+
+    ``keep_best`` ("psnr", "iou" or "mace") also keeps ``best.safetensors``, the weights that scored
+    best on that validation metric (see ``BestKeeper``)."""
+    if keep_best is not None and not validate_every:
+        raise ValueError("--keep-best ranks checkpoints by validation: it needs --validate-every > 0")
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
     source = str(data) if data is not None else "synthetic"
     extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
@@ -153,8 +161,53 @@ def train(
             record.update(validate(trainer.model, cfg, validate_sequences, motion=motion, render_size=render_size))
         original_log(record)
 
+    if keep_best is not None:
+        keeper = BestKeeper(trainer, keep_best)
+        validated = log_with_validation
+
+        def log_with_validation(record: dict[str, float]) -> None:
+            validated(record)
+            keeper.offer(record)
+
     trainer.log = log_with_validation  # type: ignore[method-assign]
     return trainer.fit(progress=progress, until=stop_at)
+
+
+class BestKeeper:
+    """Keeps ``best.safetensors`` beside ``last.safetensors``: the weights that scored best on the
+    validation so far. Checkpoints a few hundred steps apart differ by more than the late steps
+    gain (the homography most of all), so the end of a run is not necessarily its best point.
+    The score lives in the file's metadata, so a resumed run goes on comparing against it."""
+
+    def __init__(self, trainer: Trainer, metric: str) -> None:
+        if metric not in BEST_METRICS:
+            raise ValueError(f"unknown --keep-best metric {metric!r}; choose from {', '.join(BEST_METRICS)}")
+        self.trainer = trainer
+        self.metric = metric
+        self.key, self.higher = BEST_METRICS[metric]
+        self.path = trainer.cfg.out / "best.safetensors"
+        self.best: float | None = None
+        if self.path.is_file():
+            meta = read_metadata(self.path)
+            if meta.get("best_metric") == metric:
+                self.best = float(meta["best_value"])
+
+    def offer(self, record: dict[str, float]) -> bool:
+        """Saves the current weights if ``record``'s validation beats the best so far."""
+        if self.key not in record:
+            if "val_psnr" in record:  # validated, but the model has no such output (R2-D4 and mace)
+                raise ValueError(f"--keep-best {self.metric}: validation of this model gives no {self.key}")
+            return False
+        value = float(record[self.key])
+        if self.best is not None and (value <= self.best if self.higher else value >= self.best):
+            return False
+        self.best = value
+        validation = {k: f"{v:.6g}" for k, v in record.items() if k.startswith("val_")}
+        meta = {**self.trainer.metadata(), **validation, "best_metric": self.metric, "best_value": repr(value)}
+        tmp = self.path.with_name("best.tmp.safetensors")
+        save_checkpoint(self.trainer.model, tmp, meta)
+        tmp.replace(self.path)
+        return True
 
 
 def neural_scale_search(

@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup: int = 100
     balancing: str = "atb"
+    emphasis: dict[str, float] = field(default_factory=dict)  # task -> factor on its balanced weight
     seed: int = 0
     device: str = "cpu"
     amp: str = "auto"  # auto | bf16 | fp16 | off
@@ -130,6 +131,8 @@ class Trainer:
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
             raise TypeError(f"cannot train {type(self.model).__name__}")
+        if cfg.emphasis and not self.is_most:
+            raise ValueError("task emphasis weights MOST's tasks; R2-D4 has fixed stage weights")
         self.model.to(memory_format=torch.channels_last)
         self.gates: ScaleGates | None = None
         if cfg.search:
@@ -142,7 +145,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.balancer: Balancer | None = (
-            create_balancer(cfg.balancing, ("restoration", "segmentation", "homography")) if self.is_most else None
+            create_balancer(cfg.balancing, ("restoration", "segmentation", "homography"), cfg.emphasis)
+            if self.is_most
+            else None
         )
         self.perceptual = VGGPerceptual(cfg.perceptual_weights).to(cfg.device) if cfg.perceptual_weights else None
         self.amp_dtype = autocast_dtype(cfg)

@@ -17,15 +17,17 @@ def run(args: argparse.Namespace) -> int:
     from models.training.card import ship_checkpoint, write_card
     from service.commands.eval import write_report_json
 
-    weights = args.run / "last.safetensors"
+    weights = args.run / ("best.safetensors" if args.best else "last.safetensors")
     if not weights.is_file():
-        print(f"no weights in {args.run}: expected {weights.name} (from `vident train --out {args.run}`)")
+        how = f"vident train --out {args.run}" + (" --keep-best METRIC" if args.best else "")
+        print(f"no weights in {args.run}: expected {weights.name} (from `{how}`)")
         return 2
     meta = read_metadata(weights)
     name = args.name or meta["model"]
     directory = args.checkpoint_dir or CHECKPOINT_DIR
     shipped = ship_checkpoint(weights, name, directory)
-    print(f"shipped {shipped} (step {meta.get('steps')})")
+    chosen = f", best validation {meta['best_metric']} {float(meta['best_value']):.4g}" if args.best else ""
+    print(f"shipped {shipped} (step {meta.get('steps')}{chosen})")
     report = evaluate(str(shipped), args.data, max_sequences=args.max_sequences, comparators=not args.no_comparators)
     eval_json = args.eval_json or (args.run / f"eval-{name}.json")
     write_report_json(report, eval_json)
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ship", help="ship a training run as an fp16 checkpoint with a measured model card")
     p.add_argument("run", type=Path, help="run folder of `vident train --out` (its last.safetensors)")
+    p.add_argument("--best", action="store_true",
+                   help="ship the run's best.safetensors (`vident train --keep-best`) instead of its last")
     p.add_argument("--name", help="shipped name (default: the run's model name)")
     p.add_argument("--data", type=Path, default=Path("data/test"), help="labelled test split (default data/test)")
     p.add_argument("--max-sequences", type=int, help="evaluate on the first N sequences only")

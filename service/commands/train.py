@@ -8,6 +8,18 @@ from pathlib import Path
 from service.commands.common import frame_size
 
 
+def task_factor(text: str) -> tuple[str, float]:
+    """``homography=2`` -> ("homography", 2.0), for --emphasis."""
+    task, sep, factor = text.partition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = float("nan")
+    if not sep or not task or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected TASK=FACTOR with a positive factor, got {text!r}")
+    return task, value
+
+
 def run(args: argparse.Namespace) -> int:
     from models.training.run import neural_scale_search, train
     from models.training.trainer import TrainConfig
@@ -17,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
         height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
         amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
-        perceptual_weights=args.perceptual_weights, init_from=args.init_from,
+        perceptual_weights=args.perceptual_weights, init_from=args.init_from, emphasis=dict(args.emphasis),
     )  # fmt: skip
     if args.search:
         path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
@@ -26,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
                      validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
-                     validate_sequences=args.validate_sequences, render_size=args.render_size)  # fmt: skip
+                     validate_sequences=args.validate_sequences, render_size=args.render_size,
+                     keep_best=args.keep_best)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -52,6 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--render-size", type=frame_size, default=None,
                    help="render synthetic clips at HxW (e.g. 320x416) and train on --size crops of them, so the "
                    "scene keeps the test's scale (default: render at --size)")  # fmt: skip
+    p.add_argument("--emphasis", type=task_factor, action="append", default=[], metavar="TASK=FACTOR",
+                   help="MOST: multiply a task's balanced weight, e.g. homography=2 (repeatable)")
+    p.add_argument("--keep-best", choices=("psnr", "iou", "mace"), default=None,
+                   help="also keep best.safetensors, the weights best on this validation metric "
+                   "(validate on 8+ sequences; ship it with `vident ship --best`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
