@@ -354,3 +354,6 @@ def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
     assert read_metadata(shipped / "most-nss-tiny.safetensors")["steps"] == "4"
     with pytest.raises(ValueError, match="needs --validate-every"):
         run.train(cfg, **{**common, "validate_every": 0})
+    r2d4 = TrainConfig(model="r2-d4-tiny", out=tmp_path / "r2d4", steps=1, height=32, width=48)
+    with pytest.raises(ValueError, match="has no mask or homography; use psnr"):
+        run.train(r2d4, **common)
