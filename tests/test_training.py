@@ -350,7 +350,7 @@ def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
     assert main(["ship", str(out), "--best", "--data", str(data), "--no-comparators", "--checkpoint-dir",
                  str(shipped)]) == 0  # fmt: skip
     card = (shipped / "most-nss-tiny.md").read_text()
-    assert "best validation mace (2.5)" in card
+    assert "- checkpoint: the run's best validation mace (2.5)" in card
     assert read_metadata(shipped / "most-nss-tiny.safetensors")["steps"] == "4"
     with pytest.raises(ValueError, match="needs --validate-every"):
         run.train(cfg, **{**common, "validate_every": 0})

@@ -73,7 +73,7 @@ def write_card(
         parts += [status.strip(), ""]
     if "best_metric" in meta:
         chosen = f"the run's best validation {meta['best_metric']} ({float(meta['best_value']):.4g}) of its checkpoints"
-        data_line += f"\n- weights: {chosen}, not necessarily its last step"
+        data_line += f"\n- checkpoint: {chosen}, not necessarily its last step"
     parts += [
         "## Training",
         "",
