@@ -4,6 +4,7 @@ checkpoints round-trip bit-exact."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,12 @@ def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
     assert read_metadata(shipped / "most-nss-tiny.safetensors")["steps"] == "4"
     with pytest.raises(ValueError, match="needs --validate-every"):
         run.train(cfg, **{**common, "validate_every": 0})
+    # a fresh run (no --resume) in the same folder does not compete with the old run's best
+    scores = iter([7.0, 8.0])
+    with mock.patch.object(run, "validate", scripted):
+        run.train(replace(cfg, steps=2), **common)
+    assert (read_metadata(out / "best.safetensors")["steps"], read_metadata(out / "best.safetensors")["best_value"]) \
+        == ("1", "7.0")  # fmt: skip
     r2d4 = TrainConfig(model="r2-d4-tiny", out=tmp_path / "r2d4", steps=1, height=32, width=48)
     with pytest.raises(ValueError, match="has no mask or homography; use psnr"):
         run.train(r2d4, **common)

@@ -162,7 +162,7 @@ def train(
         original_log(record)
 
     if keep_best is not None:
-        keeper = BestKeeper(trainer, keep_best)
+        keeper = BestKeeper(trainer, keep_best, carry_over=resume and trainer.resume_path.is_file())
         validated = log_with_validation
 
         def log_with_validation(record: dict[str, float]) -> None:
@@ -177,9 +177,10 @@ class BestKeeper:
     """Keeps ``best.safetensors`` beside ``last.safetensors``: the weights that scored best on the
     validation so far. Checkpoints a few hundred steps apart differ by more than the late steps
     gain (the homography most of all), so the end of a run is not necessarily its best point.
-    The score lives in the file's metadata, so a resumed run goes on comparing against it."""
+    The score lives in the file's metadata, so a resumed run (``carry_over``) goes on comparing
+    against it; a fresh run in the same folder starts its own."""
 
-    def __init__(self, trainer: Trainer, metric: str) -> None:
+    def __init__(self, trainer: Trainer, metric: str, carry_over: bool = False) -> None:
         if metric not in BEST_METRICS:
             raise ValueError(f"unknown --keep-best metric {metric!r}; choose from {', '.join(BEST_METRICS)}")
         if metric != "psnr" and not trainer.is_most:
@@ -189,7 +190,7 @@ class BestKeeper:
         self.key, self.higher = BEST_METRICS[metric]
         self.path = trainer.cfg.out / "best.safetensors"
         self.best: float | None = None
-        if self.path.is_file():
+        if carry_over and self.path.is_file():
             meta = read_metadata(self.path)
             if meta.get("best_metric") == metric:
                 self.best = float(meta["best_value"])
