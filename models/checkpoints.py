@@ -28,7 +28,10 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
         meta["structure"] = model.structure.to_json()
         meta["homography_pool"] = model.cfg.homography_pool
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    # Written aside and renamed: a run killed mid-write keeps its previous last/best weights whole.
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
     return path
 
 

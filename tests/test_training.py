@@ -359,8 +359,8 @@ def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
     scores = iter([7.0, 8.0])
     with mock.patch.object(run, "validate", scripted):
         run.train(replace(cfg, steps=2), **common)
-    assert (read_metadata(out / "best.safetensors")["steps"], read_metadata(out / "best.safetensors")["best_value"]) \
-        == ("1", "7.0")  # fmt: skip
+    meta = read_metadata(out / "best.safetensors")
+    assert (meta["steps"], meta["best_value"]) == ("1", "7.0")
     r2d4 = TrainConfig(model="r2-d4-tiny", out=tmp_path / "r2d4", steps=1, height=32, width=48)
     with pytest.raises(ValueError, match="has no mask or homography; use psnr"):
         run.train(r2d4, **common)

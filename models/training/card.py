@@ -71,13 +71,12 @@ def write_card(
     parts = [f"# {meta['model']}: `{checkpoint.name}`", ""]
     if status:
         parts += [status.strip(), ""]
-    if "best_metric" in meta:
-        chosen = f"the run's best validation {meta['best_metric']} ({float(meta['best_value']):.4g}) of its checkpoints"
-        data_line += f"\n- checkpoint: {chosen}, not necessarily its last step"
+    chosen = best_checkpoint_text(meta)
     parts += [
         "## Training",
         "",
         data_line,
+        *([f"- checkpoint: the run's {chosen} of its checkpoints, not necessarily its last step"] if chosen else []),
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine){start}",
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
@@ -136,3 +135,10 @@ def emphasis_text(emphasis: dict[str, float] | None) -> str:
     if not emphasis:
         return ""
     return " with " + ", ".join(f"{task} weight x{factor:g}" for task, factor in sorted(emphasis.items()))
+
+
+def best_checkpoint_text(meta: dict[str, str]) -> str:
+    """``best validation mace (3.535)`` for weights kept by ``vident train --keep-best`` (else empty)."""
+    if "best_metric" not in meta:
+        return ""
+    return f"best validation {meta['best_metric']} ({float(meta['best_value']):.4g})"

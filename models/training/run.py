@@ -143,7 +143,8 @@ def train(
         extra["render_size"] = rendered
     cfg = replace(cfg, extra=extra)
     trainer = Trainer(cfg, iter(()))
-    if resume and trainer.resume_path.is_file():
+    resumed = resume and trainer.resume_path.is_file()
+    if resumed:
         trainer.load()
         # A resumed run may change the motion; the card must say which steps saw which.
         before = json.loads(read_metadata(cfg.out / "last.safetensors").get("train_config", "{}")).get("extra") or {}
@@ -155,19 +156,14 @@ def train(
                                        render_size=render_size)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    keeper = BestKeeper(trainer, keep_best, carry_over=resumed) if keep_best is not None else None
 
     def log_with_validation(record: dict[str, float]) -> None:
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
             record.update(validate(trainer.model, cfg, validate_sequences, motion=motion, render_size=render_size))
+            if keeper is not None:
+                keeper.offer(record)
         original_log(record)
-
-    if keep_best is not None:
-        keeper = BestKeeper(trainer, keep_best, carry_over=resume and trainer.resume_path.is_file())
-        validated = log_with_validation
-
-        def log_with_validation(record: dict[str, float]) -> None:
-            validated(record)
-            keeper.offer(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]
     return trainer.fit(progress=progress, until=stop_at)
@@ -197,17 +193,13 @@ class BestKeeper:
 
     def offer(self, record: dict[str, float]) -> bool:
         """Saves the current weights if ``record``'s validation beats the best so far."""
-        if self.key not in record:  # a step without validation
-            return False
         value = float(record[self.key])
         if self.best is not None and (value <= self.best if self.higher else value >= self.best):
             return False
         self.best = value
         validation = {k: f"{v:.6g}" for k, v in record.items() if k.startswith("val_")}
         meta = {**self.trainer.metadata(), **validation, "best_metric": self.metric, "best_value": repr(value)}
-        tmp = self.path.with_name("best.tmp.safetensors")
-        save_checkpoint(self.trainer.model, tmp, meta)
-        tmp.replace(self.path)
+        save_checkpoint(self.trainer.model, self.path, meta)
         return True
 
 

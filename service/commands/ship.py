@@ -14,7 +14,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CHECKPOINT_DIR, read_metadata
     from models.evaluation import evaluate
-    from models.training.card import ship_checkpoint, write_card
+    from models.training.card import best_checkpoint_text, ship_checkpoint, write_card
     from service.commands.eval import write_report_json
 
     weights = args.run / ("best.safetensors" if args.best else "last.safetensors")
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or meta["model"]
     directory = args.checkpoint_dir or CHECKPOINT_DIR
     shipped = ship_checkpoint(weights, name, directory)
-    chosen = f", best validation {meta['best_metric']} {float(meta['best_value']):.4g}" if args.best else ""
-    print(f"shipped {shipped} (step {meta.get('steps')}{chosen})")
+    chosen = best_checkpoint_text(meta)
+    print(f"shipped {shipped} (step {meta.get('steps')}{', ' + chosen if chosen else ''})")
     report = evaluate(str(shipped), args.data, max_sequences=args.max_sequences, comparators=not args.no_comparators)
     eval_json = args.eval_json or (args.run / f"eval-{name}.json")
     write_report_json(report, eval_json)
