@@ -364,3 +364,59 @@ def test_keep_best_keeps_the_best_validated_weights(tmp_path: Path) -> None:
     r2d4 = TrainConfig(model="r2-d4-tiny", out=tmp_path / "r2d4", steps=1, height=32, width=48)
     with pytest.raises(ValueError, match="has no mask or homography; use psnr"):
         run.train(r2d4, **common)
+
+
+def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
+    """--whole-every: steps N, 2N, ... get whole --render-size frames at --whole-batch, the others
+    --size crops; a resumed run picks both streams up where they stopped; validation runs on whole
+    frames; the mix is recorded for the card; without --render-size it is refused."""
+    import json
+
+    from models.data.dataset import rendered_clip
+    from models.data.synth import SynthConfig
+    from models.training.run import training_batches
+    from models.training.trainer import TrainConfig
+
+    cfg = TrainConfig(height=32, width=48, batch=3, clip_length=2)
+    stream = training_batches(cfg, noise="low", workers=0, render_size=(64, 96), whole_every=3, whole_batch=2)
+    shapes = [tuple(next(stream).input.shape) for _ in range(6)]
+    crop, whole = (3, 2, 3, 32, 48), (2, 2, 3, 64, 96)
+    assert shapes == [crop, crop, whole, crop, crop, whole]
+    # Resuming after 4 steps: step 5 is the 4th crop batch, step 6 the 2nd whole one.
+    again = training_batches(cfg, noise="low", workers=0, start_step=4, render_size=(64, 96), whole_every=3,
+                             whole_batch=2)  # fmt: skip
+    fresh = training_batches(cfg, noise="low", workers=0, render_size=(64, 96), whole_every=3, whole_batch=2)
+    batches = [next(fresh) for _ in range(6)]
+    for got, want in zip([next(again), next(again)], batches[4:], strict=True):
+        assert torch.equal(got.input, want.input)
+    # Whole clips are other scenes than the ones the crops are cut from (clip 0 is the first crop's).
+    synth = SynthConfig(height=64, width=96, frames=2, noise="low")
+    assert not torch.equal(batches[2].input[0], rendered_clip(synth, cfg.seed, "train", 0)["input"])
+
+    from service.cli import main
+
+    argv = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path / "run"), "--steps", "2", "--size", "32x48",
+            "--batch", "2", "--amp", "off", "--validate-every", "2", "--noise", "low",
+            "--whole-every", "2"]  # fmt: skip
+    with pytest.raises(ValueError, match="give --render-size"):
+        main(argv)
+    assert main([*argv, "--render-size", "64x96", "--whole-batch", "1"]) == 0
+    meta = read_metadata(tmp_path / "run" / "last.safetensors")
+    assert json.loads(meta["train_config"])["extra"]["whole_frames"] == "every 2 steps, batch 1"
+    from models.training.card import write_card
+
+    report = {"frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch", "device": "cpu",
+              "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    card = write_card(tmp_path / "run" / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
+    assert "(crops of 64x96 renders; whole 64x96 frames every 2 steps, batch 1)" in card
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    # Whole 64x96 frames: the identity's MACE grows with the frame, so it differs from a 32x48 crop's.
+    from models.registry import create_model
+    from models.training.run import validate
+
+    model = create_model("most-nss-tiny")
+    whole = validate(model, TrainConfig(height=64, width=96), 2, frames=8)
+    crops = validate(model, TrainConfig(height=32, width=48), 2, frames=8, render_size=(64, 96))
+    assert record["val_mace_identity"] == pytest.approx(whole["val_mace_identity"])
+    assert record["val_mace_identity"] != pytest.approx(crops["val_mace_identity"])

@@ -61,6 +61,8 @@ def write_card(
         start = f"; started from `{parent}`, trained {steps} steps ({hours:.2f} h) before ({total} in all)"
     source = extra.get("data", "synthetic")
     rendered = f" (crops of {extra['render_size']} renders)" if extra.get("render_size") else ""
+    if extra.get("whole_frames"):
+        rendered = rendered[:-1] + f"; whole {extra['render_size']} frames {extra['whole_frames']})"
     data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
         f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}{rendered}, noise "

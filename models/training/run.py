@@ -7,6 +7,7 @@ retrain the derived network from scratch. Each phase is a resumable run in its o
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -23,6 +24,9 @@ from models.metrics import iou, mace, psnr
 from models.training.trainer import ClipBatch, TrainConfig, Trainer
 
 VALIDATION_SEED = 7  # validation clips come from the "val" split with this seed
+# --whole-every: whole-frame clips come from this disjoint index range of the same training stream,
+# so they never repeat a scene the crop batches are cut from.
+WHOLE_INDEX_BASE = 1 << 40
 # --keep-best: the validation metric that ranks checkpoints, and whether higher is better.
 BEST_METRICS = {"psnr": ("val_psnr", True), "iou": ("val_iou", True), "mace": ("val_mace", False)}
 
@@ -39,6 +43,14 @@ def _render_plan(cfg: TrainConfig, render_size: tuple[int, int] | None) -> tuple
     return render_size[0], render_size[1], (cfg.height, cfg.width)
 
 
+def _synthetic_batches(synth: SynthConfig, cfg: TrainConfig, start: int, batch: int, workers: int,
+                       crop: tuple[int, int] | None) -> Iterator[ClipBatch]:  # fmt: skip
+    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start, crop=crop)
+    loader = DataLoader(stream, batch_size=batch, num_workers=workers, prefetch_factor=4 if workers else None)
+    for sample in loader:
+        yield _to_batch(sample)
+
+
 def training_batches(
     cfg: TrainConfig,
     data: Path | None = None,
@@ -47,9 +59,15 @@ def training_batches(
     start_step: int = 0,
     motion: float = 1.0,
     render_size: tuple[int, int] | None = None,
+    whole_every: int = 0,
+    whole_batch: int = 2,
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
-    resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences."""
+    resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences.
+
+    ``whole_every`` > 0: every that many steps (counted from 1) the batch is ``whole_batch`` whole
+    ``render_size`` clips instead of crops. Crops teach restoration cheaply at the test's scene
+    scale; only whole frames show the rotation and zoom the test's field of view carries."""
     if data is not None:
         dataset = SequenceFolderClips(data, clip_frames=cfg.clip_length)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -60,10 +78,14 @@ def training_batches(
                 yield _to_batch(sample)
     height, width, crop = _render_plan(cfg, render_size)
     synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion)
-    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start_step * cfg.batch, crop=crop)
-    loader = DataLoader(stream, batch_size=cfg.batch, num_workers=workers, prefetch_factor=4 if workers else None)
-    for sample in loader:
-        yield _to_batch(sample)
+    if not whole_every:
+        yield from _synthetic_batches(synth, cfg, start_step * cfg.batch, cfg.batch, workers, crop)
+        return
+    whole_before = start_step // whole_every
+    crops = _synthetic_batches(synth, cfg, (start_step - whole_before) * cfg.batch, cfg.batch, workers, crop)
+    wholes = _synthetic_batches(synth, cfg, WHOLE_INDEX_BASE + whole_before * whole_batch, whole_batch, workers, None)
+    for step in itertools.count(start_step + 1):
+        yield next(wholes) if step % whole_every == 0 else next(crops)
 
 
 @torch.no_grad()
@@ -121,6 +143,8 @@ def train(
     validate_sequences: int = 2,
     render_size: tuple[int, int] | None = None,
     keep_best: str | None = None,
+    whole_every: int = 0,
+    whole_batch: int = 2,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
@@ -130,7 +154,10 @@ def train(
     split; ``motion=2.5`` there restores the test's pixel statistics (what a conv regressor sees).
 
     ``keep_best`` ("psnr", "iou" or "mace") also keeps ``best.safetensors``, the weights that scored
-    best on that validation metric (see ``BestKeeper``)."""
+    best on that validation metric (see ``BestKeeper``).
+
+    ``whole_every`` mixes whole ``render_size`` frames into a run on crops (``training_batches``); its
+    validation then runs on whole frames too, the test's frame rather than the crops'."""
     if keep_best is not None and not validate_every:
         raise ValueError("--keep-best ranks checkpoints by validation: it needs --validate-every > 0")
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
@@ -141,7 +168,18 @@ def train(
         if render_size[0] < cfg.height or render_size[1] < cfg.width:
             raise ValueError(f"render size {rendered} is smaller than the {cfg.height}x{cfg.width} crops")
         extra["render_size"] = rendered
+    if whole_every:
+        if render_size is None or data is not None:
+            raise ValueError("--whole-every mixes whole --render-size frames into synthetic crops: give --render-size")
+        if whole_every < 2 or whole_batch < 1:
+            raise ValueError("--whole-every must be at least 2 (1 would be all whole frames: --size) and "
+                             "--whole-batch at least 1")  # fmt: skip
+        extra["whole_frames"] = f"every {whole_every} steps, batch {whole_batch}"
     cfg = replace(cfg, extra=extra)
+    # What validation measures: the crops trained on, or whole frames when the run mixes them in.
+    val_cfg, val_render = cfg, render_size
+    if whole_every and render_size is not None:
+        val_cfg, val_render = replace(cfg, height=render_size[0], width=render_size[1]), None
     trainer = Trainer(cfg, iter(()))
     resumed = resume and trainer.resume_path.is_file()
     if resumed:
@@ -153,14 +191,15 @@ def train(
         record = f"{previous} to step {trainer.step_index}, then {motion}" if changed else previous
         trainer.cfg = replace(cfg, extra={**cfg.extra, "motion": record})
     trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion,
-                                       render_size=render_size)  # fmt: skip
+                                       render_size=render_size, whole_every=whole_every,
+                                       whole_batch=whole_batch)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     keeper = BestKeeper(trainer, keep_best, carry_over=resumed) if keep_best is not None else None
 
     def log_with_validation(record: dict[str, float]) -> None:
         if validate_every and (record["step"] % validate_every == 0 or record["step"] == last):
-            record.update(validate(trainer.model, cfg, validate_sequences, motion=motion, render_size=render_size))
+            record.update(validate(trainer.model, val_cfg, validate_sequences, motion=motion, render_size=val_render))
             if keeper is not None:
                 keeper.offer(record)
         original_log(record)

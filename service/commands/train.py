@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         path = train(cfg, resume=args.resume, data=args.data, noise=args.noise, workers=args.workers,
                      validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
                      validate_sequences=args.validate_sequences, render_size=args.render_size,
-                     keep_best=args.keep_best)  # fmt: skip
+                     keep_best=args.keep_best, whole_every=args.whole_every,
+                     whole_batch=args.whole_batch)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -65,6 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--render-size", type=frame_size, default=None,
                    help="render synthetic clips at HxW (e.g. 320x416) and train on --size crops of them, so the "
                    "scene keeps the test's scale (default: render at --size)")  # fmt: skip
+    p.add_argument("--whole-every", type=int, default=0, metavar="N",
+                   help="with --render-size: every Nth step trains on --whole-batch whole render-size frames "
+                   "instead of crops (the test's field of view, for the homography); validation then uses whole "
+                   "frames (default 0: crops only)")  # fmt: skip
+    p.add_argument("--whole-batch", type=int, default=2, help="clips per whole-frame step (default 2)")
     p.add_argument("--emphasis", type=task_factor, action="append", default=[], metavar="TASK=FACTOR",
                    help="MOST: multiply a task's balanced weight, e.g. homography=2 (repeatable)")
     p.add_argument("--keep-best", choices=("psnr", "iou", "mace"), default=None,
