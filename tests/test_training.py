@@ -193,7 +193,8 @@ def test_the_budget_follows_init_from_through_weights_older_than_prior_metadata(
 
 def test_validation_size_is_a_flag(tmp_path: Path) -> None:
     """--validate-sequences sets how many validation sequences (of 7 frame pairs each) the log's
-    MACE is averaged over; 2, the default, is too few to see a change in it."""
+    MACE is averaged over; 2, the default, is too few to see a change in it. --keep-validated keeps
+    each validated step's weights."""
     import json
     from unittest import mock
 
@@ -211,10 +212,20 @@ def test_validation_size_is_a_flag(tmp_path: Path) -> None:
     from service.cli import main
 
     with mock.patch.object(run, "validate", spy):
-        assert main(argv) == 0
+        assert main([*argv, "--keep-validated"]) == 0
     assert seen == [3]
     last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert "val_mace" in last and "val_psnr" in last
+    # --keep-validated: the validated step's weights, with its scores, beside last.safetensors
+    kept = tmp_path / "validated" / "step-2.safetensors"
+    assert [p.name for p in (tmp_path / "validated").iterdir()] == [kept.name]
+    assert float(read_metadata(kept)["val_mace"]) == pytest.approx(last["val_mace"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    final = load_file(str(tmp_path / "last.safetensors"))
+    assert all(torch.equal(value, final[name]) for name, value in load_file(str(kept)).items())
+    with pytest.raises(ValueError, match="--keep-validated keeps"):
+        main([*argv[:-6], "--validate-every", "0", "--keep-validated"])
 
 
 def test_train_on_crops_of_larger_renders(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ def train(
     keep_best: str | None = None,
     whole_every: int = 0,
     whole_batch: int = 2,
+    keep_validated: bool = False,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
@@ -156,10 +157,16 @@ def train(
     ``keep_best`` ("psnr", "iou" or "mace") also keeps ``best.safetensors``, the weights that scored
     best on that validation metric (see ``BestKeeper``).
 
+    ``keep_validated`` also keeps the weights of every validated step, ``validated/step-N.safetensors``
+    with the scores in their metadata: validation on a few sequences ranks checkpoints only roughly,
+    so the candidates can then be compared on more data than it uses.
+
     ``whole_every`` mixes whole ``render_size`` frames into a run on crops (``training_batches``); its
     validation then runs on whole frames too, the test's frame rather than the crops'."""
     if keep_best is not None and not validate_every:
         raise ValueError("--keep-best ranks checkpoints by validation: it needs --validate-every > 0")
+    if keep_validated and not validate_every:
+        raise ValueError("--keep-validated keeps the validated steps' weights: it needs --validate-every > 0")
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
     source = str(data) if data is not None else "synthetic"
     extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
@@ -202,10 +209,19 @@ def train(
             record.update(validate(trainer.model, val_cfg, validate_sequences, motion=motion, render_size=val_render))
             if keeper is not None:
                 keeper.offer(record)
+            if keep_validated:
+                step = int(record["step"])
+                save_checkpoint(trainer.model, cfg.out / "validated" / f"step-{step}.safetensors",
+                                validated_metadata(trainer, record))  # fmt: skip
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]
     return trainer.fit(progress=progress, until=stop_at)
+
+
+def validated_metadata(trainer: Trainer, record: dict[str, float]) -> dict[str, str]:
+    """The run's metadata with the validation scores of ``record``, for weights kept because of them."""
+    return {**trainer.metadata(), **{k: f"{v:.6g}" for k, v in record.items() if k.startswith("val_")}}
 
 
 class BestKeeper:
@@ -236,8 +252,7 @@ class BestKeeper:
         if self.best is not None and (value <= self.best if self.higher else value >= self.best):
             return False
         self.best = value
-        validation = {k: f"{v:.6g}" for k, v in record.items() if k.startswith("val_")}
-        meta = {**self.trainer.metadata(), **validation, "best_metric": self.metric, "best_value": repr(value)}
+        meta = {**validated_metadata(self.trainer, record), "best_metric": self.metric, "best_value": repr(value)}
         save_checkpoint(self.trainer.model, self.path, meta)
         return True
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                      validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
                      validate_sequences=args.validate_sequences, render_size=args.render_size,
                      keep_best=args.keep_best, whole_every=args.whole_every,
-                     whole_batch=args.whole_batch)  # fmt: skip
+                     whole_batch=args.whole_batch, keep_validated=args.keep_validated)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -76,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-best", choices=("psnr", "iou", "mace"), default=None,
                    help="also keep best.safetensors, the weights best on this validation metric "
                    "(validate on 8+ sequences; ship it with `vident ship --best`)")
+    p.add_argument("--keep-validated", action="store_true",
+                   help="also keep the weights of every validated step as validated/step-N.safetensors "
+                   "(to compare the candidates on the test split afterwards)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
