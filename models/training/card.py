@@ -60,9 +60,10 @@ def write_card(
         steps = prior["prior_steps"]
         start = f"; started from `{parent}`, trained {steps} steps ({hours:.2f} h) before ({total} in all)"
     source = extra.get("data", "synthetic")
-    rendered = f" (crops of {extra['render_size']} renders)" if extra.get("render_size") else ""
-    if extra.get("whole_frames"):
-        rendered = rendered[:-1] + f"; whole {extra['render_size']} frames {extra['whole_frames']})"
+    rendered = ""
+    if extra.get("render_size"):
+        whole = f"; whole {extra['render_size']} frames {extra['whole_frames']}" if extra.get("whole_frames") else ""
+        rendered = f" (crops of {extra['render_size']} renders{whole})"
     data_line = (
         f"- data: synthetic dental video (`models/data`, `vident synth`), train split, seed {cfg.get('seed')}, "
         f"clips of {cfg.get('clip_length')} frames at {cfg.get('height')}x{cfg.get('width')}{rendered}, noise "
