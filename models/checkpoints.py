@@ -1,8 +1,9 @@
 """Shipped and trained weights: ``.safetensors`` with the metadata needed to rebuild the network.
 
 Loading never unpickles. The metadata (all strings, as safetensors requires) holds the registered
-model name and, for the MOST family, the scales-to-tasks structure and the homography pooling, so a
-checkpoint trained with a structure found by NSS rebuilds the same heads.
+model name and, for the MOST family, the scales-to-tasks structure, the homography pooling and
+whether the restoration heads read the input, so a checkpoint rebuilds the heads it was trained
+with (a structure found by NSS, or a layout older than a change of the network).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
     if isinstance(model, MostNet):
         meta["structure"] = model.structure.to_json()
         meta["homography_pool"] = model.cfg.homography_pool
+        meta["restoration_input"] = str(int(model.cfg.restoration_input))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Written aside and renamed: a run killed mid-write keeps its previous last/best weights whole.
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
@@ -38,6 +40,15 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def most_config_of(meta: dict[str, str]) -> dict[str, object]:
+    """The MostConfig fields a checkpoint's metadata fixes; metadata older than a key means the
+    network as it was before that option existed (global pooling, heads without the input)."""
+    return {
+        "homography_pool": meta.get("homography_pool", "global"),
+        "restoration_input": meta.get("restoration_input", "0") == "1",
+    }
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -65,9 +76,8 @@ def load_model(name_or_path: str, checkpoint: str | Path | None = None) -> tuple
     meta = read_metadata(checkpoint)
     name = meta.get("model") or name_or_path
     kwargs: dict[str, object] = {}
-    if "structure" in meta:  # the MOST family; checkpoints older than the key pooled globally
-        pool = meta.get("homography_pool", "global")
-        kwargs = {"structure": Structure.from_json(meta["structure"]), "homography_pool": pool}
+    if "structure" in meta:  # the MOST family; checkpoints older than the keys are rebuilt as they were made
+        kwargs = {"structure": Structure.from_json(meta["structure"]), **most_config_of(meta)}
     model = create_model(name, **kwargs)
     state = load_file(str(checkpoint))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -76,4 +86,4 @@ def load_model(name_or_path: str, checkpoint: str | Path | None = None) -> tuple
     return model.eval(), Path(checkpoint)
 
 
-__all__ = ["load_model", "save_checkpoint", "read_metadata", "shipped_checkpoint"]
+__all__ = ["load_model", "save_checkpoint", "read_metadata", "most_config_of", "shipped_checkpoint"]

@@ -99,6 +99,13 @@ class MostConfig:
     # checkpoints made before the change did. A global average keeps only what all positions share,
     # i.e. translation: trained most-nss recovered none of the rotation/zoom part (docs/training.md).
     homography_pool: str = "corners"
+    # Whether the restoration heads also read the input at their scale, B^s. The output is residual
+    # on B^s either way; without B^s among the head's inputs the residual must rebuild the input's
+    # pixel noise from decoded features to cancel it, and trained most-nss (7000 steps) passed the
+    # noise through: a 3x3 linear probe on its scale-1 head input removed none of it, the same
+    # probe given B^1 as well cut the high-frequency error from 12.6 to 3.6 (docs/training.md).
+    # False rebuilds checkpoints made before the change.
+    restoration_input: bool = True
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -221,6 +228,17 @@ class CornerPool(nn.Module):
         return torch.cat([c.mean(dim=(2, 3)) for c in cells], dim=1)
 
 
+def input_fed_restoration_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights made with ``restoration_input=False`` as a network whose restoration heads also read
+    B^s, computing the same: the first convolution gets zero weights for the three new input
+    channels (appended last), so training starts from the old function and learns to use them."""
+    out = dict(state)
+    for key, weight in state.items():
+        if key.startswith("restoration_heads.") and key.endswith("body.0.weight"):
+            out[key] = torch.cat((weight, weight.new_zeros(weight.shape[0], 3, *weight.shape[2:])), dim=1)
+    return out
+
+
 def corner_pooled_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Weights of a "global"-pooled homography head as a "corners"-pooled one computing the same.
 
@@ -321,8 +339,12 @@ class MostNet(nn.Module):
                 blocks.insert(0, nn.Sequential(conv3x3(2 * c, c), nn.ReLU(inplace=True)))
             self.decoder[str(s)] = nn.Sequential(*blocks)
         # Dense heads also see the upsampled lower-scale restoration (3) and mask (1) (bottom-up).
+        image_ch = 3 if cfg.restoration_input else 0
         self.restoration_heads = nn.ModuleDict(
-            {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 3) for s in st.restoration}
+            {
+                str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0) + image_ch, cfg.channels(s), 3)
+                for s in st.restoration
+            }
         )
         self.segmentation_heads = nn.ModuleDict(
             {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 1) for s in st.segmentation}
@@ -387,7 +409,8 @@ class MostNet(nn.Module):
                 ]
             head_in = torch.cat((decoded, *lower), dim=1)
             if st.has("restoration", s):
-                restored[s] = images[s] + self.restoration_heads[str(s)](head_in)
+                restoration_in = torch.cat((head_in, images[s]), dim=1) if self.cfg.restoration_input else head_in
+                restored[s] = images[s] + self.restoration_heads[str(s)](restoration_in)
             if st.has("segmentation", s):
                 residual = self.segmentation_heads[str(s)](head_in)
                 # Segmentation is refined residually across scales (6.2.1).

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from models import create_model, list_models
 from models.complexity import count_parameters
-from models.most import MOST_NSS_STRUCTURE, CornerPool, MostNet, Structure, corner_pooled_state
+from models.most import (
+    MOST_NSS_STRUCTURE,
+    CornerPool,
+    MostNet,
+    Structure,
+    corner_pooled_state,
+    input_fed_restoration_state,
+)
 from models.r2d4 import R2D4
 
 FULL = ("most-net", "most-nss", "r2-d4", "r2-d3")
@@ -16,12 +23,12 @@ TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 
 # Pinned so that an accidental architecture change shows; docs/models.md explains each figure.
 PARAMETERS = {
-    "most-net": 9_206_122,
-    "most-nss": 5_856_582,
+    "most-net": 9_212_170,
+    "most-nss": 5_860_902,
     "r2-d4": 4_532_132,
     "r2-d3": 3_744_113,
-    "most-net-tiny": 239_750,
-    "most-nss-tiny": 175_262,
+    "most-net-tiny": 241_262,
+    "most-nss-tiny": 176_342,
     "r2-d4-tiny": 94_444,
 }
 
@@ -243,6 +250,29 @@ def test_corner_pooled_state_computes_what_the_global_head_did() -> None:
     torch.testing.assert_close(b[0], a[0], atol=1e-4, rtol=1e-4)
     new.homography_heads["3"].offsets.weight[:, :8].add_(1.0)  # only the top-left cell changes
     assert not torch.allclose(_stream(new, clip)[-1][2], a[2], atol=1e-3)
+
+
+@torch.no_grad()
+def test_input_fed_restoration_state_computes_what_the_old_heads_did() -> None:
+    """Heads that did not read B^s, converted, restore the same frames (every restoration scale of
+    most-net: s = 1, 2, 3); the new input channels then change the output, and only the restored
+    frame's: the mask does not read them."""
+    torch.manual_seed(0)
+    old = create_model("most-net-tiny", restoration_input=False).eval()
+    new = create_model("most-net-tiny").eval()
+    assert new.cfg.restoration_input
+    new.load_state_dict(input_fed_restoration_state(old.state_dict()))
+    for s, head in new.restoration_heads.items():
+        assert head.body[0].in_channels == old.restoration_heads[s].body[0].in_channels + 3
+    clip = torch.rand(3, 2, 3, 32, 48)
+    for a, b in zip(_stream(old, clip), _stream(new, clip), strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    new.restoration_heads["1"].body[0].weight[:, -3:].normal_()
+    changed = _stream(new, clip)[-1]
+    reference = _stream(old, clip)[-1]
+    assert not torch.allclose(changed[0], reference[0], atol=1e-3)  # the restored frame reads B^1
+    torch.testing.assert_close(changed[1], reference[1], atol=1e-5, rtol=1e-5)  # the mask does not
 
 
 def test_homography_pool_is_checked() -> None:

@@ -130,19 +130,24 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert b"pickle" not in path.read_bytes()[:64]
 
 
+def _saved_before(model: torch.nn.Module, key: str, value: str, folder: Path) -> Path:
+    """``model`` saved as a checkpoint written before metadata ``key`` existed (it records ``value``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(model, folder / "old.safetensors")
+    assert read_metadata(path)[key] == value
+    legacy = folder / "legacy.safetensors"
+    save_file(load_file(str(path)), str(legacy), metadata={k: v for k, v in read_metadata(path).items() if k != key})
+    return legacy
+
+
 def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path) -> None:
     """Weights saved before ``homography_pool`` existed (no such metadata) load with the global
     average they were trained with; ``--init-from`` them converts to corner pooling."""
-    from safetensors.torch import load_file, save_file
-
     old = create_model("most-nss-tiny", homography_pool="global")
     with torch.no_grad():
         old.homography_heads["3"].offsets.weight.normal_()
-    path = save_checkpoint(old, tmp_path / "old.safetensors")
-    assert read_metadata(path)["homography_pool"] == "global"
-    legacy = tmp_path / "legacy.safetensors"
-    meta = {k: v for k, v in read_metadata(path).items() if k != "homography_pool"}
-    save_file(load_file(str(path)), str(legacy), metadata=meta)
+    legacy = _saved_before(old, "homography_pool", "global", tmp_path)
     loaded, _ = load_model(str(legacy))
     assert loaded.cfg.homography_pool == "global"
     new, _ = load_model(str(save_checkpoint(create_model("most-nss-tiny"), tmp_path / "new.safetensors")))
@@ -151,6 +156,28 @@ def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path)
     weight, before = trainer.model.homography_heads["3"].offsets.weight, old.homography_heads["3"].offsets.weight
     assert trainer.model.cfg.homography_pool == "corners" and weight.shape[1] == 4 * before.shape[1]
     torch.testing.assert_close(weight, before.repeat(1, 4) / 4)
+
+
+def test_checkpoints_older_than_input_fed_restoration_load_and_train_on(tmp_path: Path) -> None:
+    """Weights saved before ``restoration_input`` existed load with heads that do not read B^s;
+    ``--init-from`` them gives the heads zero weights for B^s, so training starts from the same
+    function; new checkpoints record the key."""
+    old = create_model("most-nss-tiny", restoration_input=False)
+    legacy = _saved_before(old, "restoration_input", "0", tmp_path)
+    loaded, _ = load_model(str(legacy))
+    assert not loaded.cfg.restoration_input
+    new_path = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "new.safetensors")
+    assert read_metadata(new_path)["restoration_input"] == "1" and load_model(str(new_path))[0].cfg.restoration_input
+    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=legacy), iter(()))
+    for s, head in trainer.model.restoration_heads.items():
+        weight, before = head.body[0].weight, old.restoration_heads[s].body[0].weight
+        torch.testing.assert_close(weight[:, :-3], before)
+        assert weight.shape[1] == before.shape[1] + 3 and not weight[:, -3:].any()
+    # --resume of a run made before the change says how to go on instead of a state-dict mismatch.
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "last.safetensors").write_bytes(legacy.read_bytes())
+    with pytest.raises(ValueError, match="--init-from"):
+        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "old-run"), iter(())).load()
 
 
 def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: Path) -> None:
@@ -421,6 +448,7 @@ def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(tmp_path / "run" / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
     assert "(crops of 64x96 renders; whole 64x96 frames every 2 steps, batch 1)" in card
+    assert "Homography pooling: corners; the restoration heads read the input frame B^s" in card
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     # Whole 64x96 frames: the identity's MACE grows with the frame, so it differs from a 32x48 crop's.
     from models.registry import create_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.checkpoints import read_metadata
+from models.checkpoints import most_config_of, read_metadata
 from models.hardware import cpu_model
 from models.most import TASKS, Structure
 
@@ -90,7 +90,17 @@ def write_card(
         f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",
     ]
     if "structure" in meta:
-        parts += ["", "## Scales-to-tasks structure", "", structure_table(Structure.from_json(meta["structure"]))]
+        made = most_config_of(meta)
+        reads = "read" if made["restoration_input"] else "do not read"
+        parts += [
+            "",
+            "## Scales-to-tasks structure",
+            "",
+            structure_table(Structure.from_json(meta["structure"])),
+            "",
+            f"Homography pooling: {made['homography_pool']}; the restoration heads {reads} the input "
+            "frame B^s (docs/models.md).",
+        ]
     parts += [
         "",
         "## Evaluation",

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.checkpoints import read_metadata, save_checkpoint
+from models.checkpoints import most_config_of, read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16
-from models.most import MostNet, Structure, corner_pooled_state
+from models.most import MostNet, Structure, corner_pooled_state, input_fed_restoration_state
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.training.balancing import Balancer, create_balancer
@@ -124,9 +124,12 @@ class Trainer:
 
             state, meta = load_file(str(cfg.init_from)), read_metadata(cfg.init_from)
             self.prior = prior_training(cfg.init_from, meta)
-            if isinstance(self.model, MostNet) and self.model.cfg.homography_pool == "corners":
-                if meta.get("homography_pool", "global") == "global":
-                    state = corner_pooled_state(state)  # same function; the corners then learn apart
+            if isinstance(self.model, MostNet):  # older layouts convert to the same function
+                made = most_config_of(meta)
+                if self.model.cfg.homography_pool == "corners" and made["homography_pool"] == "global":
+                    state = corner_pooled_state(state)  # the corners then learn apart
+                if self.model.cfg.restoration_input and not made["restoration_input"]:
+                    state = input_fed_restoration_state(state)  # the heads then learn to read B^s
             self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
@@ -246,7 +249,16 @@ class Trainer:
     def load(self) -> None:
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(str(self.cfg.out / "last.safetensors")), strict=True)
+        weights = self.cfg.out / "last.safetensors"
+        if isinstance(self.model, MostNet):
+            made, now = most_config_of(read_metadata(weights)), self.model.cfg
+            if (made["homography_pool"], made["restoration_input"]) != (now.homography_pool, now.restoration_input):
+                raise ValueError(
+                    f"{weights} was made with {made}, this version builds homography_pool={now.homography_pool!r}, "
+                    f"restoration_input={now.restoration_input}: start a new run with --init-from {weights}, "
+                    "which converts the weights"
+                )
+        self.model.load_state_dict(load_file(str(weights)), strict=True)
         state = torch.load(self.resume_path, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
