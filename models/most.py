@@ -103,8 +103,9 @@ class MostConfig:
     # on B^s either way; without B^s among the head's inputs the residual must rebuild the input's
     # pixel noise from decoded features to cancel it, and trained most-nss (7000 steps) passed the
     # noise through: a 3x3 linear probe on its scale-1 head input removed none of it, the same
-    # probe given B^1 as well cut the high-frequency error from 12.6 to 3.6 (docs/training.md).
-    # False rebuilds checkpoints made before the change.
+    # probe given B^1 as well cut the high-frequency error from 12.86 to 3.67 (docs/models.md;
+    # benchmarks/restoration_probe.py). 900 steps of training did not yet teach the heads to use
+    # it (docs/training.md, session 10). False rebuilds checkpoints made before the change.
     restoration_input: bool = True
 
     def channels(self, scale: int) -> int:
