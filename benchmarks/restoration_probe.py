@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
+from export.verify import as_stream, stream_steps
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.most import MostNet
+from service.backends.torch import TorchBackend
 
 
 def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
@@ -36,7 +38,6 @@ def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
     return x - gaussian_filter(x, (0, sigma, sigma))
 
 
-@torch.no_grad()
 def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per frame (streamed, state carried): the scale-1 head's features (without B^1), B^1 and the
     head's output, each (1, C, H, W)."""
@@ -44,15 +45,13 @@ def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor
     hook = model.restoration_heads["1"].register_forward_hook(
         lambda _m, args, out: captured.append((args[0].detach(), out.detach()))
     )
-    x = torch.from_numpy(frames.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-    state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, *x.shape[-2:]).items()}
     try:
-        for t in range(len(x)):
-            _, state = model.step(x[t : t + 1], torch.full((1, 1, 1, 1), float(t == 0)), state)
+        backend = TorchBackend(model).load()
+        images = [torch.from_numpy(feed[model.spec.frame.name]) for feed, _ in stream_steps(backend, as_stream(frames))]
     finally:
         hook.remove()
     extra = 3 if model.cfg.restoration_input else 0
-    return [(inp[:, : inp.shape[1] - extra], x[t : t + 1], out) for t, (inp, out) in enumerate(captured)]
+    return [(inp[:, : inp.shape[1] - extra], image, out) for (inp, out), image in zip(captured, images, strict=True)]
 
 
 def _design(features: Tensor, image: Tensor, with_image: bool) -> np.ndarray:
@@ -91,7 +90,7 @@ def main() -> None:
         return float(np.sqrt(np.mean(_high_pass(err) ** 2)) * 255), float(-10 * np.log10(np.mean(err**2)))
 
     frames = range(1, args.frames)
-    shape = test[0][1].shape[1:]
+    height, width = test[0][1].shape[-2:]
 
     def row(name: str, measured: list[tuple[float, float]]) -> None:
         hf, db = np.mean(measured, axis=0)
@@ -110,7 +109,7 @@ def main() -> None:
         probed = []
         for t in frames:
             features, image, _ = test[t]
-            residual = (_design(features, image, with_image) @ weights).T.reshape(3, *shape[1:])
+            residual = (_design(features, image, with_image) @ weights).T.reshape(3, height, width)
             probed.append(scores(image[0].double().numpy() + residual, t))
         row(f"linear probe on features{' + B^1' if with_image else ''}", probed)
     outputs = np.stack([(image + out)[0].numpy() for _, image, out in test[1:]])

@@ -251,12 +251,12 @@ class Trainer:
 
         weights = self.cfg.out / "last.safetensors"
         if isinstance(self.model, MostNet):
-            made, now = most_config_of(read_metadata(weights)), self.model.cfg
-            if (made["homography_pool"], made["restoration_input"]) != (now.homography_pool, now.restoration_input):
+            made = most_config_of(read_metadata(weights))
+            now = {key: getattr(self.model.cfg, key) for key in made}
+            if made != now:
                 raise ValueError(
-                    f"{weights} was made with {made}, this version builds homography_pool={now.homography_pool!r}, "
-                    f"restoration_input={now.restoration_input}: start a new run with --init-from {weights}, "
-                    "which converts the weights"
+                    f"{weights} was made with {made}, this version builds {now}: start a new run with "
+                    f"--init-from {weights}, which converts the weights"
                 )
         self.model.load_state_dict(load_file(str(weights)), strict=True)
         state = torch.load(self.resume_path, weights_only=True)
