@@ -2,7 +2,7 @@
 
 Loading never unpickles. The metadata (all strings, as safetensors requires) holds the registered
 model name and, for the MOST family, the scales-to-tasks structure, the homography pooling and
-whether the restoration heads read the input, so a checkpoint rebuilds the heads it was trained
+whether the restoration heads read the input and filter it, so a checkpoint rebuilds the heads it was trained
 with (a structure found by NSS, or a layout older than a change of the network).
 """
 
@@ -29,6 +29,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
         meta["structure"] = model.structure.to_json()
         meta["homography_pool"] = model.cfg.homography_pool
         meta["restoration_input"] = str(int(model.cfg.restoration_input))
+        meta["restoration_filter"] = str(model.cfg.restoration_filter)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Written aside and renamed: a run killed mid-write keeps its previous last/best weights whole.
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
@@ -44,10 +45,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def most_config_of(meta: dict[str, str]) -> dict[str, object]:
     """The MostConfig fields a checkpoint's metadata fixes; metadata older than a key means the
-    network as it was before that option existed (global pooling, heads without the input)."""
+    network as it was before that option existed (global pooling, heads without the input or its filter)."""
     return {
         "homography_pool": meta.get("homography_pool", "global"),
         "restoration_input": meta.get("restoration_input", "0") == "1",
+        "restoration_filter": int(meta.get("restoration_filter", "0")),
     }
 
 

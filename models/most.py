@@ -107,6 +107,12 @@ class MostConfig:
     # benchmarks/restoration_probe.py). 900 steps of training did not yet teach the heads to use
     # it (docs/training.md, session 10). False rebuilds checkpoints made before the change.
     restoration_input: bool = True
+    # Side of a linear filter of B^s added to each restored frame (0: none): restored^s =
+    # B^s + head(...) + filter(B^s). A 5x5 colour filter of the input is the classical denoiser the
+    # heads failed to learn by gradient descent (session 10); `vident fit-filter` solves it by least
+    # squares on training clips given the rest of the network, and training can refine it. It
+    # starts at zero, the same function as without it; 0 rebuilds checkpoints made before it.
+    restoration_filter: int = 5
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -229,6 +235,26 @@ class CornerPool(nn.Module):
         return torch.cat([c.mean(dim=(2, 3)) for c in cells], dim=1)
 
 
+def zero_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A convolution that starts as the zero function (a path added to a trained network)."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def filtered_restoration_state(state: dict[str, Tensor], kernel: int) -> dict[str, Tensor]:
+    """Weights made with ``restoration_filter=0`` as a network with ``kernel`` x ``kernel`` input
+    filters on its restoration heads, computing the same (the filters are zero)."""
+    out = dict(state)
+    for key, weight in state.items():
+        if key.startswith("restoration_heads.") and key.endswith("body.0.weight"):
+            scale = key.split(".")[1]
+            out[f"restoration_filters.{scale}.weight"] = weight.new_zeros(3, 3, kernel, kernel)
+            out[f"restoration_filters.{scale}.bias"] = weight.new_zeros(3)
+    return out
+
+
 def input_fed_restoration_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Weights made with ``restoration_input=False`` as a network whose restoration heads also read
     B^s, computing the same: the first convolution gets zero weights for the three new input
@@ -347,6 +373,12 @@ class MostNet(nn.Module):
                 for s in st.restoration
             }
         )
+        k = cfg.restoration_filter
+        if k < 0 or (k and k % 2 == 0):
+            raise ValueError(f"restoration_filter must be 0 (none) or an odd filter side, not {k}")
+        self.restoration_filters = nn.ModuleDict(
+            {str(s): zero_conv(nn.Conv2d(3, 3, k, padding=k // 2)) for s in st.restoration} if k else {}
+        )
         self.segmentation_heads = nn.ModuleDict(
             {str(s): DenseHead(cfg.channels(s) + (4 if s < 3 else 0), cfg.channels(s), 1) for s in st.segmentation}
         )
@@ -412,6 +444,8 @@ class MostNet(nn.Module):
             if st.has("restoration", s):
                 restoration_in = torch.cat((head_in, images[s]), dim=1) if self.cfg.restoration_input else head_in
                 restored[s] = images[s] + self.restoration_heads[str(s)](restoration_in)
+                if self.cfg.restoration_filter:
+                    restored[s] = restored[s] + self.restoration_filters[str(s)](images[s])
             if st.has("segmentation", s):
                 residual = self.segmentation_heads[str(s)](head_in)
                 # Segmentation is refined residually across scales (6.2.1).

@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.synth",
     "service.commands.eval",
     "service.commands.train",
+    "service.commands.fit_filter",
     "service.commands.ship",
     "service.commands.serve",
     "service.commands.stream",

@@ -14,6 +14,7 @@ from models.most import (
     MostNet,
     Structure,
     corner_pooled_state,
+    filtered_restoration_state,
     input_fed_restoration_state,
 )
 from models.r2d4 import R2D4
@@ -23,12 +24,12 @@ TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 
 # Pinned so that an accidental architecture change shows; docs/models.md explains each figure.
 PARAMETERS = {
-    "most-net": 9_212_170,
-    "most-nss": 5_860_902,
+    "most-net": 9_212_854,
+    "most-nss": 5_861_358,
     "r2-d4": 4_532_132,
     "r2-d3": 3_744_113,
-    "most-net-tiny": 241_262,
-    "most-nss-tiny": 176_342,
+    "most-net-tiny": 241_946,
+    "most-nss-tiny": 176_798,
     "r2-d4-tiny": 94_444,
 }
 
@@ -275,6 +276,32 @@ def test_input_fed_restoration_state_computes_what_the_old_heads_did() -> None:
     torch.testing.assert_close(changed[1], reference[1], atol=1e-5, rtol=1e-5)  # the mask does not
 
 
+@torch.no_grad()
+def test_filtered_restoration_state_computes_the_same_and_filters_only_the_restored_frame() -> None:
+    """A network made without restoration filters, converted, computes the same on every output;
+    a non-zero scale-1 filter then adds exactly its convolution of B^1 to the restored frame and
+    leaves the mask and the homography alone (scale 1 feeds nothing else)."""
+    torch.manual_seed(0)
+    old = create_model("most-net-tiny", restoration_filter=0).eval()
+    new = create_model("most-net-tiny").eval()
+    assert not old.restoration_filters and set(new.restoration_filters) == {"1", "2", "3"}
+    new.load_state_dict(filtered_restoration_state(old.state_dict(), new.cfg.restoration_filter))
+    clip = torch.rand(3, 2, 3, 32, 48)
+    reference = _stream(old, clip)
+    for a, b in zip(reference, _stream(new, clip), strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    conv = new.restoration_filters["1"]
+    conv.weight.normal_(std=0.1)
+    conv.bias.fill_(0.05)
+    changed = _stream(new, clip)
+    torch.testing.assert_close(changed[-1][0], reference[-1][0] + conv(clip[-1]), atol=1e-5, rtol=1e-5)
+    for x, y in zip(changed[-1][1:3], reference[-1][1:3], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
 def test_homography_pool_is_checked() -> None:
     with pytest.raises(ValueError, match="homography_pool"):
         create_model("most-nss-tiny", homography_pool="max")
+    with pytest.raises(ValueError, match="restoration_filter"):
+        create_model("most-nss-tiny", restoration_filter=4)

@@ -180,6 +180,25 @@ def test_checkpoints_older_than_input_fed_restoration_load_and_train_on(tmp_path
         Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "old-run"), iter(())).load()
 
 
+def test_checkpoints_older_than_restoration_filters_load_and_train_on(tmp_path: Path) -> None:
+    """Weights saved before ``restoration_filter`` existed load without filters; ``--init-from``
+    them adds zero filters (the same function); --resume of such a run says to use --init-from."""
+    old = create_model("most-nss-tiny", restoration_filter=0)
+    legacy = _saved_before(old, "restoration_filter", "0", tmp_path)
+    loaded, _ = load_model(str(legacy))
+    assert loaded.cfg.restoration_filter == 0 and not loaded.restoration_filters
+    new_path = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "new.safetensors")
+    assert read_metadata(new_path)["restoration_filter"] == "5"
+    assert load_model(str(new_path))[0].cfg.restoration_filter == 5
+    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=legacy), iter(()))
+    assert set(trainer.model.restoration_filters) == {"1", "3"}
+    assert not any(p.any() for p in trainer.model.restoration_filters.parameters())
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "last.safetensors").write_bytes(legacy.read_bytes())
+    with pytest.raises(ValueError, match="--init-from"):
+        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "old-run"), iter(())).load()
+
+
 def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: Path) -> None:
     """--init-from weights that were themselves fine-tuned: the new checkpoint records the steps and
     hours of the whole ancestry, and the card states them."""

@@ -99,7 +99,7 @@ def write_card(
             structure_table(Structure.from_json(meta["structure"])),
             "",
             f"Homography pooling: {made['homography_pool']}; the restoration heads {reads} the input "
-            "frame B^s (docs/models.md).",
+            f"frame B^s{filter_text(meta)} (docs/models.md).",
         ]
     parts += [
         "",
@@ -141,6 +141,24 @@ def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={**meta, "dtype": "float16", "source_run": run_weights.parent.name})
     return out
+
+
+def filter_text(meta: dict[str, str]) -> str:
+    """How the restored frame's linear input filter was made, for the card's layout line."""
+    from models.training.filter_fit import filter_fit_of
+
+    kernel = most_config_of(meta)["restoration_filter"]
+    if not kernel:
+        return ""
+    fit = filter_fit_of(meta)
+    if fit is None:
+        return f" and add a {kernel}x{kernel} linear filter of it, trained with the network"
+    held = (f", {fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB on {fit.holdout_sequences} "
+            "held-out ones" if fit.holdout_psnr_before is not None else "")  # fmt: skip
+    return (f" and add a {kernel}x{kernel} linear filter of it; the scale-1 filter was solved by least squares "
+            f"given the trained network (`vident fit-filter --data {fit.data}`: {fit.fit_sequences} training "
+            f"sequences x {fit.frames} frames, PSNR {fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on "
+            f"them{held})")  # fmt: skip
 
 
 def emphasis_text(emphasis: dict[str, float] | None) -> str:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from models.checkpoints import most_config_of, read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16
-from models.most import MostNet, Structure, corner_pooled_state, input_fed_restoration_state
+from models.most import MostNet, Structure, corner_pooled_state, filtered_restoration_state, input_fed_restoration_state
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.training.balancing import Balancer, create_balancer
@@ -130,6 +130,8 @@ class Trainer:
                     state = corner_pooled_state(state)  # the corners then learn apart
                 if self.model.cfg.restoration_input and not made["restoration_input"]:
                     state = input_fed_restoration_state(state)  # the heads then learn to read B^s
+                if self.model.cfg.restoration_filter and not made["restoration_filter"]:
+                    state = filtered_restoration_state(state, self.model.cfg.restoration_filter)
             self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):

@@ -1,0 +1,187 @@
+"""Least-squares fit of a MOST network's scale-1 restoration filter (``MostConfig.restoration_filter``).
+
+The restored frame is ``B^1 + head(...) + filter(B^1)``. Given the rest of the network, the filter
+is linear in its weights, so the weights that minimise the squared error to the clean targets are a
+least-squares solution: no learning rate, no steps, the global optimum for the clips it is fitted on.
+Gradient descent did not find it: after 7000 steps most-nss's output still carried the input's noise
+(high-pass correlation 0.82, ``benchmarks/restoration_probe.py``), and 900 more steps with the input
+fed to the heads barely moved the new weights (docs/training.md, session 10).
+
+Only the scale-1 filter is fitted: its output is the network's restored frame and feeds nothing else,
+so the mask and the homography stay exactly as they were. Coarser filters are left as they are.
+The fit uses labelled sequences on disk (``vident synth --split train``), never the test split;
+the last ``holdout`` sequences are kept out of the fit to report what it does on unseen clips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+
+from models.checkpoints import most_config_of, read_metadata, save_checkpoint
+from models.data.format import find_sequences, read_sequence
+from models.data.synth import LabelledSequence
+from models.most import MostNet, Structure, filtered_restoration_state
+from models.registry import create_model
+
+DEFAULT_KERNEL = 5
+
+
+@dataclass(frozen=True)
+class FilterFit:
+    """What a fit did, in 0-1 units (PSNR in dB); stored in the checkpoint's metadata as JSON."""
+
+    kernel: int
+    data: str
+    fit_sequences: int
+    holdout_sequences: int
+    frames: int
+    pixels: int  # rows of the least-squares problem
+    fit_psnr_before: float
+    fit_psnr_after: float
+    holdout_psnr_before: float | None
+    holdout_psnr_after: float | None
+
+
+def load_for_fit(weights: str | Path, kernel: int | None = None) -> tuple[MostNet, dict[str, str]]:
+    """A MOST checkpoint rebuilt with ``kernel`` x ``kernel`` restoration filters and its metadata.
+
+    ``None`` keeps the checkpoint's filter size (5 for checkpoints without filters). Zero filters
+    are added to checkpoints without them (the same function); a fitted scale-1 filter of another
+    size is dropped (the fit replaces it anyway), but coarser non-zero filters cannot be resized."""
+    meta = read_metadata(weights)
+    if "structure" not in meta:
+        raise ValueError(f"{weights}: not a MOST checkpoint (only MOST networks have restoration filters)")
+    made = most_config_of(meta)
+    state = load_file(str(weights))
+    kernel = kernel or made["restoration_filter"] or DEFAULT_KERNEL
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the filter side must be odd and positive, got {kernel}")
+    if made["restoration_filter"] != kernel:
+        coarse = [k for k, v in state.items() if k.startswith("restoration_filters.") and ".1." not in k and v.any()]
+        if coarse:
+            raise ValueError(f"{weights}: its coarser filters ({', '.join(coarse)}) are not zero and would be lost "
+                             f"by resizing them to {kernel}x{kernel}")  # fmt: skip
+        state = {k: v for k, v in state.items() if not k.startswith("restoration_filters.")}
+        state = filtered_restoration_state(state, kernel)
+    made["restoration_filter"] = kernel
+    model = create_model(meta["model"], structure=Structure.from_json(meta["structure"]), **made)
+    assert isinstance(model, MostNet)
+    if 1 not in model.structure.restoration:
+        raise ValueError(f"{weights}: the network has no scale-1 restoration head to filter")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.float().eval(), meta
+
+
+@torch.no_grad()
+def _stream(model: MostNet, seq: LabelledSequence, frames: int) -> Iterable[tuple[Tensor, Tensor, np.ndarray]]:
+    """Per frame: B^1 (1, 3, H, W), the restored frame without the scale-1 filter, the target (3, H, W)."""
+    from export.verify import as_stream, stream_steps
+    from service.backends.torch import TorchBackend
+
+    captured: list[Tensor] = []
+    hook = model.restoration_heads["1"].register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+    try:
+        backend = TorchBackend(model).load()
+        feeds = [feed for feed, _ in stream_steps(backend, as_stream(seq.input[:frames]))]
+    finally:
+        hook.remove()
+    for t, (feed, head_out) in enumerate(zip(feeds, captured, strict=True)):
+        image = torch.from_numpy(feed[model.spec.frame.name]).float()
+        target = seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
+        yield image, image + head_out.float(), target
+
+
+def _columns(image: Tensor, kernel: int) -> np.ndarray:
+    """(H*W, 3*k*k + 1): each pixel's k x k colour neighbourhood (zero-padded, as the convolution
+    pads) and a 1 for the bias; the column order is the one of the convolution's weight."""
+    cols = F.unfold(image.double(), kernel, padding=kernel // 2)[0].T
+    return torch.cat((cols, cols.new_ones(cols.shape[0], 1)), dim=1).numpy()
+
+
+def _psnr(errors: list[float]) -> float:
+    return float(np.mean([-10 * np.log10(max(e, 1e-12)) for e in errors]))
+
+
+def fit_restoration_filter(
+    model: MostNet,
+    data: Path,
+    frames: int = 6,
+    holdout: int = 2,
+    subsample: int = 4,
+    ridge: float = 1e-6,
+    progress: bool = True,
+) -> FilterFit:
+    """Solve the scale-1 filter in place; returns the fit's record. ``subsample``: every Nth pixel
+    goes into the normal equations (neighbouring pixels add little and cost memory and time);
+    ``ridge`` (relative to the mean diagonal) only guards against a singular system."""
+    from tqdm import tqdm
+
+    kernel = model.cfg.restoration_filter
+    paths = find_sequences(data)
+    if len(paths) <= holdout:
+        raise ValueError(f"{data}: {len(paths)} sequences, need more than --holdout {holdout}")
+    fit_paths, holdout_paths = paths[: len(paths) - holdout], paths[len(paths) - holdout :]
+    n = 3 * kernel * kernel + 1
+    gram, cross, rows = np.zeros((n, n)), np.zeros((n, 3)), 0
+    fit_frames: list[tuple[Tensor, Tensor, np.ndarray]] = []
+    for path in tqdm(fit_paths, desc="fit clips", disable=not progress):
+        for image, unfiltered, target in _stream(model, read_sequence(path, count=frames), frames):
+            a = _columns(image, kernel)[::subsample]
+            y = (target - unfiltered[0].double().numpy()).reshape(3, -1).T[::subsample]
+            gram += a.T @ a
+            cross += a.T @ y
+            rows += a.shape[0]
+            fit_frames.append((image, unfiltered, target))
+    gram += ridge * np.trace(gram) / n * np.eye(n)
+    solution = np.linalg.solve(gram, cross)  # (n, 3)
+    conv = model.restoration_filters["1"]
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(solution[:-1].T.reshape(3, 3, kernel, kernel)).to(conv.weight))
+        conv.bias.copy_(torch.from_numpy(solution[-1]).to(conv.bias))
+
+    def errors(frames_: Iterable[tuple[Tensor, Tensor, np.ndarray]]) -> tuple[list[float], list[float]]:
+        before, after = [], []
+        for image, unfiltered, target in frames_:
+            with torch.no_grad():
+                filtered = unfiltered + conv(image)
+            for out, acc in ((unfiltered, before), (filtered, after)):
+                acc.append(float(np.mean((np.clip(out[0].double().numpy(), 0, 1) - target) ** 2)))
+        return before, after
+
+    fit_before, fit_after = errors(fit_frames)
+    held = [f for path in holdout_paths for f in _stream(model, read_sequence(path, count=frames), frames)]
+    held_before, held_after = errors(held)
+    return FilterFit(
+        kernel=kernel,
+        data=str(data),
+        fit_sequences=len(fit_paths),
+        holdout_sequences=len(holdout_paths),
+        frames=frames,
+        pixels=rows,
+        fit_psnr_before=_psnr(fit_before),
+        fit_psnr_after=_psnr(fit_after),
+        holdout_psnr_before=_psnr(held_before) if held else None,
+        holdout_psnr_after=_psnr(held_after) if held else None,
+    )
+
+
+def save_fitted(model: MostNet, meta: dict[str, str], fit: FilterFit, out: Path) -> Path:
+    """``out/last.safetensors`` (float32), keeping the source's training record so ``vident ship``
+    describes the training of the trunk, plus the fit's record under ``filter_fit``."""
+    kept = {k: v for k, v in meta.items() if k not in ("model", "structure", "dtype", "source_run")}
+    kept["filter_fit"] = json.dumps(asdict(fit))
+    return save_checkpoint(model, out / "last.safetensors", kept)
+
+
+def filter_fit_of(meta: dict[str, str]) -> FilterFit | None:
+    """The fit recorded in a checkpoint's metadata (None: its filters were not fitted)."""
+    return FilterFit(**json.loads(meta["filter_fit"])) if "filter_fit" in meta else None
