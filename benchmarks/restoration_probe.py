@@ -39,8 +39,8 @@ def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 
 
 def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per frame (streamed, state carried): the scale-1 head's features (without B^1), B^1 and the
-    head's output, each (1, C, H, W)."""
+    """Per frame (streamed, state carried): the scale-1 head's features (without B^1), B^1 and what
+    the model adds to B^1 (head and input filter), each (1, C, H, W)."""
     captured: list[tuple[Tensor, Tensor]] = []
     hook = model.restoration_heads["1"].register_forward_hook(
         lambda _m, args, out: captured.append((args[0].detach(), out.detach()))
@@ -51,7 +51,12 @@ def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor
     finally:
         hook.remove()
     extra = 3 if model.cfg.restoration_input else 0
-    return [(inp[:, : inp.shape[1] - extra], image, out) for (inp, out), image in zip(captured, images, strict=True)]
+    with torch.no_grad():  # "the head's output" is all the model adds to B^1, its input filter included
+        filtered = [model.restoration_filters["1"](image) if model.cfg.restoration_filter else 0 for image in images]
+    return [
+        (inp[:, : inp.shape[1] - extra], image, out + f)
+        for (inp, out), image, f in zip(captured, images, filtered, strict=True)
+    ]
 
 
 def _design(features: Tensor, image: Tensor, with_image: bool) -> np.ndarray:
@@ -97,7 +102,7 @@ def main() -> None:
         print(f"| {name} | {hf:.2f} | {db:.2f} |")
 
     row(
-        "the model's own head",
+        "the model's own output (head and input filter)",
         [scores((image + out)[0].double().numpy(), t) for t, (_, image, out) in enumerate(test) if t in frames],
     )
     for with_image in (False, True):
