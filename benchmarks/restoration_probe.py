@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
-from export.verify import as_stream, stream_steps
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.most import MostNet
-from service.backends.torch import TorchBackend
+from models.training.filter_fit import scale1_head_stream, target_chw
 
 
 def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
@@ -41,22 +40,13 @@ def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per frame (streamed, state carried): the scale-1 head's features (without B^1), B^1 and what
     the model adds to B^1 (head and input filter), each (1, C, H, W)."""
-    captured: list[tuple[Tensor, Tensor]] = []
-    hook = model.restoration_heads["1"].register_forward_hook(
-        lambda _m, args, out: captured.append((args[0].detach(), out.detach()))
-    )
-    try:
-        backend = TorchBackend(model).load()
-        images = [torch.from_numpy(feed[model.spec.frame.name]) for feed, _ in stream_steps(backend, as_stream(frames))]
-    finally:
-        hook.remove()
     extra = 3 if model.cfg.restoration_input else 0
-    with torch.no_grad():  # "the head's output" is all the model adds to B^1, its input filter included
-        filtered = [model.restoration_filters["1"](image) if model.cfg.restoration_filter else 0 for image in images]
-    return [
-        (inp[:, : inp.shape[1] - extra], image, out + f)
-        for (inp, out), image, f in zip(captured, images, filtered, strict=True)
-    ]
+    out = []
+    for inp, image, head_out in scale1_head_stream(model, frames):
+        with torch.no_grad():  # "the head's output" is all the model adds to B^1, its input filter included
+            added = head_out + (model.restoration_filters["1"](image) if model.cfg.restoration_filter else 0)
+        out.append((inp[:, : inp.shape[1] - extra], image, added))
+    return out
 
 
 def _design(features: Tensor, image: Tensor, with_image: bool) -> np.ndarray:
@@ -87,11 +77,8 @@ def main() -> None:
     print("| head input | hf error | psnr |")
     print("|---|---|---|")
 
-    def target(seq, t: int) -> np.ndarray:  # (3, H, W) in [0, 1]
-        return seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
-
     def scores(restored: np.ndarray, t: int) -> tuple[float, float]:
-        err = np.clip(restored, 0, 1) - target(test_seq, t)
+        err = np.clip(restored, 0, 1) - target_chw(test_seq, t)
         return float(np.sqrt(np.mean(_high_pass(err) ** 2)) * 255), float(-10 * np.log10(np.mean(err**2)))
 
     frames = range(1, args.frames)
@@ -108,7 +95,7 @@ def main() -> None:
     for with_image in (False, True):
         design = np.concatenate([_design(f, b, with_image)[:: args.subsample] for f, b, _ in (fit[t] for t in frames)])
         labels = np.concatenate([
-            (target(fit_seq, t) - fit[t][1][0].double().numpy()).reshape(3, -1).T[:: args.subsample] for t in frames
+            (target_chw(fit_seq, t) - fit[t][1][0].double().numpy()).reshape(3, -1).T[:: args.subsample] for t in frames
         ])  # fmt: skip
         weights = np.linalg.lstsq(design, labels, rcond=None)[0]
         probed = []

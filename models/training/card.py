@@ -99,7 +99,7 @@ def write_card(
             structure_table(Structure.from_json(meta["structure"])),
             "",
             f"Homography pooling: {made['homography_pool']}; the restoration heads {reads} the input "
-            f"frame B^s{filter_text(meta)} (docs/models.md).",
+            f"frame B^s{filter_text(meta, made['restoration_filter'])} (docs/models.md).",
         ]
     parts += [
         "",
@@ -143,11 +143,11 @@ def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None)
     return out
 
 
-def filter_text(meta: dict[str, str]) -> str:
-    """How the restored frame's linear input filter was made, for the card's layout line."""
+def filter_text(meta: dict[str, str], kernel: int) -> str:
+    """How the restored frame's ``kernel`` x ``kernel`` input filter was made (0: none), for the
+    card's layout line."""
     from models.training.filter_fit import filter_fit_of
 
-    kernel = most_config_of(meta)["restoration_filter"]
     if not kernel:
         return ""
     fit = filter_fit_of(meta)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from export.verify import psnr_db
 from models.checkpoints import most_config_of, read_metadata, save_checkpoint
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import LabelledSequence
@@ -82,22 +83,35 @@ def load_for_fit(weights: str | Path, kernel: int | None = None) -> tuple[MostNe
 
 
 @torch.no_grad()
-def _stream(model: MostNet, seq: LabelledSequence, frames: int) -> Iterable[tuple[Tensor, Tensor, np.ndarray]]:
-    """Per frame: B^1 (1, 3, H, W), the restored frame without the scale-1 filter, the target (3, H, W)."""
+def scale1_head_stream(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per frame of a uint8 (T, H, W, 3) clip, streamed with the state carried (the project's stream
+    loop on ``TorchBackend``): what the scale-1 restoration head read, B^1 and the head's output,
+    each (1, C, H, W) float32. The fit and ``benchmarks/restoration_probe.py`` both start here."""
     from export.verify import as_stream, stream_steps
     from service.backends.torch import TorchBackend
 
-    captured: list[Tensor] = []
-    hook = model.restoration_heads["1"].register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+    captured: list[tuple[Tensor, Tensor]] = []
+    hook = model.restoration_heads["1"].register_forward_hook(
+        lambda _m, args, out: captured.append((args[0].detach().float(), out.detach().float()))
+    )
     try:
         backend = TorchBackend(model).load()
-        feeds = [feed for feed, _ in stream_steps(backend, as_stream(seq.input[:frames]))]
+        feeds = [feed for feed, _ in stream_steps(backend, as_stream(frames))]
+        images = [torch.from_numpy(feed[model.spec.frame.name]).float() for feed in feeds]
     finally:
         hook.remove()
-    for t, (feed, head_out) in enumerate(zip(feeds, captured, strict=True)):
-        image = torch.from_numpy(feed[model.spec.frame.name]).float()
-        target = seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
-        yield image, image + head_out.float(), target
+    return [(inp, image, out) for (inp, out), image in zip(captured, images, strict=True)]
+
+
+def target_chw(seq: LabelledSequence, t: int) -> np.ndarray:
+    """Frame ``t``'s clean target as (3, H, W) float64 in [0, 1], the layout the network outputs."""
+    return seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
+
+
+def _stream(model: MostNet, seq: LabelledSequence, frames: int) -> Iterable[tuple[Tensor, Tensor, np.ndarray]]:
+    """Per frame: B^1 (1, 3, H, W), the restored frame without the scale-1 filter, the target (3, H, W)."""
+    for t, (_, image, head_out) in enumerate(scale1_head_stream(model, seq.input[:frames])):
+        yield image, image + head_out, target_chw(seq, t)
 
 
 def _columns(image: Tensor, kernel: int) -> np.ndarray:
@@ -105,10 +119,6 @@ def _columns(image: Tensor, kernel: int) -> np.ndarray:
     pads) and a 1 for the bias; the column order is the one of the convolution's weight."""
     cols = F.unfold(image.double(), kernel, padding=kernel // 2)[0].T
     return torch.cat((cols, cols.new_ones(cols.shape[0], 1)), dim=1).numpy()
-
-
-def _psnr(errors: list[float]) -> float:
-    return float(np.mean([-10 * np.log10(max(e, 1e-12)) for e in errors]))
 
 
 def fit_restoration_filter(
@@ -148,18 +158,19 @@ def fit_restoration_filter(
         conv.weight.copy_(torch.from_numpy(solution[:-1].T.reshape(3, 3, kernel, kernel)).to(conv.weight))
         conv.bias.copy_(torch.from_numpy(solution[-1]).to(conv.bias))
 
-    def errors(frames_: Iterable[tuple[Tensor, Tensor, np.ndarray]]) -> tuple[list[float], list[float]]:
+    def psnr(frames_: list[tuple[Tensor, Tensor, np.ndarray]]) -> tuple[float, float]:
+        """Mean per-frame PSNR without and with the fitted filter."""
         before, after = [], []
         for image, unfiltered, target in frames_:
             with torch.no_grad():
                 filtered = unfiltered + conv(image)
-            for out, acc in ((unfiltered, before), (filtered, after)):
-                acc.append(float(np.mean((np.clip(out[0].double().numpy(), 0, 1) - target) ** 2)))
-        return before, after
+            before.append(psnr_db(unfiltered[0].double().numpy(), target))
+            after.append(psnr_db(filtered[0].double().numpy(), target))
+        return float(np.mean(before)), float(np.mean(after))
 
-    fit_before, fit_after = errors(fit_frames)
+    fit_before, fit_after = psnr(fit_frames)
     held = [f for path in holdout_paths for f in _stream(model, read_sequence(path, count=frames), frames)]
-    held_before, held_after = errors(held)
+    held_before, held_after = psnr(held) if held else (None, None)
     return FilterFit(
         kernel=kernel,
         data=str(data),
@@ -167,10 +178,10 @@ def fit_restoration_filter(
         holdout_sequences=len(holdout_paths),
         frames=frames,
         pixels=rows,
-        fit_psnr_before=_psnr(fit_before),
-        fit_psnr_after=_psnr(fit_after),
-        holdout_psnr_before=_psnr(held_before) if held else None,
-        holdout_psnr_after=_psnr(held_after) if held else None,
+        fit_psnr_before=fit_before,
+        fit_psnr_after=fit_after,
+        holdout_psnr_before=held_before,
+        holdout_psnr_after=held_after,
     )
 
 
