@@ -286,6 +286,12 @@ def offsets_to_homography(offsets: Tensor, height: float | Tensor, width: float 
     return dlt_4point(src.expand_as(dst), dst)
 
 
+def homography_to_offsets(h: Tensor, height: float | Tensor, width: float | Tensor) -> Tensor:
+    """(b, 3, 3) -> (b, 8) corner displacements in pixels: the inverse of ``offsets_to_homography``."""
+    src = image_corners(height, width, h).expand(h.shape[0], 4, 2)
+    return (apply_homography(h, src) - src).reshape(-1, 8)
+
+
 def apply_homography(h: Tensor, points: Tensor) -> Tensor:
     """Maps (..., n, 2) points by (..., 3, 3) homographies."""
     ones = torch.ones_like(points[..., :1])

@@ -407,9 +407,18 @@ class MostNet(nn.Module):
     def structure(self) -> Structure:
         return self.cfg.structure
 
-    def step(self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]) -> tuple[MostStep, dict[str, Tensor]]:
+    def step(
+        self, frame: Tensor, reset: Tensor, state: dict[str, Tensor], scales: tuple[int, ...] | None = None
+    ) -> tuple[MostStep, dict[str, Tensor]]:
         """One frame: (b, 3, H, W) in [0, 1], reset (b, 1, 1, 1) -> per-scale outputs and the state for the
-        next step, keyed by the state's input names so training loops can feed it straight back."""
+        next step, keyed by the state's input names so training loops can feed it straight back.
+
+        ``scales`` decodes only the coarsest scales (a leading run of ``decoded_scales``, e.g. ``(3,)``):
+        what those scales output does not depend on the finer ones, so a fit that reads only the coarse
+        homography head skips the full-resolution decoder, about half of a step's time. The state
+        returned then holds only those scales."""
+        if scales is not None and tuple(scales) != self.decoded_scales[: len(scales)]:
+            raise ValueError(f"scales must be a leading run of {self.decoded_scales}, not {scales}")
         st = self.structure
         b, _, height, width = frame.shape
         keep = 1.0 - reset
@@ -423,7 +432,7 @@ class MostNet(nn.Module):
         decoded: Tensor | None = None
         latest_restored: tuple[int, Tensor] | None = None
         latest_mask: tuple[int, Tensor] | None = None
-        for s in self.decoded_scales:
+        for s in self.decoded_scales if scales is None else scales:
             if s < 3:
                 h_current = rescale_homography(h_current, 2.0)
             f_t = encoded[s - 1]

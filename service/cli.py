@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.eval",
     "service.commands.train",
     "service.commands.fit_filter",
+    "service.commands.fit_homography",
     "service.commands.ship",
     "service.commands.serve",
     "service.commands.stream",

@@ -98,8 +98,8 @@ def write_card(
             "",
             structure_table(Structure.from_json(meta["structure"])),
             "",
-            f"Homography pooling: {made['homography_pool']}; the restoration heads {reads} the input "
-            f"frame B^s{filter_text(meta, made['restoration_filter'])} (docs/models.md).",
+            f"Homography pooling: {made['homography_pool']}{homography_fit_text(meta)}; the restoration heads "
+            f"{reads} the input frame B^s{filter_text(meta, made['restoration_filter'])} (docs/models.md).",
         ]
     parts += [
         "",
@@ -159,6 +159,21 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"given the trained network (`vident fit-filter --data {fit.data}`: {fit.fit_sequences} training "
             f"sequences x {fit.frames} frames, PSNR {fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on "
             f"them{held})")  # fmt: skip
+
+
+def homography_fit_text(meta: dict[str, str]) -> str:
+    """How the homography readout was made when it was solved by ``vident fit-homography`` (else empty)."""
+    if "homography_fit" not in meta:
+        return ""
+    fit = json.loads(meta["homography_fit"])
+    held = (f", {fit['holdout_mace_before']:.3f} -> {fit['holdout_mace_after']:.3f} px on {fit['holdout_sequences']} "
+            "held-out ones" if fit["holdout_mace_before"] is not None else "")  # fmt: skip
+    return (
+        f"; the scale-{fit['scale']} homography readout (the linear layer after the pooling) was solved by "
+        f"least squares given the trained network (`vident fit-homography --data {fit['data']}`: "
+        f"{fit['fit_sequences']} training sequences, {fit['pairs']} frame pairs, ridge {fit['ridge']:g} by "
+        f"cross-validation; MACE {fit['fit_mace_before']:.3f} -> {fit['fit_mace_after']:.3f} px on them{held})"
+    )
 
 
 def emphasis_text(emphasis: dict[str, float] | None) -> str:

@@ -185,11 +185,12 @@ def fit_restoration_filter(
     )
 
 
-def save_fitted(model: MostNet, meta: dict[str, str], fit: FilterFit, out: Path) -> Path:
-    """``out/last.safetensors`` (float32), keeping the source's training record so ``vident ship``
-    describes the training of the trunk, plus the fit's record under ``filter_fit``."""
+def save_fitted(model: MostNet, meta: dict[str, str], out: Path, **records: object) -> Path:
+    """``out/last.safetensors`` (float32), keeping the source's training record (and earlier fits) so
+    ``vident ship`` describes the training of the trunk, plus each fit's record under its keyword
+    (``filter_fit=FilterFit(...)``, ``homography_fit=HomographyFit(...)``), as JSON."""
     kept = {k: v for k, v in meta.items() if k not in ("model", "structure", "dtype", "source_run")}
-    kept["filter_fit"] = json.dumps(asdict(fit))
+    kept.update({key: json.dumps(asdict(record)) for key, record in records.items()})  # type: ignore[call-overload]
     return save_checkpoint(model, out / "last.safetensors", kept)
 
 

@@ -15,19 +15,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def run(args: argparse.Namespace) -> int:
+def fit_source(args: argparse.Namespace) -> Path | None:
+    """The checkpoint to fit (a path or a shipped name), or None after saying why not; shared by the
+    ``fit-*`` commands, which all refuse the test split (fitting on it would make the cards lie)."""
     from models.checkpoints import shipped_checkpoint
-    from models.data.format import DataFormatError
-    from models.training.filter_fit import fit_restoration_filter, load_for_fit, save_fitted
 
     weights = Path(args.weights)
     if weights.suffix != ".safetensors":
         weights = shipped_checkpoint(args.weights) or weights
     if not weights.is_file():
         print(f"no checkpoint {args.weights}: give a .safetensors file or a shipped model name")
-        return 2
+        return None
     if args.data.resolve() == Path("data/test").resolve():
         print("refusing to fit on data/test, the split the cards are measured on: fit on a training split")
+        return None
+    return weights
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.data.format import DataFormatError
+    from models.training.filter_fit import fit_restoration_filter, load_for_fit, save_fitted
+
+    weights = fit_source(args)
+    if weights is None:
         return 2
     try:
         model, meta = load_for_fit(weights, args.kernel)
@@ -36,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, DataFormatError, FileNotFoundError) as exc:
         print(f"cannot fit: {exc}")
         return 2
-    out = save_fitted(model, meta, fit, args.out)
+    out = save_fitted(model, meta, args.out, filter_fit=fit)
     (args.out / "filter_fit.json").write_text(json.dumps(asdict(fit), indent=2) + "\n")
     held = (f"; {fit.holdout_sequences} held-out sequences {fit.holdout_psnr_before:.2f} -> "
             f"{fit.holdout_psnr_after:.2f} dB" if fit.holdout_psnr_before is not None else "")  # fmt: skip
