@@ -89,6 +89,33 @@ def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
     assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "log.jsonl").read_text().count("\n") >= 29
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`vident train --device cuda`)")
+def test_cuda_mixed_precision_training_reduces_the_loss(tmp_path: Path) -> None:
+    """The issue's promise for GPU machines: `--device cuda` with automatic mixed precision trains, and
+    its checkpoint loads on the CPU. Never runs in CI (no GPU); written so a GPU session can check it."""
+    batch = _fixed_batch()
+    cfg = TrainConfig(model="most-nss-tiny", out=tmp_path, steps=30, batch=2, clip_length=3, height=32, width=48,
+                      lr=3e-3, warmup=1, amp="auto", device="cuda", checkpoint_every=15, log_every=1)  # fmt: skip
+    trainer = Trainer(cfg, itertools.repeat(batch))
+    assert trainer.amp_dtype in (torch.bfloat16, torch.float16)
+    first = trainer.train_step(batch.to("cuda"))
+    trainer.fit(progress=False)
+    _, last = trainer._clip_losses(batch.to("cuda"))
+    assert last["loss"] < 0.9 * first["loss"]
+    model, _ = load_model(str(tmp_path / "last.safetensors"))
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_train_on_cuda_without_cuda_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main as vident
+
+    argv = ["train", "--model", "most-nss-tiny", "--device", "cuda", "--steps", "1", "--out", str(tmp_path)]
+    assert vident(argv) == 2
+    assert "cannot train on --device cuda" in capsys.readouterr().out
+    assert not (tmp_path / "last.safetensors").exists()
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     batch = _fixed_batch()
     kwargs = dict(model="most-nss-tiny", steps=6, batch=2, height=32, width=48, amp="off", warmup=1,

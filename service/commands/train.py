@@ -24,6 +24,14 @@ def run(args: argparse.Namespace) -> int:
     from models.training.run import neural_scale_search, train
     from models.training.trainer import TrainConfig
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            built = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            print(f"cannot train on --device {args.device}: {built} (install a CUDA build of torch on a GPU "
+                  "machine; `--device cpu` trains here)")  # fmt: skip
+            return 2
     height, width = args.size
     cfg = TrainConfig(
         model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
