@@ -82,7 +82,7 @@ def test_fit_recovers_a_planted_readout_through_the_cli(tmp_path: Path) -> None:
     with torch.no_grad():
         readout.weight.zero_()
         readout.bias.zero_()
-    weights = save_checkpoint(model, tmp_path / "zero.safetensors", {"steps": "3"})
+    weights = save_checkpoint(model, tmp_path / "zero.safetensors", {"steps": "3", "hardware": "Trunk GPU"})
 
     code = vident(["fit-homography", str(weights), "--data", str(tmp_path / "fit"), "--out", str(tmp_path / "run"),
                    "--holdout", "2", "--quiet"])  # fmt: skip
@@ -109,6 +109,7 @@ def test_fit_recovers_a_planted_readout_through_the_cli(tmp_path: Path) -> None:
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(fitted_path, tmp_path / "eval.json", "vident eval ...").read_text()
     assert "homography readout" in card and "least squares" in card and f"{fit['fit_mace_after']:.3f} px" in card
+    assert "optimisation on Trunk GPU" in card  # the trunk's training machine, not the one that fitted
 
 
 def test_fit_homography_refuses_what_it_cannot_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str],

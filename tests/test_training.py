@@ -495,6 +495,9 @@ def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
     card = write_card(tmp_path / "run" / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
     assert "(crops of 64x96 renders; whole 64x96 frames every 2 steps, batch 1)" in card
     assert "Homography pooling: corners; the restoration heads read the input frame B^s" in card
+    from models.hardware import cpu_model
+
+    assert meta["hardware"] == cpu_model() and f"optimisation on {cpu_model()}" in card
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     # Whole 64x96 frames: the identity's MACE grows with the frame, so it differs from a 32x48 crop's.
     from models.registry import create_model

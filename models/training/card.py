@@ -86,7 +86,7 @@ def write_card(
         if "structure" in meta
         else "- loss: MSE(R) + 0.6 MSE(R')",
         f"- mixed precision: {meta.get('amp')}",
-        f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or cpu_model()}",
+        f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or meta.get('hardware') or cpu_model()}",
         f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",
     ]
     if "structure" in meta:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoints import most_config_of, read_metadata, save_checkpoint
-from models.hardware import cpu_has_bf16
+from models.hardware import cpu_has_bf16, cpu_model
 from models.most import MostNet, Structure, corner_pooled_state, filtered_restoration_state, input_fed_restoration_state
 from models.r2d4 import R2D4
 from models.registry import create_model
@@ -275,11 +275,16 @@ class Trainer:
         cfg["structure"] = self.cfg.structure.to_json() if self.cfg.structure else None
         cfg["perceptual_weights"] = str(cfg["perceptual_weights"]) if cfg["perceptual_weights"] else None
         cfg["init_from"] = str(cfg["init_from"]) if cfg["init_from"] else None
+        # Where the steps ran: a card written later, or for a fit of these weights, must name this
+        # machine, not the one that ships.
+        on_gpu = self.cfg.device.startswith("cuda")
+        hardware = torch.cuda.get_device_name(self.cfg.device) if on_gpu else cpu_model()
         return {
             "train_config": json.dumps(cfg),
             "steps": str(self.step_index),
             "train_seconds": f"{self.seconds:.0f}",
             "amp": str(self.amp_dtype),
+            "hardware": hardware,
             **self.prior,
         }
 
