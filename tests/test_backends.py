@@ -10,6 +10,7 @@ import torch
 
 from models import create_model
 from service.backends import factory
+from service.backends import openvino as ov_backend
 from service.backends.base import BackendUnavailable
 from service.cli import main
 
@@ -129,6 +130,8 @@ def test_auto_backend_runs_and_matches_torch() -> None:
 
 
 def test_auto_precision_follows_the_cpu_choice(monkeypatch) -> None:
+    # Both places that ask the CPU: the choice (factory) and the backend's own refusal (OpenVINO's plugin).
+    monkeypatch.setattr(ov_backend, "runtime_has_bf16", lambda core: True)
     monkeypatch.setattr(factory, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(factory, "bf16_parity_ok", lambda n: (True, "ok"))
     assert factory.create_backend("most-nss-tiny", "openvino", "cpu", "auto").info.precision == "bf16"

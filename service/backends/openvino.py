@@ -39,17 +39,13 @@ def inference_hint(core, precision: str) -> str:  # noqa: ANN001 - openvino Core
     """``INFERENCE_PRECISION_HINT`` for a precision. int8: the precision of the layers left unquantised,
     bf16 where the CPU has it (what export.int8's parity report measured), else f32."""
     if precision == "int8":
-        return "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+        return "bf16" if runtime_has_bf16(core) else "f32"
     return _PRECISION_HINT[precision]
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX)."""
-    try:
-        ov = _import_openvino()
-    except BackendUnavailable:
-        return False
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+def runtime_has_bf16(core) -> bool:  # noqa: ANN001 - openvino Core
+    """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX): the one place that asks."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoBackend(Backend):
@@ -82,7 +78,7 @@ class OpenVinoBackend(Backend):
     def _load(self) -> None:
         ov = _import_openvino()
         self.core = ov.Core()
-        if self.info.precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if self.info.precision == "bf16" and not runtime_has_bf16(self.core):
             raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
         self.float_hint = inference_hint(self.core, self.info.precision)
         if self.int8_model is not None:  # quantised from the rewritten graph already
