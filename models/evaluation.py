@@ -10,11 +10,16 @@ what a user gets, padding and uint8 conversions included. Rows:
 * for R2-D4-like models with a ``denoised`` output, that output against R'_t when the data has it;
 * ``ORB + RANSAC`` / ``SIFT + RANSAC``: OpenCV features matched between consecutive input frames
   and a partial-affine model (the labels' model) fitted with RANSAC, converted to our pixel convention;
+* ``ECC (OpenCV)``: ``cv2.findTransformECC`` with a full homography, coarse to fine over a
+  three-level pyramid: direct (intensity) alignment, the classical counterpart of a regressor;
 * ``NL-means (OpenCV)``: ``cv2.fastNlMeansDenoisingColored`` on each input frame.
 
 Per-frame values are averaged over all frames of all sequences; MACE and E(W) over frame pairs
 (t >= 1). E(W) is measured where the true homography holds: teeth in the current frame that were
-also teeth in the previous one (see ``stable_region``).
+also teeth in the previous one (see ``stable_region``); in sequences without teeth labels
+(``meta["has_mask"]`` false: the real-content split), wherever the warp is valid, and IoU is not
+measured there. ``psnr_aligned`` is PSNR after a per-channel gain and offset fit to the target
+(``models.metrics.colour_aligned_psnr``).
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ import torch
 from models.data.format import find_sequences, read_sequence, validate_sequence
 from models.data.synth import LabelledSequence
 from models.layers import warp_by_homography
-from models.metrics import iou, mace, psnr, ssim, warping_error
+from models.metrics import colour_aligned_psnr, iou, mace, psnr, ssim, warping_error
 
-METRICS = ("psnr", "ssim", "iou", "mace", "ew", "fps")
+METRICS = ("psnr", "psnr_aligned", "ssim", "iou", "mace", "ew", "fps")
 _HALF = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # OpenCV pixel coords -> ours
 
 
@@ -85,6 +90,44 @@ class FeatureHomography:
         return opencv_to_pixel_homography(np.vstack((affine, [0.0, 0.0, 1.0])))
 
 
+class EccHomography:
+    """Classical comparator: OpenCV's enhanced correlation coefficient alignment (Evangelidis and
+    Psarakis 2008) with a homography motion model, coarse to fine (1/4, 1/2, 1) from the identity."""
+
+    def __init__(self, levels: int = 3, iterations: int = 50, epsilon: float = 1e-5) -> None:
+        self.levels = levels
+        self.criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, epsilon)
+        self.failures = 0
+
+    def estimate(self, prev_rgb: np.ndarray, cur_rgb: np.ndarray) -> np.ndarray:
+        """H_{prev->cur} in our pixel convention; the identity (counted in ``failures``) when ECC fails."""
+        prev = cv2.cvtColor(prev_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        cur = cv2.cvtColor(cur_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        pyramid = [(prev, cur)]
+        for _ in range(self.levels - 1):
+            pyramid.append((cv2.pyrDown(pyramid[-1][0]), cv2.pyrDown(pyramid[-1][1])))
+        warp = np.eye(3, dtype=np.float32)  # OpenCV convention at the current level
+        try:
+            for level in range(self.levels - 1, -1, -1):
+                template, image = pyramid[level]
+                # ECC's warp maps template (previous frame) coordinates into the input image (current frame).
+                _, warp = cv2.findTransformECC(template, image, warp, cv2.MOTION_HOMOGRAPHY, self.criteria, None, 5)
+                if level:
+                    warp = _rescale_cv(warp, 2.0).astype(np.float32)
+        except cv2.error:
+            self.failures += 1
+            return np.eye(3)
+        return opencv_to_pixel_homography(warp.astype(np.float64))
+
+
+def _rescale_cv(h: np.ndarray, factor: float) -> np.ndarray:
+    """An OpenCV-convention homography at ``factor`` times the resolution (pyrDown halves the pixel
+    grid with centres at integers: x_fine = 2 x_coarse + 0.5)."""
+    up = np.array([[factor, 0.0, (factor - 1) / 2], [0.0, factor, (factor - 1) / 2], [0.0, 0.0, 1.0]])
+    out = up @ h.astype(np.float64) @ np.linalg.inv(up)
+    return out / out[2, 2]
+
+
 @dataclass
 class Row:
     """Per-frame metric values of one method, and the seconds it spent."""
@@ -97,6 +140,7 @@ class Row:
 
     def add_restoration(self, restored: np.ndarray, target: np.ndarray) -> None:
         self.values["psnr"].append(float(psnr(restored, target)[0]))
+        self.values["psnr_aligned"].append(float(colour_aligned_psnr(restored, target)[0]))
         self.values["ssim"].append(float(ssim(restored, target)[0]))
 
     def summary(self) -> dict[str, float | None]:
@@ -130,9 +174,10 @@ def evaluate_sequence(
     spec = backend.spec  # type: ignore[attr-defined]
     height, width = seq.size
     frames = seq.frames
-    regions: list[np.ndarray | None] = [None] + [
-        stable_region(seq.mask[t - 1], seq.mask[t], seq.homographies[t]) for t in range(1, frames)
-    ]
+    labelled = bool(seq.meta.get("has_mask", True))
+    regions: list[np.ndarray | None] = [None] * frames
+    if labelled:
+        regions[1:] = [stable_region(seq.mask[t - 1], seq.mask[t], seq.homographies[t]) for t in range(1, frames)]
 
     def row(name: str) -> Row:
         return rows.setdefault(name, Row(name))
@@ -140,7 +185,8 @@ def evaluate_sequence(
     # BASELINE: input as output, identity homography, every pixel teeth.
     base = row("BASELINE")
     _restoration_and_ew(base, list(seq.input), seq, regions, seq.target)
-    base.values["iou"].extend(iou(np.ones_like(seq.mask), seq.mask).tolist())
+    if labelled:
+        base.values["iou"].extend(iou(np.ones_like(seq.mask), seq.mask).tolist())
     base.values["mace"].extend(mace(np.tile(np.eye(3), (frames - 1, 1, 1)), seq.homographies[1:], height, width))
 
     # The model, streamed frame by frame as the service does.
@@ -155,7 +201,7 @@ def evaluate_sequence(
         restored.append(result.restored)
         if "denoised" in result.extra:
             denoised.append(result.extra["denoised"])
-        if result.teeth_mask is not None:
+        if result.teeth_mask is not None and labelled:
             model_row.values["iou"].append(float(iou(result.teeth_mask.astype(np.float32) / 255.0, seq.mask[t])[0]))
         if result.homography is not None and t > 0:
             model_row.values["mace"].append(float(mace(result.homography, seq.homographies[t], height, width)[0]))
@@ -167,9 +213,11 @@ def evaluate_sequence(
 
     if not comparators:
         return
-    for kind, label in (("orb", "ORB + RANSAC"), ("sift", "SIFT + RANSAC")):
+    cv2.setRNGSeed(0)  # RANSAC draws from OpenCV's generator: the same rows on every run
+    estimators = (("ORB + RANSAC", FeatureHomography("orb")), ("SIFT + RANSAC", FeatureHomography("sift")),
+                  ("ECC (OpenCV)", EccHomography()))  # fmt: skip
+    for label, estimator in estimators:
         feature_row = row(label)
-        estimator = FeatureHomography(kind)
         for t in range(1, frames):
             start = time.perf_counter()
             h_est = estimator.estimate(seq.input[t - 1], seq.input[t])
@@ -268,6 +316,7 @@ def evaluate(
 
 
 __all__ = [
+    "EccHomography",
     "EvalReport",
     "FeatureHomography",
     "evaluate",

@@ -5,6 +5,10 @@ average per frame (the convention of the dissertation's tables) or per sequence.
 (..., H, W, C) arrays, uint8 or float, compared at ``data_range`` (255 for uint8 frames).
 
 * PSNR: ``10 log10(L^2 / MSE)`` over all pixels and channels of a frame.
+* Colour-aligned PSNR: PSNR after the per-channel gain and offset that best map the output onto
+  the target (least squares, per frame), so denoising and deblurring are judged apart from the
+  colour mapping; on real video the true colours of the scene are not knowable from the input, and
+  a global per-channel affine is the part of colour correction a display can calibrate away.
 * SSIM: Wang et al. 2004 with the usual constants (Gaussian window 11x11, sigma 1.5, K1 = 0.01,
   K2 = 0.03), per channel on the window positions that fit inside the image, averaged over channels;
   this equals ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
@@ -45,6 +49,23 @@ def psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.
     if p.shape != t.shape:
         raise ValueError(f"psnr: shapes differ {p.shape} vs {t.shape}")
     mse = ((p - t) ** 2).reshape(p.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)
+
+
+def colour_aligned_psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 255.0) -> np.ndarray:
+    """Per-image PSNR after fitting ``target_c ~ gain_c * pred_c + offset_c`` per channel (least squares)."""
+    p, t = _as_batch(pred), _as_batch(target)
+    if p.shape != t.shape:
+        raise ValueError(f"colour_aligned_psnr: shapes differ {p.shape} vs {t.shape}")
+    n, c = p.shape[0], p.shape[-1]
+    x, y = p.reshape(n, -1, c), t.reshape(n, -1, c)
+    x_mean, y_mean = x.mean(axis=1, keepdims=True), y.mean(axis=1, keepdims=True)
+    xc, yc = x - x_mean, y - y_mean
+    variance = (xc * xc).sum(axis=1, keepdims=True)
+    gain = np.where(variance > 0, (xc * yc).sum(axis=1, keepdims=True) / np.maximum(variance, 1e-12), 0.0)
+    aligned = gain * xc + y_mean
+    mse = ((aligned - y) ** 2).reshape(n, -1).mean(axis=1)
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(data_range**2 / mse)
 
@@ -135,4 +156,4 @@ def warping_error(
     return np.where(count > 0, total / np.maximum(count, 1), math.nan)
 
 
-__all__ = ["psnr", "ssim", "iou", "mace", "warping_error"]
+__all__ = ["psnr", "colour_aligned_psnr", "ssim", "iou", "mace", "warping_error"]

@@ -6,7 +6,7 @@ the fields of ``models.training.trainer.ClipBatch``)::
     input          (T, 3, H, W) in [0, 1]   B_t
     target         (T, 3, H, W) in [0, 1]   R_t
     target_blurry  (T, 3, H, W) in [0, 1]   R'_t (absent for on-disk data without target_blurry/)
-    mask           (T, 1, H, W) 0 / 1       M_t
+    mask           (T, 1, H, W) 0 / 1       M_t; -1 where the clip has no teeth labels (mask loss skipped)
     homography     (T, 3, 3)                H_{t-1->t}, identity at t = 0
 
 Synthetic clips are a pure function of (config, seed, split, index), so a map-style dataset is
@@ -15,7 +15,8 @@ reproducible with any number of DataLoader workers; the iterable form never repe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from models.data.format import DataFormatError, SequenceInfo, find_sequences, read_sequence, validate_sequence
 from models.data.synth import (
+    CONTENTS,
     DEFAULT_SEED,
     LabelledSequence,
     SynthConfig,
@@ -39,12 +41,18 @@ def _images(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))).float().div_(255.0)
 
 
+UNLABELLED = -1.0  # mask value of clips without teeth labels
+
+
 def clip_tensors(seq: LabelledSequence) -> dict[str, Tensor]:
     """A sequence as the dict of tensors described in the module docstring."""
+    mask = torch.from_numpy(seq.mask.astype(np.float32)).unsqueeze(1)
+    if not seq.meta.get("has_mask", True):
+        mask.fill_(UNLABELLED)
     clip = {
         "input": _images(seq.input),
         "target": _images(seq.target),
-        "mask": torch.from_numpy(seq.mask.astype(np.float32)).unsqueeze(1),
+        "mask": mask,
         "homography": torch.from_numpy(seq.homographies.astype(np.float32)),
     }
     if seq.target_blurry is not None:
@@ -52,12 +60,64 @@ def clip_tensors(seq: LabelledSequence) -> dict[str, Tensor]:
     return clip
 
 
+@dataclass(frozen=True)
+class ContentMix:
+    """Which scene content each clip gets, drawn per clip from its own seed: ``{content: weight}``.
+
+    Written as ``dental=0.5,dead-leaves=0.3,photos=0.2`` (the form ``vident train --mix`` takes and
+    checkpoint metadata records)."""
+
+    weights: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("a content mix needs at least one content")
+        for name, weight in self.weights:
+            if name not in CONTENTS:
+                raise ValueError(f"unknown content {name!r} in the mix; choose from {', '.join(CONTENTS)}")
+            if not weight >= 0:
+                raise ValueError(f"content weight must be >= 0, got {name}={weight}")
+        if sum(w for _, w in self.weights) <= 0:
+            raise ValueError("content weights must not all be 0")
+
+    @classmethod
+    def parse(cls, text: str) -> ContentMix:
+        pairs = []
+        for part in text.split(","):
+            name, sep, weight = part.strip().partition("=")
+            try:
+                value = float(weight) if sep else 1.0
+            except ValueError as exc:
+                raise ValueError(f"expected CONTENT=WEIGHT in the mix, got {part!r}") from exc
+            pairs.append((name.strip(), value))
+        return cls(tuple(pairs))
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float]) -> ContentMix:
+        return cls(tuple(weights.items()))
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={weight:g}" for name, weight in self.weights)
+
+    def pick(self, rng: np.random.Generator) -> str:
+        probabilities = np.array([w for _, w in self.weights], float)
+        return self.weights[int(rng.choice(len(self.weights), p=probabilities / probabilities.sum()))][0]
+
+
 def rendered_clip(
-    cfg: SynthConfig, seed: int, split: str, index: int, crop: tuple[int, int] | None = None
+    cfg: SynthConfig,
+    seed: int,
+    split: str,
+    index: int,
+    crop: tuple[int, int] | None = None,
+    mix: ContentMix | None = None,
 ) -> dict[str, Tensor]:
     """Clip ``index`` of ``split``; with ``crop`` (h, w), a window of it at a position drawn from the
     same seed. Crops of a full-size render keep the scene at the scale the test frames show it,
-    where a render at the crop size shrinks the whole scene into the crop."""
+    where a render at the crop size shrinks the whole scene into the crop. ``mix``: the clip's
+    content is drawn from it (its own stream of the clip's seed) instead of ``cfg.content``."""
+    if mix is not None:
+        cfg = replace(cfg, content=mix.pick(np.random.default_rng(sequence_seed(seed, split, index).spawn(3)[2])))
     seq = render_sequence(cfg, sequence_seed(seed, split, index))
     if crop is not None:
         rng = np.random.default_rng(sequence_seed(seed, split, index).spawn(1)[0])
@@ -77,9 +137,10 @@ class SyntheticClips(Dataset):
         seed: int = DEFAULT_SEED,
         split: str = "train",
         crop: tuple[int, int] | None = None,
+        mix: ContentMix | None = None,
     ) -> None:
         sequence_seed(seed, split, 0)  # validates split
-        self.cfg, self.length, self.seed, self.split, self.crop = cfg, length, seed, split, crop
+        self.cfg, self.length, self.seed, self.split, self.crop, self.mix = cfg, length, seed, split, crop, mix
 
     def __len__(self) -> int:
         return self.length
@@ -87,7 +148,7 @@ class SyntheticClips(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        return rendered_clip(self.cfg, self.seed, self.split, index, self.crop)
+        return rendered_clip(self.cfg, self.seed, self.split, index, self.crop, self.mix)
 
 
 class SyntheticStream(IterableDataset):
@@ -103,16 +164,17 @@ class SyntheticStream(IterableDataset):
         split: str = "train",
         start: int = 0,
         crop: tuple[int, int] | None = None,
+        mix: ContentMix | None = None,
     ) -> None:
         sequence_seed(seed, split, 0)
-        self.cfg, self.seed, self.split, self.start, self.crop = cfg, seed, split, start, crop
+        self.cfg, self.seed, self.split, self.start, self.crop, self.mix = cfg, seed, split, start, crop, mix
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         worker = get_worker_info()
         offset, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
         index = self.start + offset
         while True:
-            yield rendered_clip(self.cfg, self.seed, self.split, index, self.crop)
+            yield rendered_clip(self.cfg, self.seed, self.split, index, self.crop, self.mix)
             index += stride
 
 
@@ -153,4 +215,12 @@ class SequenceFolderClips(Dataset):
         return clip_tensors(read_sequence(info.path, start, self.clip_frames, info=info))
 
 
-__all__ = ["clip_tensors", "rendered_clip", "SyntheticClips", "SyntheticStream", "SequenceFolderClips"]
+__all__ = [
+    "UNLABELLED",
+    "ContentMix",
+    "clip_tensors",
+    "rendered_clip",
+    "SyntheticClips",
+    "SyntheticStream",
+    "SequenceFolderClips",
+]

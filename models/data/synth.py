@@ -32,9 +32,25 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from models.data.degrade import NOISE_CHOICES, NOISE_LEVELS, CameraResponse, pick_noise_level, poisson_gaussian
+from models.data.degrade import (
+    CODECS,
+    NOISE_CHOICES,
+    WIDE,
+    CameraResponse,
+    Degradation,
+    compress,
+    defocus_kernel,
+    pick_noise_level,
+    sensor_noise,
+    vignette_field,
+)
+from models.data.scenes import EVALUATION_PHOTOS, PHOTOS, TRAINING_PHOTOS, dead_leaves, photo_palette, photo_world
 
-SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
+# content: the generator's dental scenes; dead leaves; a random training photograph (augmented); or
+# one named photograph as it is ("photo:NAME", what the real-content evaluation split films).
+CONTENTS = ("dental", "dead-leaves", "photos")
+DEGRADATIONS = ("recipe", "wide")
 DEFAULT_SEED = 2024  # the seed model cards and benchmarks quote (with the split mixed in)
 WORLD_SCALE = 2.6  # world canvas size relative to the frame: room for the camera to wander
 
@@ -59,8 +75,17 @@ class SynthConfig:
     spray: bool = True
     lighting: bool = True  # gain drift, vignetting, light gradient
     dark_frames: bool = True  # occasional near-black frames (needs lighting)
+    content: str = "dental"  # see CONTENTS; "photo:NAME" for one named photograph
+    degradation: str = "recipe"  # recipe: the dissertation's; wide: drawn per clip (degrade.DegradationRanges)
 
     def __post_init__(self) -> None:
+        if self.content not in CONTENTS and not (
+            self.content.startswith("photo:") and self.content.removeprefix("photo:") in PHOTOS
+        ):
+            raise ValueError(f"content must be one of {', '.join(CONTENTS)} or photo:NAME "
+                             f"({', '.join(PHOTOS)}), got {self.content!r}")  # fmt: skip
+        if self.degradation not in DEGRADATIONS:
+            raise ValueError(f"degradation must be one of {', '.join(DEGRADATIONS)}, got {self.degradation!r}")
         if self.height < 16 or self.width < 16:
             raise ValueError(f"frame size {self.height}x{self.width} is too small (16x16 at least)")
         if self.frames < 1:
@@ -192,7 +217,7 @@ def _shake(rng: np.random.Generator, times: np.ndarray, amplitude: float, dims: 
 @dataclass
 class World:
     rgb: np.ndarray  # (Hw, Ww, 3) float32 in [0, 1]
-    teeth: np.ndarray  # (Hw, Ww) float32 coverage in [0, 1]
+    teeth: np.ndarray | None  # (Hw, Ww) float32 coverage in [0, 1]; None: no teeth labels (not dental)
     anchor: np.ndarray  # (2,) world point on the dental arch the camera hovers over
     arch_angle: float
 
@@ -387,6 +412,24 @@ def make_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
         patch = rgb[y0:y1, x0:x1]
         rgb[y0:y1, x0:x1] = patch * (1 - 0.15 * inside) + glint * inside * (1 - patch)
     return World(np.clip(rgb, 0, 1).astype(np.float32), teeth, centre.copy(), arch_angle)
+
+
+def content_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
+    """The world of a non-dental scene: dead leaves or a photograph, without teeth labels."""
+    if cfg.content == "dead-leaves":
+        hw, ww = int(round(cfg.height * WORLD_SCALE)), int(round(cfg.width * WORLD_SCALE))
+        px = cfg.height / 320.0
+        palette = photo_palette(TRAINING_PHOTOS) if rng.random() < 0.5 else None
+        rgb = dead_leaves(rng, hw, ww, r_min=1.5 * px, r_max=rng.uniform(0.15, 0.5) * cfg.height, palette=palette)
+    elif cfg.content == "photos":
+        name = TRAINING_PHOTOS[int(rng.integers(0, len(TRAINING_PHOTOS)))]
+        rgb = photo_world(rng, name, cfg.height, cfg.width, augment=True)
+    elif cfg.content.startswith("photo:"):
+        rgb = photo_world(rng, cfg.content.removeprefix("photo:"), cfg.height, cfg.width, augment=False)
+    else:
+        raise ValueError(f"content_world: {cfg.content!r} is the dental generator's (make_world)")
+    hw, ww = rgb.shape[:2]
+    return World(rgb, None, np.array([ww / 2, hw / 2]), float(rng.uniform(-0.3, 0.3)))
 
 
 def _clip_region(
@@ -652,20 +695,45 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_sequence(cfg: SynthConfig, seed: int | np.random.SeedSequence | list[int]) -> LabelledSequence:
-    """Renders one labelled sequence; the same (cfg, seed) always gives identical arrays."""
+def _degradation_rng(seed: int | np.random.SeedSequence | list[int]) -> np.random.Generator:
+    """A stream for the per-clip degradation draw, apart from the scene's, so drawing it leaves the
+    scene (and the recipe's test split) exactly as before."""
+    base = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    return np.random.default_rng(np.random.SeedSequence(base.entropy, spawn_key=(*base.spawn_key, 0xDE6)))
+
+
+def render_sequence(
+    cfg: SynthConfig, seed: int | np.random.SeedSequence | list[int], degradation: Degradation | None = None
+) -> LabelledSequence:
+    """Renders one labelled sequence; the same (cfg, seed, degradation) always gives identical arrays.
+
+    ``degradation`` None: the dissertation's recipe (``cfg.degradation == "recipe"``) or one drawn
+    per clip from ``degrade.WIDE`` (``"wide"``); a given one is applied as it is (evaluation splits).
+    """
     rng = np.random.default_rng(seed)
-    world = make_world(rng, cfg)
-    sf, exposure, half = cfg.subframes, cfg.exposure, cfg.exposure // 2
+    dental = cfg.content == "dental"
+    world = make_world(rng, cfg) if dental else content_world(rng, cfg)
+    if degradation is None and cfg.degradation == "wide":
+        degradation = Degradation.sample(_degradation_rng(seed))
+    sf = cfg.subframes
+    exposure = cfg.exposure if degradation is None else degradation.exposure
+    half = exposure // 2
     n_sub = (cfg.frames - 1) * sf + exposure
     cams = camera_path(rng, cfg, world, n_sub)
-    instruments = make_instruments(rng, cfg, n_sub)
-    spray = make_spray(rng, cfg, n_sub)
+    instruments = make_instruments(rng, cfg, n_sub) if dental else []
+    spray = make_spray(rng, cfg, n_sub) if dental else None
     lighting = make_lighting(rng, cfg)
     response = CameraResponse.random(rng)
     level = pick_noise_level(rng, cfg.noise)
-    a, sigma = NOISE_LEVELS[level]
+    if degradation is None:
+        degradation = Degradation.recipe(response, level, exposure=cfg.exposure)
     h, w = cfg.height, cfg.width
+    px = h / 320.0
+    kernel = defocus_kernel(degradation.defocus * px) if degradation.defocus > 0 else None
+    vignette = vignette_field(h, w, degradation.vignetting)[..., None] if degradation.vignetting > 0 else None
+    fixed_pattern = None
+    if degradation.fixed_pattern_sigma > 0:
+        fixed_pattern = degradation.fixed_pattern_sigma * rng.standard_normal((h, w, 1))
 
     def render(k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sub-frame ``k``: colour (h, w, 3) and the opacity of everything in front of the world."""
@@ -702,34 +770,70 @@ def render_sequence(cfg: SynthConfig, seed: int | np.random.SeedSequence | list[
         blurry = sum(cache[k][0] for k in range(first, first + exposure)) / np.float32(exposure)
         sharp, occ = cache[first + half]
         centre = first + half
-        teeth = warp_affine(world.teeth, cams[centre], h, w, cv2.BORDER_REFLECT_101)
-        out_mask[t] = (teeth > 0.5) & (occ < 0.5)
+        if world.teeth is None:
+            out_mask[t] = False
+        else:
+            teeth = warp_affine(world.teeth, cams[centre], h, w, cv2.BORDER_REFLECT_101)
+            out_mask[t] = (teeth > 0.5) & (occ < 0.5)
         out_occ[t] = occ > 0.02
         homographies[t] = np.eye(3) if t == 0 else cams[centre] @ np.linalg.inv(cams[centre - sf])
         light = lighting.field(t)[..., None]
         blurry_lit = np.clip(blurry * light, 0, 1)
+        if kernel is not None:  # optics: defocus blurs what reaches the sensor (and R2-D4's R')
+            blurry_lit = cv2.filter2D(blurry_lit, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
         out_target[t] = _to_uint8(sharp * light)
         out_blurry[t] = _to_uint8(blurry_lit)
-        out_input[t] = poisson_gaussian(rng, response.apply(blurry_lit), a, sigma)
+        camera = degradation.response.apply(blurry_lit)
+        if vignette is not None:
+            camera = camera * vignette
+        out_input[t] = sensor_noise(rng, camera, degradation.noise_a, degradation.noise_sigma,
+                                    degradation.row_sigma, fixed_pattern)  # fmt: skip
         for k in [k for k in cache if k < first + sf]:
             del cache[k]
+    out_input = compress(out_input, degradation.codec, degradation.quality)
     homographies /= homographies[:, 2:3, 2:3]
-    meta = {
-        "noise": level,
-        "noise_a": a,
-        "noise_sigma": sigma,
-        "camera_response": response.to_dict(),
+    meta: dict[str, object] = {
+        "content": cfg.content,
+        "has_mask": world.teeth is not None,
+        "noise": level if cfg.degradation == "recipe" else "drawn",
+        "noise_a": degradation.noise_a,
+        "noise_sigma": degradation.noise_sigma,
+        "camera_response": degradation.response.to_dict(),
         "instruments": len(instruments),
         "spray": spray is not None,
         "dark_frames": lighting.dark,
     }
+    if cfg.degradation != "recipe" or degradation.codec != "none" or degradation.defocus > 0:
+        meta["degradation"] = degradation.to_dict()
     return LabelledSequence(out_input, out_target, out_blurry, out_mask, homographies, out_occ, meta)
 
 
+def real_content_sequence(cfg: SynthConfig, seed: int, index: int) -> LabelledSequence:
+    """Sequence ``index`` of the real-content evaluation split: a camera filming one of the evaluation
+    photographs (``scenes.EVALUATION_PHOTOS``, in turn), degraded by settings drawn from the "real"
+    split's own seed stream over the same physical ranges as training (``degrade.WIDE``), with the
+    codec taken in turn (none, JPEG, H.264) so every client path is measured. No training source
+    draws from that stream or films those photographs."""
+    photo = EVALUATION_PHOTOS[index % len(EVALUATION_PHOTOS)]
+    sequence = sequence_seed(seed, "real", index)
+    degradation = Degradation.sample(_degradation_rng(sequence))
+    codec = CODECS[(index // len(EVALUATION_PHOTOS)) % len(CODECS)]
+    quality = {"none": 0, "jpeg": int(np.mean(WIDE.jpeg_quality)), "h264": int(np.mean(WIDE.h264_crf))}[codec]
+    if codec == degradation.codec:
+        quality = degradation.quality
+    degradation = replace(degradation, codec=codec, quality=quality)
+    photo_cfg = replace(cfg, content=f"photo:{photo}", degradation="wide", instruments=False, spray=False)
+    return render_sequence(photo_cfg, sequence_seed(seed, "real", index), degradation)
+
+
 __all__ = [
+    "real_content_sequence",
     "DEFAULT_SEED",
     "SPLITS",
+    "CONTENTS",
+    "DEGRADATIONS",
     "SynthConfig",
+    "content_world",
     "LabelledSequence",
     "sequence_seed",
     "render_sequence",

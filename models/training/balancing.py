@@ -57,9 +57,12 @@ class AdaptiveTaskBalancing(Balancer):
         self.eps = eps
 
     def weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        values = {t: max(float(losses[t].detach()), self.eps) for t in self.tasks}
-        total = sum(values.values())
-        return {t: total / (len(self.tasks) * v) for t, v in values.items()}
+        # A task whose loss is exactly 0 has no labels in this batch (a clip mix without teeth):
+        # it is left out of the balance instead of getting a weight of V / eps.
+        values = {t: float(losses[t].detach()) for t in self.tasks}
+        present = {t: max(v, self.eps) for t, v in values.items() if v > 0}
+        total = sum(present.values())
+        return {t: total / (len(present) * present[t]) if t in present else 0.0 for t in self.tasks}
 
 
 class DynamicWeightAverage(Balancer):

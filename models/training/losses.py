@@ -35,6 +35,14 @@ def homography_at_scale(h: Tensor, scale: int) -> Tensor:
     return h if scale == 1 else rescale_homography(h, 2.0 ** -(scale - 1))
 
 
+def mask_loss(logits: Tensor, mask: Tensor) -> Tensor:
+    """Binary cross-entropy over the labelled pixels; clips without teeth labels carry mask -1
+    (``models.data.dataset.UNLABELLED``) and add nothing, so restoration-only content can share a batch."""
+    labelled = (mask >= 0).to(logits.dtype)
+    total = F.binary_cross_entropy_with_logits(logits, mask.clamp(min=0), weight=labelled, reduction="sum")
+    return total / labelled.sum().clamp(min=1.0)
+
+
 def mace_loss(h_est: Tensor, h_true: Tensor, height: int, width: int) -> Tensor:
     return mean_corner_error(h_est, h_true, height, width).mean()
 
@@ -56,7 +64,7 @@ def most_task_losses(step: MostStep, targets: MostTargets) -> dict[str, Tensor]:
     for s, pred in step.restored.items():
         restoration = restoration + charbonnier(pred.float(), downscale(targets.restored, s))
     for s, logits in step.mask_logits.items():
-        segmentation = segmentation + F.binary_cross_entropy_with_logits(logits.float(), downscale(targets.mask, s))
+        segmentation = segmentation + mask_loss(logits.float(), downscale(targets.mask, s))
     for s, h in step.homography.items():
         h_true = homography_at_scale(targets.homography, s)
         homography = homography + mace_loss(h.float(), h_true, height // 2 ** (s - 1), width // 2 ** (s - 1))

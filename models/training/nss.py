@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from models.layers import apply_homography, image_corners, rescale_homography
 from models.most import SCALES, TASKS, MostStep, Structure
-from models.training.losses import MostTargets, charbonnier
+from models.training.losses import MostTargets, charbonnier, mask_loss
 
 GATED_SCALES = (1, 2)  # scale 3 is the baseline and always kept
 
@@ -93,7 +93,7 @@ def gated_task_errors(step: MostStep, targets: MostTargets, gates: Tensor) -> di
         if task == "restoration":
             errors[task] = charbonnier(estimate.float(), targets.restored)
         elif task == "segmentation":
-            errors[task] = F.binary_cross_entropy_with_logits(estimate.float(), targets.mask)
+            errors[task] = mask_loss(estimate.float(), targets.mask)
         else:
             truth = _corners_full(targets.homography, 1, height, width)
             errors[task] = (estimate - truth).norm(dim=-1).mean()

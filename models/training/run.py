@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.checkpoints import read_metadata, save_checkpoint
-from models.data.dataset import SequenceFolderClips, SyntheticClips, SyntheticStream
+from models.data.dataset import ContentMix, SequenceFolderClips, SyntheticClips, SyntheticStream
 from models.data.synth import SynthConfig
 from models.metrics import iou, mace, psnr
 from models.training.trainer import ClipBatch, TrainConfig, Trainer
@@ -44,8 +44,8 @@ def _render_plan(cfg: TrainConfig, render_size: tuple[int, int] | None) -> tuple
 
 
 def _synthetic_batches(synth: SynthConfig, cfg: TrainConfig, start: int, batch: int, workers: int,
-                       crop: tuple[int, int] | None) -> Iterator[ClipBatch]:  # fmt: skip
-    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start, crop=crop)
+                       crop: tuple[int, int] | None, mix: ContentMix | None) -> Iterator[ClipBatch]:  # fmt: skip
+    stream = SyntheticStream(synth, seed=cfg.seed, split="train", start=start, crop=crop, mix=mix)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers, prefetch_factor=4 if workers else None)
     for sample in loader:
         yield _to_batch(sample)
@@ -61,6 +61,8 @@ def training_batches(
     render_size: tuple[int, int] | None = None,
     whole_every: int = 0,
     whole_batch: int = 2,
+    mix: ContentMix | None = None,
+    degradation: str = "recipe",
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
     resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences.
@@ -77,13 +79,15 @@ def training_batches(
             for sample in loader:
                 yield _to_batch(sample)
     height, width, crop = _render_plan(cfg, render_size)
-    synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion)
+    synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion,
+                        degradation=degradation)  # fmt: skip
     if not whole_every:
-        yield from _synthetic_batches(synth, cfg, start_step * cfg.batch, cfg.batch, workers, crop)
+        yield from _synthetic_batches(synth, cfg, start_step * cfg.batch, cfg.batch, workers, crop, mix)
         return
     whole_before = start_step // whole_every
-    crops = _synthetic_batches(synth, cfg, (start_step - whole_before) * cfg.batch, cfg.batch, workers, crop)
-    wholes = _synthetic_batches(synth, cfg, WHOLE_INDEX_BASE + whole_before * whole_batch, whole_batch, workers, None)
+    crops = _synthetic_batches(synth, cfg, (start_step - whole_before) * cfg.batch, cfg.batch, workers, crop, mix)
+    wholes = _synthetic_batches(synth, cfg, WHOLE_INDEX_BASE + whole_before * whole_batch, whole_batch, workers,
+                                None, mix)  # fmt: skip
     for step in itertools.count(start_step + 1):
         yield next(wholes) if step % whole_every == 0 else next(crops)
 
@@ -146,6 +150,8 @@ def train(
     whole_every: int = 0,
     whole_batch: int = 2,
     keep_validated: bool = False,
+    mix: ContentMix | None = None,
+    degradation: str = "recipe",
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
@@ -170,6 +176,9 @@ def train(
     # What the data was goes into the checkpoint metadata with the rest of the config (model cards read it).
     source = str(data) if data is not None else "synthetic"
     extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
+    if data is None:
+        extra["content_mix"] = str(mix) if mix is not None else "dental=1"
+        extra["degradation"] = degradation
     if render_size is not None:
         rendered = f"{render_size[0]}x{render_size[1]}"
         if render_size[0] < cfg.height or render_size[1] < cfg.width:
@@ -199,7 +208,7 @@ def train(
         trainer.cfg = replace(cfg, extra={**cfg.extra, "motion": record})
     trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion,
                                        render_size=render_size, whole_every=whole_every,
-                                       whole_batch=whole_batch)  # fmt: skip
+                                       whole_batch=whole_batch, mix=mix, degradation=degradation)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     keeper = BestKeeper(trainer, keep_best, carry_over=resumed) if keep_best is not None else None

@@ -2,7 +2,8 @@
 
 Defaults per split make the fixed sets that model cards and benchmarks quote reproducible from
 the command alone: ``vident synth --out data/test --split test`` is 8 sequences x 24 frames at
-320x416, moderate noise, seed 2024 (docs/data.md).
+320x416, moderate noise, seed 2024; ``--split real`` writes the real-content evaluation split
+(photographs from packages no training source uses, under drawn degradations; docs/data.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SPLIT_DEFAULTS = {  # split -> (sequences, noise)
     "train": (64, "mixed"),
     "val": (8, "mixed"),
     "test": (8, "moderate"),
+    "real": (12, "mixed"),  # the real-content evaluation split: noise is drawn per sequence
 }
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.data.format import write_sequence
     from models.data.preview import write_contact_sheet
-    from models.data.synth import SynthConfig, render_sequence, sequence_seed
+    from models.data.synth import SynthConfig, real_content_sequence, render_sequence, sequence_seed
 
     console = Console(stderr=True)
     if args.out is None and args.preview is None:
@@ -48,9 +50,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion
     )
+
+    def render(cfg: SynthConfig, index: int):  # noqa: ANN202 - LabelledSequence
+        if args.split == "real":
+            return real_content_sequence(cfg, args.seed, index)
+        return render_sequence(cfg, sequence_seed(args.seed, args.split, index))
+
     if args.preview is not None:
         preview_cfg = SynthConfig(**{**asdict(cfg), "frames": max(cfg.frames, 5)})
-        seq = render_sequence(preview_cfg, sequence_seed(args.seed, args.split, args.preview_index))
+        seq = render(preview_cfg, args.preview_index)
         write_contact_sheet(seq, str(args.preview))
         console.print(
             f"preview of {args.split} sequence {args.preview_index} ({seq.meta['noise']} noise) -> {args.preview}"
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"synth {args.split}", total=sequences)
         for index in range(sequences):
-            seq = render_sequence(cfg, sequence_seed(args.seed, args.split, index))
+            seq = render(cfg, index)
             write_sequence(seq, out / f"seq_{index:03d}", {"split": args.split, "seed": args.seed, "index": index})
             progress.advance(task)
     seconds = time.perf_counter() - start
@@ -92,7 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("synth", help="write synthetic labelled dental video (or a preview sheet)")
     p.add_argument("--out", type=Path, help="output folder (one sub-folder per sequence)")
     p.add_argument("--split", choices=tuple(SPLITS), default="test", help="split (mixed into the seed)")
-    p.add_argument("--sequences", type=int, help="number of sequences (default: train 64, val 8, test 8)")
+    p.add_argument("--sequences", type=int, help="number of sequences (default: train 64, val 8, test 8, real 12)")
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
     p.add_argument("--size", type=parse_size, default=(320, 416), help="HxW (default 320x416, as Vident-lab)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")

@@ -20,6 +20,15 @@ def task_factor(text: str) -> tuple[str, float]:
     return task, value
 
 
+def content_mix(text: str):  # noqa: ANN201 - ContentMix, imported lazily with the training code
+    from models.data.dataset import ContentMix
+
+    try:
+        return ContentMix.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from models.training.run import neural_scale_search, train
     from models.training.trainer import TrainConfig
@@ -48,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                      validate_every=args.validate_every, stop_at=args.stop_at, motion=args.motion,
                      validate_sequences=args.validate_sequences, render_size=args.render_size,
                      keep_best=args.keep_best, whole_every=args.whole_every,
-                     whole_batch=args.whole_batch, keep_validated=args.keep_validated)  # fmt: skip
+                     whole_batch=args.whole_batch, keep_validated=args.keep_validated, mix=args.mix,
+                     degradation=args.degradation)  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -91,7 +101,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
     p.add_argument("--data", type=Path, default=None, help="on-disk data set (docs/data.md) instead of synthetic")
-    p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed")
+    p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed",
+                   help="the recipe's noise level (with --degradation wide, noise is drawn per clip instead)")
+    p.add_argument("--mix", type=content_mix, default=None, metavar="CONTENT=W,...",
+                   help="scene content drawn per clip, e.g. dental=0.5,dead-leaves=0.3,photos=0.2 (contents: "
+                   "dental, dead-leaves, photos; default: dental only). Clips without teeth skip the mask loss")
+    p.add_argument("--degradation", choices=("recipe", "wide"), default="recipe",
+                   help="recipe: the dissertation's fixed camera; wide: exposure, defocus, noise, colour response "
+                   "and JPEG/H.264 drawn per clip over the ranges in docs/data.md")
     p.add_argument("--motion", type=float, default=1.0,
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")

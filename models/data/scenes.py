@@ -1,0 +1,171 @@
+"""Scene content beyond the dental generator: dead-leaves images and real photographs from packages.
+
+A network trained only on the generator's gums and teeth learns its palette and textures, and on
+other content paints that palette over the scene and leaves the grain. Two sources widen it for
+the restoration and homography tasks (neither has teeth labels, so their mask loss is skipped):
+
+* **dead leaves**: occluding discs with power-law radii (``p(r) ~ r^-3``), the model of natural-image
+  statistics (scale invariance, occlusion edges, heavy-tailed gradients) that Achddou et al. (2021,
+  "Synthetic images as a regularity prior for image restoration neural networks") showed trains
+  denoisers that transfer to photographs;
+* **photographs** shipped inside PyPI packages the project installs: a fixed training set and a
+  disjoint evaluation set, from different packages, so no evaluation pixel can reach training.
+
+scikit-image's bundled photographs are an outside evaluation set and are never used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A photograph inside an installed package: (package, path below the package folder)."""
+
+    package: str  # import name
+    distribution: str  # the PyPI name to install
+    path: str
+
+
+PHOTOS: dict[str, Photo] = {
+    # Training: scikit-learn's two sample photographs (a temple in China, a flower), 640x427.
+    "sklearn-china": Photo("sklearn", "scikit-learn", "datasets/images/china.jpg"),
+    "sklearn-flower": Photo("sklearn", "scikit-learn", "datasets/images/flower.jpg"),
+    # Evaluation only: matplotlib's portrait of Grace Hopper (512x600) and mahotas' portrait of its
+    # author (300x377). (mahotas' "DepartmentStore" is a drawing, not a photograph: not used.)
+    "matplotlib-grace-hopper": Photo("matplotlib", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "mahotas-luispedro": Photo("mahotas", "mahotas", "demos/data/luispedro.jpg"),
+}
+TRAINING_PHOTOS: tuple[str, ...] = ("sklearn-china", "sklearn-flower")
+EVALUATION_PHOTOS: tuple[str, ...] = ("matplotlib-grace-hopper", "mahotas-luispedro")
+
+
+class PhotoUnavailable(RuntimeError):
+    """The package that ships a photograph is not installed."""
+
+
+def photo_path(name: str) -> Path:
+    """Where ``name`` lies in site-packages, found without importing the package (scikit-learn and
+    matplotlib import slowly and only their files are wanted)."""
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; known: {', '.join(PHOTOS)}")
+    photo = PHOTOS[name]
+    spec = find_spec(photo.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PhotoUnavailable(
+            f"photo {name!r} ships in the {photo.distribution!r} package, which is not installed "
+            f"(pip install '{photo.distribution}', or the project's 'data' extra)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / photo.path
+    if not path.is_file():
+        raise PhotoUnavailable(f"photo {name!r}: {path} is missing from the installed {photo.distribution}")
+    return path
+
+
+@lru_cache(maxsize=16)
+def load_photo(name: str) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 1]; read once per process."""
+    image = cv2.imread(str(photo_path(name)), cv2.IMREAD_COLOR)
+    if image is None:
+        raise PhotoUnavailable(f"photo {name!r} cannot be decoded")
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    rgb.setflags(write=False)
+    return rgb
+
+
+def photo_digest(name: str) -> str:
+    """SHA-256 of the decoded pixels: the overlap check compares content, not names."""
+    return hashlib.sha256(np.ascontiguousarray(load_photo(name)).tobytes()).hexdigest()
+
+
+def photo_world(rng: np.random.Generator, name: str, height: int, width: int, augment: bool) -> np.ndarray:
+    """A world canvas (float32 RGB) from a photograph, at least 1.3 frames on each side so the camera
+    can wander (beyond that the canvas reflects, which moves with it, so the labels stay exact);
+    ``augment`` (training) adds a random flip, quarter turn and a 1-1.6x zoom."""
+    rgb = load_photo(name)
+    if augment:
+        if rng.random() < 0.5:
+            rgb = rgb[:, ::-1]
+        rgb = np.rot90(rgb, int(rng.integers(0, 4)))
+    ph, pw = rgb.shape[:2]
+    scale = max(1.3 * height / ph, 1.3 * width / pw)
+    if augment:
+        scale *= math.exp(rng.uniform(0.0, math.log(1.6)))
+    size = (max(1, int(round(pw * scale))), max(1, int(round(ph * scale))))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return np.clip(cv2.resize(np.ascontiguousarray(rgb), size, interpolation=interpolation), 0, 1).astype(np.float32)
+
+
+def dead_leaves(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    r_min: float,
+    r_max: float,
+    palette: np.ndarray | None = None,
+) -> np.ndarray:
+    """(height, width, 3) float32 dead-leaves image: discs with ``p(r) ~ r^-3`` on [r_min, r_max],
+    painted back to front until the canvas is covered several times over.
+
+    Colours are drawn from ``palette`` (N, 3) when given (pixels of natural images), else uniformly
+    in RGB; each disc gets a slight linear shading and some images a depth-of-field blur, so the
+    flat-patch statistics of the plain model do not become a shortcut.
+    """
+    canvas = np.zeros((height, width, 3), np.float32)
+    # Mean disc area for r^-3 on [r_min, r_max]: pi * 2 r_min^2 ln(r_max / r_min) / (1 - (r_min/r_max)^2).
+    mean_area = math.pi * 2 * r_min**2 * math.log(r_max / r_min) / (1 - (r_min / r_max) ** 2)
+    count = int(4 * height * width / mean_area) + 16
+    u = rng.random(count)
+    radii = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5
+    centres = rng.uniform([-r_max / 2, -r_max / 2], [width + r_max / 2, height + r_max / 2], (count, 2))
+    if palette is not None and len(palette):
+        colours = palette[rng.integers(0, len(palette), count)]
+    else:
+        colours = rng.random((count, 3))
+    colours = np.clip(colours * rng.uniform(0.85, 1.15, (count, 1)), 0, 1).astype(np.float32)
+    for (cx, cy), r, colour in zip(centres, radii, colours, strict=True):
+        centre = (int(round((cx - 0.5) * 16)), int(round((cy - 0.5) * 16)))
+        cv2.circle(canvas, centre, int(round(r * 16)), colour.tolist(), -1, lineType=cv2.LINE_AA, shift=4)
+    # Slow shading over the image (light falloff) and, sometimes, defocused regions.
+    yy = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
+    xx = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
+    gx, gy = rng.normal(0, 0.12, 2)
+    canvas *= (1 + np.float32(gx) * xx + np.float32(gy) * yy)[..., None]
+    if rng.random() < 0.3:
+        blurred = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(1.0, 3.0))
+        weight = np.clip(0.5 + yy * rng.normal(0, 1.5) + xx * rng.normal(0, 1.5), 0, 1)[..., None]
+        canvas = canvas * (1 - weight) + blurred * weight
+    return np.clip(canvas, 0, 1).astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def photo_palette(names: tuple[str, ...], samples: int = 4096) -> np.ndarray:
+    """(samples, 3) pixels drawn evenly from ``names``: natural colours for dead leaves."""
+    rng = np.random.default_rng(0)
+    pools = [load_photo(n).reshape(-1, 3) for n in names]
+    per = samples // max(1, len(pools))
+    return np.concatenate([p[rng.integers(0, len(p), per)] for p in pools]).astype(np.float32)
+
+
+__all__ = [
+    "PHOTOS",
+    "TRAINING_PHOTOS",
+    "EVALUATION_PHOTOS",
+    "Photo",
+    "PhotoUnavailable",
+    "dead_leaves",
+    "load_photo",
+    "photo_digest",
+    "photo_palette",
+    "photo_path",
+    "photo_world",
+]
