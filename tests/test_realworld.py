@@ -359,3 +359,69 @@ def test_colour_aligned_psnr_ignores_per_channel_gain_and_offset_only() -> None:
     # A spatial error is not a colour mapping: shifting the image is penalised.
     shifted = np.roll(target, 3, axis=2)
     assert colour_aligned_psnr(shifted, target).mean() < 15
+
+
+# ---------------------------------------------------------------------------------------------
+# Model cards: the real-content evaluation and the targets
+# ---------------------------------------------------------------------------------------------
+
+
+def _report(model: str, rows: dict[str, dict[str, float | None]]) -> dict:
+    return {"model": model, "rows": [{"name": name, **values} for name, values in rows.items()]}
+
+
+def test_targets_table_marks_each_target_met_or_missed() -> None:
+    from models.training.card import targets_table
+
+    test = _report("m", {"BASELINE": {"psnr": 17.0, "iou": 0.3, "mace": 8.0},
+                         "m": {"psnr": 24.0, "iou": 0.84, "mace": 3.9}})  # fmt: skip
+    real = _report("m", {"BASELINE": {"psnr": 20.0, "psnr_aligned": 22.0, "mace": 8.0},
+                         "m": {"psnr": 19.5, "psnr_aligned": 25.0, "mace": 4.0},
+                         "NL-means (OpenCV)": {"psnr": 20.5, "psnr_aligned": 24.5},
+                         "ECC (OpenCV)": {"mace": 4.3}})  # fmt: skip
+    lines = targets_table("m", test, real).splitlines()
+    verdict = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[-1] for line in lines[2:]}
+    assert verdict == {
+        "real content: PSNR gain over the input": "**missed**",  # -0.5 dB
+        "real content: colour-aligned PSNR": "met",  # 25.0 > 24.5
+        "real content: MACE": "met",  # 4.0 < 4.3
+        "synthetic test: PSNR gain over the input": "met",  # +7
+        "synthetic test: IoU": "**missed**",  # 0.84
+        "synthetic test: MACE / identity's": "met",  # 0.4875
+    }
+
+
+def test_ship_with_the_real_split_prints_both_evaluations_and_the_targets(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--model", "most-nss-tiny", "--out", str(run), "--steps", "1", "--batch", "2",
+                 "--size", "32x48", "--clip-length", "2", "--validate-every", "0", "--workers", "0",
+                 "--mix", "dental=1,photos=1", "--degradation", "wide"]) == 0  # fmt: skip
+    test, real = tmp_path / "test", tmp_path / "real"
+    for split, out in (("test", test), ("real", real)):
+        argv = ["synth", "--out", str(out), "--split", split, "--sequences", "2", "--frames", "2", "--size", "32x48"]
+        assert main(argv) == 0
+    shipped = tmp_path / "ckpt"
+    assert main(["ship", str(run), "--name", "most-nss-tiny", "--data", str(test), "--real-data", str(real),
+                 "--checkpoint-dir", str(shipped)]) == 0  # fmt: skip
+    card = (shipped / "most-nss-tiny.md").read_text()
+    assert "content per clip dental=1,photos=1 (`--mix`); degradations drawn per clip" in card
+    assert "## Real-content evaluation" in card and "--split real" in card and "| ECC (OpenCV) |" in card
+    assert "## Targets" in card and "| real content: MACE |" in card and "| synthetic test: IoU |" in card
+
+
+def test_synth_mix_writes_the_contents_training_draws(tmp_path: Path) -> None:
+    out = tmp_path / "mixed"
+    argv = ["synth", "--out", str(out), "--split", "train", "--sequences", "4", "--frames", "1", "--size", "32x48",
+            "--mix", "dental=1,dead-leaves=1,photos=1", "--degradation", "wide", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    mix = ContentMix.parse("dental=1,dead-leaves=1,photos=1")
+    cfg = SynthConfig(height=32, width=48, frames=1, degradation="wide")
+    for index in range(4):
+        written = json.loads((out / f"seq_{index:03d}" / "meta.json").read_text())["content"]
+        assert written == mix.for_clip(cfg, 3, "train", index).content
+        clip = SyntheticClips(cfg, 4, seed=3, mix=mix)[index]
+        np.testing.assert_allclose(clip["input"][0].numpy().transpose(1, 2, 0) * 255,
+                                   read_sequence(out / f"seq_{index:03d}").input[0], atol=1e-3)  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(out), "--mix", "teeth=1"])
+    assert main(["synth", "--out", str(out), "--split", "real", "--mix", "photos=1"]) == 2

@@ -103,6 +103,10 @@ class ContentMix:
         probabilities = np.array([w for _, w in self.weights], float)
         return self.weights[int(rng.choice(len(self.weights), p=probabilities / probabilities.sum()))][0]
 
+    def for_clip(self, cfg: SynthConfig, seed: int, split: str, index: int) -> SynthConfig:
+        """``cfg`` with the content of clip ``index``, drawn from a stream of the clip's own seed."""
+        return replace(cfg, content=self.pick(np.random.default_rng(sequence_seed(seed, split, index).spawn(3)[2])))
+
 
 def rendered_clip(
     cfg: SynthConfig,
@@ -117,7 +121,7 @@ def rendered_clip(
     where a render at the crop size shrinks the whole scene into the crop. ``mix``: the clip's
     content is drawn from it (its own stream of the clip's seed) instead of ``cfg.content``."""
     if mix is not None:
-        cfg = replace(cfg, content=mix.pick(np.random.default_rng(sequence_seed(seed, split, index).spawn(3)[2])))
+        cfg = mix.for_clip(cfg, seed, split, index)
     seq = render_sequence(cfg, sequence_seed(seed, split, index))
     if crop is not None:
         rng = np.random.default_rng(sequence_seed(seed, split, index).spawn(1)[0])

@@ -40,7 +40,18 @@ def run(args: argparse.Namespace) -> int:
     eval_command = (
         f"vident synth --out {args.data} --split test   # the fixed test split\n{shlex.join(command)}"
     )
-    card = write_card(shipped, eval_json, eval_command, status=status, noise=args.noise)
+    real_json, real_command = None, None
+    if args.real_data is not None:
+        real = evaluate(str(shipped), args.real_data, comparators=not args.no_comparators)
+        real_json = eval_json.with_name(f"eval-{name}-real.json")
+        write_report_json(real, real_json)
+        command = ["vident", "eval", "--model", name, "--data", str(args.real_data), "--json", real_json.name]
+        if args.no_comparators:
+            command.append("--no-comparators")
+        real_command = (f"vident synth --out {args.real_data} --split real --frames 16   # the real-content split\n"
+                        f"{shlex.join(command)}")  # fmt: skip
+    card = write_card(shipped, eval_json, eval_command, status=status, noise=args.noise, real_json=real_json,
+                      real_command=real_command)  # fmt: skip
     print(f"card {card}\neval {eval_json}")
     for row_name, values in report.rows.items():
         print({"name": row_name, **{k: values.get(k) for k in ("psnr", "iou", "mace")}})
@@ -54,6 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="ship the run's best.safetensors (`vident train --keep-best`) instead of its last")
     p.add_argument("--name", help="shipped name (default: the run's model name)")
     p.add_argument("--data", type=Path, default=Path("data/test"), help="labelled test split (default data/test)")
+    p.add_argument("--real-data", type=Path, default=None,
+                   help="also evaluate on the real-content split (`vident synth --split real`) and print the "
+                   "generalisation targets on the card")
     p.add_argument("--max-sequences", type=int, help="evaluate on the first N sequences only")
     p.add_argument("--no-comparators", action="store_true", help="skip the OpenCV rows (faster)")
     p.add_argument("--status", type=Path, help="a Markdown paragraph put first on the card")

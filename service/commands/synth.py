@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from service.commands.train import content_mix
+
 SPLIT_DEFAULTS = {  # split -> (sequences, noise)
     "train": (64, "mixed"),
     "val": (8, "mixed"),
@@ -47,13 +49,19 @@ def run(args: argparse.Namespace) -> int:
     sequences_default, noise_default = SPLIT_DEFAULTS[args.split]
     sequences = args.sequences if args.sequences is not None else sequences_default
     height, width = args.size
+    if args.split == "real" and (args.mix is not None or args.degradation != "recipe"):
+        console.print("[red]--split real has its own content and degradations[/] (drop --mix / --degradation)")
+        return 2
     cfg = SynthConfig(
-        height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion
-    )
+        height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion,
+        degradation=args.degradation,
+    )  # fmt: skip
 
     def render(cfg: SynthConfig, index: int):  # noqa: ANN202 - LabelledSequence
         if args.split == "real":
             return real_content_sequence(cfg, args.seed, index)
+        if args.mix is not None:  # the same per-clip draw as training's stream (models.data.dataset)
+            cfg = args.mix.for_clip(cfg, args.seed, args.split, index)
         return render_sequence(cfg, sequence_seed(args.seed, args.split, index))
 
     if args.preview is not None:
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "sequences": sequences,
         "config": asdict(cfg),
+        "content_mix": str(args.mix) if args.mix is not None else None,
         "seconds": round(seconds, 2),
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -114,6 +123,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="camera speed multiplier (default 1; 2.5 at 128x160 gives the pixel motion of 320x416, as "
         "`vident train --motion 2.5`)",
     )
+    p.add_argument("--mix", type=content_mix, default=None, metavar="CONTENT=W,...",
+                   help="scene content drawn per sequence as `vident train --mix` draws it (default: dental)")
+    p.add_argument("--degradation", choices=("recipe", "wide"), default="recipe",
+                   help="recipe: the dissertation's camera; wide: drawn per sequence (docs/data.md)")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
     p.set_defaults(func=run)
