@@ -425,3 +425,15 @@ def test_synth_mix_writes_the_contents_training_draws(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(out), "--mix", "teeth=1"])
     assert main(["synth", "--out", str(out), "--split", "real", "--mix", "photos=1"]) == 2
+
+
+def test_data_rate_benchmark_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    from benchmarks import data_rate
+
+    out = tmp_path / "rate.json"
+    argv = ["--model", "most-nss-tiny", "--batch", "2", "--size", "32x48", "--render-size", "48x64",
+            "--clip-length", "2", "--workers", "0", "--batches", "1", "--steps", "1", "--json", str(out)]  # fmt: skip
+    assert data_rate.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["clips_per_s_generated"] > 0 and result["clips_per_s_consumed"] > 0
+    assert result["ratio"] == pytest.approx(result["clips_per_s_generated"] / result["clips_per_s_consumed"], rel=0.02)
