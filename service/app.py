@@ -21,12 +21,14 @@ import asyncio
 import importlib
 import importlib.metadata
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote_plus
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -44,6 +46,45 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Modules mounted when importable: each may define `router` and `lifespan(app)` (see the module docstring).
 EXTRA_ROUTER_MODULES: list[str] = ["service.jobs"]
+
+
+# A query parameter in a logged URL: (separator, name, value).
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&\s\"]*)=([^&\s\"]*)")
+# uvicorn logs request lines with the query string: HTTP on uvicorn.access, WebSocket handshakes on uvicorn.error.
+_URL_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+class RedactApiKey(logging.Filter):
+    """Rewrites ``api_key=SECRET`` to ``api_key=***`` in log records. Browsers can only send the key
+    as a query parameter on WebSockets, and uvicorn logs every request's path with its query, so
+    without this the key lands in plain text in access logs and whatever collects them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_api_key(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_api_key(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_api_key(text: str) -> str:
+    """``text`` with the value of every ``api_key`` query parameter replaced by ``***``; names are
+    compared decoded (``api%5Fkey``), as Starlette reads them."""
+
+    def redact(match: re.Match[str]) -> str:
+        separator, name, _ = match.groups()
+        return f"{separator}{name}=***" if unquote_plus(name).lower() == "api_key" else match.group(0)
+
+    return _QUERY_PARAMETER.sub(redact, text) if "=" in text else text
+
+
+def redact_api_keys_in_logs() -> None:
+    """Puts :class:`RedactApiKey` on uvicorn's loggers once. Filters on a logger survive uvicorn's
+    ``dictConfig`` (it replaces handlers, not filters), so this may run before uvicorn starts."""
+    for name in _URL_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKey) for f in target.filters):
+            target.addFilter(RedactApiKey())
 
 
 def _optional_module(name: str) -> ModuleType | None:
@@ -80,6 +121,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
     :func:`service.backends.factory.create_backend` (tests use it to slow or break a backend)."""
     settings = settings or Settings()
     limit_malloc_arenas(settings.malloc_arena_max)  # before the worker threads exist
+    redact_api_keys_in_logs()
     metrics = Metrics()
     pool = EnginePool(
         backend=settings.backend,

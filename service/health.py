@@ -62,7 +62,7 @@ def _model_entry(name: str, pool: EnginePool, settings: Settings) -> dict[str, o
         backend=loaded.info.name,
         device=loaded.info.device,
         precision=loaded.info.precision,
-        checkpoint=str(loaded.checkpoint) if loaded.checkpoint else None,
+        checkpoint=loaded.checkpoint.name if loaded.checkpoint else None,  # the file, never a server path
         random_weights=loaded.random_weights,
         load_seconds=round(loaded.load_seconds, 3),
         image_outputs=[o.name for o in spec.outputs if o.kind == "map"],

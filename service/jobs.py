@@ -44,7 +44,8 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 
 from service.engine import InferenceEngine, Priority
 from service.process import Cancelled, ProcessOptions, Progress, process_video
-from service.video import VideoError
+from service.settings import DEFAULT_MAX_FRAME_PIXELS
+from service.video import FrameTooLarge, VideoError, open_video
 
 log = logging.getLogger("vident.jobs")
 
@@ -66,6 +67,12 @@ class JobSettings(BaseSettings):
     sweep_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are looked for")
     max_frames: int = Field(108_000, ge=1, description="longer videos need max_frames (1 h at 30 fps)")
     max_duration_s: float = Field(3600.0, gt=0, description="longer videos need max_frames")
+    max_frame_pixels: int = Field(
+        DEFAULT_MAX_FRAME_PIXELS, ge=64, description="larger frames are refused; default: the app's max_frame_pixels"
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="a job whose runs ended this often with the server dying under it fails for good"
+    )
     default_model: str = "most-nss"
     models: list[str] = Field(default_factory=list, description="models jobs may ask for; empty: any registered")
     # For engines this module creates itself (no get_engine given):
@@ -100,6 +107,7 @@ class Job:
     frames_total: int | None = None
     attempts: int = 0
     restarted: bool = False
+    stops: int = 0  # runs interrupted by a graceful server stop (not the job's doing)
     error: str | None = None
     warnings: list[str] | None = None
     files: list[str] | None = None
@@ -145,7 +153,7 @@ class JobStore:
 
     _COLUMNS = (
         "id, state, model, max_frames, frames, input_name, input_file, input_bytes, created_at, started_at, "
-        "finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files"
+        "finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files, stops"
     )
 
     def __init__(self, path: Path) -> None:
@@ -160,8 +168,12 @@ class JobStore:
                 frames INTEGER NOT NULL, input_name TEXT NOT NULL, input_file TEXT NOT NULL,
                 input_bytes INTEGER NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
                 frames_done INTEGER NOT NULL DEFAULT 0, frames_total INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
-                restarted INTEGER NOT NULL DEFAULT 0, error TEXT, warnings TEXT, files TEXT)"""
+                restarted INTEGER NOT NULL DEFAULT 0, error TEXT, warnings TEXT, files TEXT,
+                stops INTEGER NOT NULL DEFAULT 0)"""
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "stops" not in columns:  # a data folder written before the column existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN stops INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -194,13 +206,32 @@ class JobStore:
     def queued(self) -> list[Job]:
         return self._fetch("WHERE state = 'queued' ORDER BY created_at")
 
-    def recover(self) -> int:
-        """Jobs a dead process left ``running`` go back to the queue, marked restarted."""
+    def recover(self, max_attempts: int, now: float) -> tuple[int, list[str]]:
+        """Jobs a dead process left ``running`` go back to the queue, marked restarted, except those
+        that were running every one of the ``max_attempts`` times the server died: they end
+        ``failed``, or a job that kills the server (out of memory, a crash in a native library)
+        would kill it again at every start. Returns (jobs requeued, ids of jobs failed)."""
+        failed = []
+        for job in self._fetch("WHERE state = 'running' AND attempts - stops >= ?", (max_attempts,)):
+            crashes = job.attempts - job.stops
+            error = (
+                f"the server stopped {crashes} times while this job ran (a crash, out of memory or a kill), "
+                f"the most this server allows (max_attempts {max_attempts}); the job is not run again"
+            )
+            self._execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ? AND state = 'running'",
+                (now, error, job.id),
+            )
+            failed.append(job.id)
         cursor = self._execute(
             "UPDATE jobs SET state = 'queued', restarted = 1, frames_done = 0, frames_total = NULL "
             "WHERE state = 'running'"
         )
-        return cursor.rowcount
+        return cursor.rowcount, failed
+
+    def stopped(self, job_id: str) -> None:
+        """A graceful stop interrupted the job's run: that attempt does not count against max_attempts."""
+        self._execute("UPDATE jobs SET stops = stops + 1 WHERE id = ? AND state = 'running'", (job_id,))
 
     def claim(self, job_id: str, now: float) -> bool:
         """queued -> running, atomically: False if the job was deleted or taken meanwhile."""
@@ -237,10 +268,10 @@ class JobStore:
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     (id_, state, model, max_frames, frames, input_name, input_file, input_bytes, created_at, started_at,
-     finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files) = row  # fmt: skip
+     finished_at, frames_done, frames_total, attempts, restarted, error, warnings, files, stops) = row  # fmt: skip
     return Job(
         id_, state, model, max_frames, bool(frames), input_name, input_file, input_bytes, created_at, started_at,
-        finished_at, frames_done, frames_total, attempts, bool(restarted), error,
+        finished_at, frames_done, frames_total, attempts, bool(restarted), stops, error,
         json.loads(warnings) if warnings else None, json.loads(files) if files else None,
     )  # fmt: skip
 
@@ -275,9 +306,11 @@ class JobManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock_exclusively(self.root / "server.lock")
         self.store = JobStore(self.root / "jobs.sqlite3")
-        restarted = self.store.recover()
+        restarted, failed = self.store.recover(self.settings.max_attempts, time.time())
         if restarted:
             log.warning("%d interrupted job(s) restart from the beginning", restarted)
+        for job_id in failed:
+            log.error("job %s: the server died under it %d times; marked failed", job_id, self.settings.max_attempts)
         self._stopping.clear()
         for job in self.store.queued():
             self._wake.put(job.id)
@@ -333,6 +366,16 @@ class JobManager:
         allowed = self.settings.models or list_models(include_tiny=True)
         if model not in allowed:
             raise ValueError(f"model {model!r} is not available for jobs; available: {', '.join(allowed)}")
+
+    def check_input(self, path: Path, name: str) -> None:
+        """FrameTooLarge when the container declares frames over the pixel budget (answered with 400 at
+        upload). Anything else wrong with the file is left to the job, whose error says it in full."""
+        try:
+            open_video(path, max_pixels=self.settings.max_frame_pixels).close()
+        except FrameTooLarge as exc:
+            raise FrameTooLarge(str(exc).replace(path.name, name)) from None
+        except VideoError:
+            pass
 
     def submit(self, job_id: str, model: str, max_frames: int | None, frames: bool, input_name: str, input_file: str,
                input_bytes: int) -> Job:  # fmt: skip
@@ -394,6 +437,7 @@ class JobManager:
             max_frames=job.max_frames,
             frame_limit=self.settings.max_frames,
             duration_limit_s=self.settings.max_duration_s,
+            pixel_limit=self.settings.max_frame_pixels,
             priority=Priority.BATCH,
         )
         log.info("job %s: %s on %s (attempt %d)", job_id, job.model, job.input_name, job.attempts)
@@ -411,6 +455,7 @@ class JobManager:
             )  # fmt: skip
         except Cancelled:
             if self._stopping.is_set() and self.db.get(job_id) is not None:
+                self.db.stopped(job_id)
                 return  # server shutdown: the record stays 'running' and the next start restarts it
             finished = False
         except (VideoError, ValueError, KeyError, RuntimeError) as exc:
@@ -580,19 +625,20 @@ class _MultipartUpload:
             self.fields[self._part_name] = self._field_value.decode("utf-8", "replace")
 
 
-def _parse_options(fields: dict[str, str], default_model: str) -> tuple[str, int | None, bool]:
+def _parse_options(fields: dict[str, str], default_model: str, frame_limit: int) -> tuple[str, int | None, bool]:
     unknown = set(fields) - {"model", "max_frames", "frames"}
     if unknown:
         raise ValueError(f"unknown form field(s): {', '.join(sorted(unknown))}; expected model, max_frames, frames")
     model = fields.get("model", "").strip() or default_model
     max_frames = None
     if fields.get("max_frames", "").strip():
+        wanted = f"max_frames must be an integer from 1 to {frame_limit} (this server's limit)"
         try:
             max_frames = int(fields["max_frames"])
         except ValueError:
-            raise ValueError(f"max_frames must be an integer, got {fields['max_frames']!r}") from None
-        if max_frames <= 0:
-            raise ValueError("max_frames must be positive")
+            raise ValueError(f"{wanted}, got {fields['max_frames'][:40]!r}") from None
+        if not 1 <= max_frames <= frame_limit:  # also keeps it within SQLite's 64-bit integers
+            raise ValueError(f"{wanted}, got {fields['max_frames'][:40]}")
     frames_text = fields.get("frames", "false").strip().lower()
     if frames_text not in ("true", "false", "1", "0", "yes", "no", ""):
         raise ValueError(f"frames must be true or false, got {fields['frames']!r}")
@@ -651,10 +697,13 @@ def create_router() -> APIRouter:
                 raise ValueError("no 'file' part in the upload")
             if upload.file_bytes == 0:
                 raise ValueError("the uploaded file is empty")
-            model, max_frames, frames = _parse_options(upload.fields, jobs.settings.default_model)
+            model, max_frames, frames = _parse_options(
+                upload.fields, jobs.settings.default_model, jobs.settings.max_frames
+            )
             jobs.check_model(model)
             input_file = "input" + _input_suffix(upload.filename)
             (folder / "upload.part").rename(folder / input_file)
+            await asyncio.to_thread(jobs.check_input, folder / input_file, upload.filename[:255])
             job = jobs.submit(job_id, model, max_frames, frames, upload.filename[:255], input_file, upload.file_bytes)
         except UploadTooLarge:
             upload.close()
@@ -734,6 +783,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             follow["default_model"] = app_settings.model
         if "models" not in settings.model_fields_set and app_settings.allowed_models:
             follow["models"] = sorted({*app_settings.allowed_models, app_settings.model})
+        if "max_frame_pixels" not in settings.model_fields_set:
+            follow["max_frame_pixels"] = app_settings.max_frame_pixels
         pool = app.state.pool
         manager = JobManager(settings.model_copy(update=follow), lambda name: pool.load(name).engine)
         app.state.jobs = manager

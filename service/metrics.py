@@ -34,6 +34,9 @@ class Metrics:
             "vident_frames_dropped", "frames replaced by a newer one before inference", ["model"], registry=r
         )
         self.errors = Counter("vident_errors", "error messages sent to clients, by code", ["code"], registry=r)
+        self.send_timeouts = Counter(
+            "vident_send_timeouts", "sessions closed because the client stopped reading (send_timeout_s)", registry=r
+        )
         self.stage_seconds = Histogram(
             "vident_stage_seconds",
             "per-frame latency of each stage (wait = decoded until inference starts; total = receipt to send)",

@@ -3,9 +3,9 @@
 
 This module owns the middle three stages for streams of RGB frames:
 
-* :class:`Geometry` maps a client's frame size to the network's (multiples of 8). Frames are
-  padded at the bottom and right by edge replication, so a client pixel keeps its coordinates and
-  homographies need no correction; outputs are cropped back.
+* :class:`Geometry` maps a client's frame size to the network's (multiples of 8, at least
+  :data:`MIN_NETWORK_SIDE`). Frames are padded at the bottom and right by edge replication, so a
+  client pixel keeps its coordinates and homographies need no correction; outputs are cropped back.
 * :class:`Stream` is one video stream's recurrent state (explicit tensors from the model spec).
 * :func:`run_streams` runs several streams' next frames as one batched backend call (state
   tensors concatenated along the batch axis), then splits the results back per stream.
@@ -24,6 +24,12 @@ import numpy as np
 from models.spec import ModelSpec
 from service.backends.base import Backend
 
+# Smallest height and width the networks run at. MOST's homography regressor max-pools (2x2) five
+# times at scale 1, four at 2 and three at 3; torch pools a 1-pixel map with ceil_mode, but
+# OpenVINO and ONNX Runtime refuse a pooling window larger than its input, which happens below 24
+# pixels. Smaller frames are padded up to this like any other size, so no frame is too small.
+MIN_NETWORK_SIDE = 32
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -32,11 +38,12 @@ class Geometry:
     height: int
     width: int
     multiple: int = 8
+    minimum: int = MIN_NETWORK_SIDE
 
     @property
     def padded(self) -> tuple[int, int]:
         m = self.multiple
-        return (-(-self.height // m) * m, -(-self.width // m) * m)
+        return (-(-max(self.height, self.minimum) // m) * m, -(-max(self.width, self.minimum) // m) * m)
 
     def pad(self, batch: np.ndarray) -> np.ndarray:
         """(b, c, h, w) -> (b, c, H, W) with edge replication at the bottom/right."""
@@ -90,8 +97,9 @@ class Stream:
         self.needs_reset = True
 
     def reset(self) -> None:
-        """Scene cut: the next frame starts a new stream."""
+        """Scene cut: the next frame starts a new stream (state from zeros, ``index`` 0)."""
         self.needs_reset = True
+        self.frames_done = 0
 
 
 def run_streams(backend: Backend, streams: Sequence[Stream], frames: Sequence[np.ndarray]) -> list[FrameResult]:

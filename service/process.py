@@ -57,6 +57,7 @@ class ProcessOptions:
     max_frames: int | None = None  # process only the first N frames
     frame_limit: int | None = None  # refuse inputs with more frames than this (server limit)
     duration_limit_s: float | None = None  # refuse inputs longer than this (server limit)
+    pixel_limit: int | None = None  # refuse frames with more pixels than this (server limit)
     folder_fps: Fraction | None = None  # frame rate of a folder of images
     priority: Priority = Priority.BATCH
     crf: int = 18
@@ -123,7 +124,7 @@ def process_video(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = engine.backend.spec
     start = time.perf_counter()
-    with open_video(input_path, options.folder_fps) as source:
+    with open_video(input_path, options.folder_fps, options.pixel_limit) as source:
         info = source.info
         total = _check_limits(source, options)
         geometry = Geometry(info.height, info.width, spec.size_multiple)

@@ -12,6 +12,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.requests import HTTPConnection
 
+# 1080p with its height padded to a multiple of 8: the largest frame a dental microcamera sends.
+DEFAULT_MAX_FRAME_PIXELS = 1920 * 1088
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDENT_", env_file=".env", extra="ignore", protected_namespaces=())
@@ -53,13 +56,26 @@ class Settings(BaseSettings):
     max_sessions: int = Field(16, ge=1)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest WebSocket message accepted")
     max_frame_side: int = Field(4096, ge=8, description="largest decoded frame width or height")
+    max_frame_pixels: int = Field(
+        DEFAULT_MAX_FRAME_PIXELS,
+        ge=64,
+        description="largest width * height of a frame, read from the image or video header before decoding: "
+        "a small compressed file can declare a frame whose pixels and activations fill the memory",
+    )
     idle_timeout_s: float = Field(60.0, gt=0, description="a session with no message for this long is closed")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="a session whose client takes longer than this to accept one message is closed"
+    )
     fps_cap: float = Field(0.0, ge=0, description="per-session processed frames per second; 0 = no cap")
     default_jpeg_quality: int = Field(90, ge=1, le=100)
 
     # Access
     api_key: SecretStr | None = Field(None, description="when set, required as X-API-Key header or api_key query")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; [] = none")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins allowed by CORS; when set, also the only browser origins (besides the server's own "
+        "pages) that may open WebSocket sessions, which CORS does not cover; [] = none for CORS, any for WebSockets",
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -34,6 +34,21 @@ class VideoError(ValueError):
     """The input cannot be processed; the message says why in words a user can act on."""
 
 
+class FrameTooLarge(VideoError):
+    """The frames have more pixels than the caller allows (``max_pixels``)."""
+
+
+def check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    """FrameTooLarge for frames over the budget. Called with the sizes a header declares, before
+    decoding: a small file can declare frames whose pixels, and the network's activations for
+    them, do not fit in memory."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise FrameTooLarge(
+            f"{name}: {width}x{height} frames ({width * height} pixels) are larger than this server's limit of "
+            f"{max_pixels} pixels per frame (max_frame_pixels)"
+        )
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What the container says before decoding. ``frame_count`` is None where the container does not
@@ -95,17 +110,23 @@ class VideoSource:
         self.close()
 
 
-def open_video(path: str | Path, folder_fps: Fraction | float | None = None) -> VideoSource:
-    """A video file or a folder of PNG/JPEG frames (sorted by name, played at ``folder_fps``)."""
+def open_video(
+    path: str | Path, folder_fps: Fraction | float | None = None, max_pixels: int | None = None
+) -> VideoSource:
+    """A video file or a folder of PNG/JPEG frames (sorted by name, played at ``folder_fps``).
+
+    ``max_pixels`` refuses frames with more pixels (:class:`FrameTooLarge`): checked on the header
+    here and again on every decoded frame, before it is converted to RGB.
+    """
     path = Path(path)
     if path.is_dir():
-        return _open_folder(path, Fraction(folder_fps or DEFAULT_FOLDER_FPS).limit_denominator(1001))
+        return _open_folder(path, Fraction(folder_fps or DEFAULT_FOLDER_FPS).limit_denominator(1001), max_pixels)
     if not path.is_file():
         raise VideoError(f"{path} does not exist")
-    return _open_file(path)
+    return _open_file(path, max_pixels)
 
 
-def _open_file(path: Path) -> VideoSource:
+def _open_file(path: Path, max_pixels: int | None) -> VideoSource:
     try:
         container = av.open(str(path), mode="r")
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
@@ -117,6 +138,7 @@ def _open_file(path: Path) -> VideoSource:
         ctx = stream.codec_context
         if not ctx.width or not ctx.height:
             raise VideoError(f"{path.name}: the video stream has no frame size (corrupt header?)")
+        check_pixels(path.name, ctx.width, ctx.height, max_pixels)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not fps or fps <= 0:
             raise VideoError(f"{path.name}: the video stream has no frame rate")
@@ -140,7 +162,7 @@ def _open_file(path: Path) -> VideoSource:
         container.close()
         raise
     source = VideoSource(info, iter(()), container)
-    source._frames = _decode(container, stream, info, source.warnings, path.name)
+    source._frames = _decode(container, stream, info, source.warnings, path.name, max_pixels)
     return source
 
 
@@ -150,6 +172,7 @@ def _decode(
     info: VideoInfo,
     warnings: list[str],
     name: str,
+    max_pixels: int | None,
 ) -> Iterator[DecodedFrame]:
     frame_ticks = 1 / (info.fps * info.time_base)  # one frame period in time-base units
     index = 0
@@ -162,9 +185,10 @@ def _decode(
             if isinstance(frame, str):
                 error = frame
                 continue
-            rgb = frame.to_ndarray(format="rgb24")
-            if rgb.shape[:2] != size:
+            check_pixels(name, frame.width, frame.height, max_pixels)
+            if (frame.height, frame.width) != size:
                 raise VideoError(f"{name}: frame size changes from {size[1]}x{size[0]} to {frame.width}x{frame.height}")
+            rgb = frame.to_ndarray(format="rgb24")
             if frame.pts is None:  # some AVI/raw streams: derive time from the frame index
                 pts = round(index * frame_ticks)
             else:
@@ -213,16 +237,16 @@ def _frames_salvaged(
         yield error
 
 
-def _open_folder(path: Path, fps: Fraction) -> VideoSource:
+def _open_folder(path: Path, fps: Fraction, max_pixels: int | None) -> VideoSource:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise VideoError(f"{path} has no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} frames")
-    width, height = _read_image(files[0]).size
+    width, height = _read_image(files[0], max_pixels).size
     info = VideoInfo(width, height, fps, 1 / fps, len(files), len(files) / float(fps), "image", "folder")
 
     def frames() -> Iterator[DecodedFrame]:
         for i, file in enumerate(files):
-            image = _read_image(file)
+            image = _read_image(file, max_pixels)
             if image.size != (width, height):
                 raise VideoError(f"{file.name} is {image.size[0]}x{image.size[1]}, the first frame {width}x{height}")
             yield DecodedFrame(i, np.asarray(image.convert("RGB"), dtype=np.uint8), i)
@@ -230,10 +254,15 @@ def _open_folder(path: Path, fps: Fraction) -> VideoSource:
     return VideoSource(info, frames())
 
 
-def _read_image(file: Path) -> Image.Image:
+def _read_image(file: Path, max_pixels: int | None) -> Image.Image:
     try:
-        image = Image.open(file)
+        image = Image.open(file)  # the header only
+        check_pixels(file.name, image.width, image.height, max_pixels)
         image.load()
+    except FrameTooLarge:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise FrameTooLarge(f"{file.name}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise VideoError(f"{file.name} is not a readable image ({exc})") from None
     return image

@@ -21,8 +21,10 @@ import contextlib
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -43,19 +45,26 @@ PROTOCOL_VERSION = 1
 # WebSocket close codes (RFC 6455 section 7.4; 4000-4999 are ours). docs/protocol.md lists them.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008  # missing or wrong API key
+CLOSE_POLICY = 1008  # missing or wrong API key, or an Origin not in cors_origins
 CLOSE_TOO_BIG = 1009  # message larger than max_message_bytes
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013  # max_sessions reached
 CLOSE_BAD_REQUEST = 4400  # bad connection parameters
 CLOSE_UNKNOWN_MODEL = 4404
 CLOSE_IDLE = 4408  # no message for idle_timeout_s
+CLOSE_SEND_TIMEOUT = 4429  # the client did not take a message for send_timeout_s (it stopped reading)
 CLOSE_MODEL_FAILED = 4500  # the model could not be loaded
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 _PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr")  # what converts to RGB without guessing
 _CONFIG_KEYS = ("output_format", "jpeg_quality", "outputs", "input_format", "width", "height")
+# Control messages are a few hundred bytes; these bounds hold before json.loads, whose C parser
+# recurses once per nesting level (``[`` x 100000 would end in a RecursionError, not a JSON error).
+MAX_CONTROL_BYTES = 65536
+MAX_CONTROL_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]")
 
 
 class ProtocolError(Exception):
@@ -70,7 +79,18 @@ class ProtocolError(Exception):
 # --- frames in and out -------------------------------------------------------------------------------------------
 
 
-def decode_frame(data: bytes, config: SessionConfig, max_side: int) -> np.ndarray:
+def check_frame_size(width: int, height: int, max_side: int, max_pixels: int) -> None:
+    """ProtocolError('frame_too_large') for a size over the limits; called with header sizes, before
+    any pixel is decoded, because a few KB of PNG or JPEG can declare gigabytes of pixels."""
+    if width > max_side or height > max_side:
+        raise ProtocolError("frame_too_large", f"{width}x{height} exceeds max_frame_side {max_side}")
+    if width * height > max_pixels:
+        raise ProtocolError(
+            "frame_too_large", f"{width}x{height} = {width * height} pixels exceeds max_frame_pixels {max_pixels}"
+        )
+
+
+def decode_frame(data: bytes, config: SessionConfig, max_side: int, max_pixels: int) -> np.ndarray:
     """A binary frame message -> uint8 (h, w, 3) RGB, or ProtocolError naming what is wrong."""
     if config.input_format == "rgb24":
         assert config.width is not None and config.height is not None
@@ -83,22 +103,52 @@ def decode_frame(data: bytes, config: SessionConfig, max_side: int) -> np.ndarra
         return np.frombuffer(data, np.uint8).reshape(config.height, config.width, 3).copy()
     if not (data.startswith(PNG_SIGNATURE) or data.startswith(JPEG_SIGNATURE)):
         raise ProtocolError("bad_image", f"not a JPEG or PNG image (starts with {data[:8].hex() or 'nothing'})")
+    kind = "PNG" if data.startswith(PNG_SIGNATURE) else "JPEG"
     try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as image:
-            if image.width > max_side or image.height > max_side:
-                raise ProtocolError(
-                    "frame_too_large", f"{image.width}x{image.height} exceeds max_frame_side {max_side}"
-                )
+        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as image:  # reads the header only
+            check_frame_size(image.width, image.height, max_side, max_pixels)
             if image.mode not in _PIL_MODES:
                 raise ProtocolError("bad_image", f"unsupported {image.format} pixel mode {image.mode}; send 8-bit RGB")
+            if kind == "PNG":
+                return _decode_png(data)
             image.load()  # decodes; a truncated or corrupt file raises here
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(rgb, dtype=np.uint8).copy()
     except ProtocolError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a header beyond Pillow's limit
+        raise ProtocolError("frame_too_large", f"{exc}; max_frame_pixels is {max_pixels}") from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
-        kind = "PNG" if data.startswith(PNG_SIGNATURE) else "JPEG"
         raise ProtocolError("bad_image", f"truncated or corrupt {kind}: {exc}") from None
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """PNG pixels through libpng (OpenCV), which refuses image data that ends before the last row.
+    Pillow's PNG decoder accepts a complete file whose compressed data stops early and leaves the
+    missing rows black, so a frame cut short by a client would come back partly black."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # palette, grey, alpha -> BGR, as sent
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if pixels is None:
+        raise ProtocolError("bad_image", "truncated or corrupt PNG: its image data is incomplete or damaged")
+    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+def parse_control(text: str) -> object:
+    """A control message's JSON value, or ProtocolError; size and nesting are bounded before parsing."""
+    if len(text) > MAX_CONTROL_BYTES or len(text.encode()) > MAX_CONTROL_BYTES:  # characters <= bytes
+        raise ProtocolError("control_too_large", f"control messages are at most {MAX_CONTROL_BYTES} bytes of UTF-8")
+    depth = deepest = 0
+    for bracket in _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)):  # brackets outside strings
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_CONTROL_DEPTH:
+            raise ProtocolError(
+                "control_too_large", f"control messages may nest at most {MAX_CONTROL_DEPTH} levels deep"
+            )
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ProtocolError("not_json", f"text messages must be JSON control messages; got {text[:40]!r}") from None
 
 
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -192,6 +242,9 @@ def apply_config(
         if new.width * new.height * 3 > settings.max_message_bytes:
             limit = settings.max_message_bytes
             raise ProtocolError("bad_config", f"{new.width}x{new.height} RGB24 frames exceed max_message_bytes {limit}")
+        if new.width * new.height > settings.max_frame_pixels:
+            limit = settings.max_frame_pixels
+            raise ProtocolError("bad_config", f"{new.width}x{new.height} RGB24 frames exceed max_frame_pixels {limit}")
     return new
 
 
@@ -201,21 +254,32 @@ def apply_config(
 class Connection:
     """Sends on one socket: JSON and binary messages, errors, closing; never raises for a gone client."""
 
-    def __init__(self, websocket: WebSocket, metrics: Metrics) -> None:
+    def __init__(self, websocket: WebSocket, metrics: Metrics, send_timeout_s: float) -> None:
         self.websocket = websocket
         self.metrics = metrics
+        self.send_timeout_s = send_timeout_s
         self.lock = asyncio.Lock()
         self.closed = False
 
     async def send(self, header: dict[str, object], payloads: tuple[bytes, ...] = ()) -> bool:
-        """One JSON message and the binary messages that belong to it, never interleaved with others."""
+        """One JSON message and the binary messages that belong to it, never interleaved with others.
+
+        Each message must be taken within ``send_timeout_s``: a client that stops reading fills the
+        socket buffers and would otherwise hold its session (its frames count as in flight, so it
+        never goes idle) and the results' memory forever. Such a session is closed with 4429.
+        """
         if self.closed:
             return False
         async with self.lock:
             try:
-                await self.websocket.send_text(json.dumps(header))
+                await asyncio.wait_for(self.websocket.send_text(json.dumps(header)), self.send_timeout_s)
                 for payload in payloads:
-                    await self.websocket.send_bytes(payload)
+                    await asyncio.wait_for(self.websocket.send_bytes(payload), self.send_timeout_s)
+            except TimeoutError:
+                logger.warning("client stopped reading for %g s: closing its session", self.send_timeout_s)
+                self.metrics.send_timeouts.inc()
+                await self.close(CLOSE_SEND_TIMEOUT, "send_timeout")  # no error message: it would not be read
+                return False
             except Exception:  # noqa: BLE001 - the client went away; the receiver sees the disconnect
                 self.closed = True
                 return False
@@ -228,8 +292,9 @@ class Connection:
     async def close(self, code: int, reason: str = "") -> None:
         if not self.closed:
             self.closed = True
+            # bounded too: a close frame waits behind the unsent data of a client that stopped reading
             with contextlib.suppress(Exception):
-                await self.websocket.close(code, reason[:120])  # a close reason is at most 123 bytes
+                await asyncio.wait_for(self.websocket.close(code, reason[:120]), self.send_timeout_s)
 
     async def refuse(self, code: str, message: str, close_code: int) -> None:
         await self.error(code, message, fatal=True)
@@ -299,6 +364,8 @@ class SessionRunner:
                         return "ended"
                 elif await self._control(message.get("text") or "") == "close":
                     return "close"
+                if self.conn.closed:  # a reply could not be sent (send_timeout): the session is over
+                    return "ended"
         finally:
             if receiving is not None:
                 receiving.cancel()
@@ -320,7 +387,8 @@ class SessionRunner:
             await self.conn.close(CLOSE_TOO_BIG, "message_too_big")
             return False
         try:
-            image = await asyncio.to_thread(decode_frame, data, session.config, self.settings.max_frame_side)
+            s = self.settings
+            image = await asyncio.to_thread(decode_frame, data, session.config, s.max_frame_side, s.max_frame_pixels)
         except ProtocolError as exc:
             await self._error(exc.code, exc.message, seq)
             return True
@@ -333,9 +401,9 @@ class SessionRunner:
     async def _control(self, text: str) -> str | None:
         session = self.session
         try:
-            message = json.loads(text)
-        except ValueError:
-            await self._error("not_json", f"text messages must be JSON control messages; got {text[:40]!r}")
+            message = parse_control(text)
+        except ProtocolError as exc:
+            await self._error(exc.code, exc.message)
             return None
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "config":
@@ -425,6 +493,23 @@ class SessionRunner:
             self.metrics.frames_processed.labels(session.model).inc()
 
 
+def origin_allowed(origin: str, host: str | None, cors_origins: list[str]) -> bool:
+    """Whether a browser page from ``origin`` may open a session.
+
+    Browsers send any page's WebSockets with its Origin and apply no CORS to them, so the check that
+    CORS makes for HTTP happens here: with ``cors_origins`` set, only those origins and the server's
+    own pages (the demo) may connect; without it, every origin may. Clients that are not
+    browsers send no Origin and are not affected (they are what the API key is for).
+    """
+    if not cors_origins or "*" in cors_origins or origin in cors_origins:
+        return True
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # not a URL (e.g. a broken IPv6 literal)
+        return False
+    return host is not None and bool(netloc) and netloc.lower() == host.lower()
+
+
 def model_problem(name: str, settings: Settings) -> str | None:
     """Why a client may not stream with ``name``, or None."""
     registered = list_models(include_tiny=True)
@@ -443,7 +528,13 @@ async def stream_socket(websocket: WebSocket) -> None:
     settings: Settings = state.settings
     metrics: Metrics = state.metrics
     await websocket.accept()  # accept first so that every refusal can carry a close code and an error message
-    conn = Connection(websocket, metrics)
+    conn = Connection(websocket, metrics, settings.send_timeout_s)
+    origin = websocket.headers.get("origin")
+    if origin is not None and not origin_allowed(origin, websocket.headers.get("host"), settings.cors_origins):
+        metrics.sessions_refused.labels("origin_not_allowed").inc()
+        message = f"origin {origin[:100]!r} is not allowed here (VIDENT_CORS_ORIGINS)"
+        await conn.refuse("origin_not_allowed", message, CLOSE_POLICY)
+        return
     if not settings.key_matches(presented_key(websocket)):
         metrics.sessions_refused.labels("unauthorized").inc()
         await conn.refuse("unauthorized", "missing or wrong API key (X-API-Key header or api_key query)", CLOSE_POLICY)
@@ -501,7 +592,9 @@ def hello_message(session: Session, loaded: LoadedModel, settings: Settings) -> 
         "limits": {
             "max_message_bytes": settings.max_message_bytes,
             "max_frame_side": settings.max_frame_side,
+            "max_frame_pixels": settings.max_frame_pixels,
             "idle_timeout_s": settings.idle_timeout_s,
+            "send_timeout_s": settings.send_timeout_s,
             "fps_cap": settings.fps_cap,
             "max_sessions": settings.max_sessions,
         },

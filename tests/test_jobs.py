@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sqlite3
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -271,3 +272,125 @@ def test_graceful_stop_leaves_running_jobs_to_restart(tmp_path: Path) -> None:
     with TestClient(make_app(settings)) as client:
         job = wait(client, job_id)
     assert (job["state"], job["restarted"], job["attempts"], job["frames_done"]) == ("done", True, 2, 60)
+
+
+def test_frames_over_the_pixel_budget_are_refused_before_decoding(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(3))  # 96x64 = 6144 pixels
+    with TestClient(make_app(settings_for(tmp_path, max_frame_pixels=96 * 64 - 1))) as client:
+        response = post(client, clip)
+        assert response.status_code == 400
+        detail = response.json()["detail"]
+        assert detail.startswith("clip.mp4: 96x64 frames (6144 pixels)") and "6143" in detail
+        assert "max_frame_pixels" in detail
+        assert client.get("/v1/jobs").json()["jobs"] == []  # nothing stored
+        assert not [p for p in (tmp_path / "data").iterdir() if JOB_ID.fullmatch(p.name)]
+    with TestClient(make_app(settings_for(tmp_path, max_frame_pixels=96 * 64))) as client:
+        job_id = post(client, clip).json()["id"]  # exactly at the budget
+        assert wait(client, job_id)["state"] == "done"
+    # a job accepted under a larger budget that the server has since lowered: checked again when it runs
+    settings = settings_for(tmp_path, max_frame_pixels=1000)
+    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    (settings.data_dir / ("p" * 22)).mkdir()
+    (settings.data_dir / ("p" * 22) / "input.mp4").write_bytes(clip.read_bytes())
+    store.insert(Job("p" * 22, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
+    store.close()
+    with TestClient(make_app(settings)) as client:
+        job = wait(client, "p" * 22)
+    assert job["state"] == "failed" and "limit of 1000 pixels per frame" in job["error"]
+
+
+def test_max_frames_is_range_checked(client: TestClient, tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2))
+    for bad in (str(10**30), "0", "108001", "1.5", "ten"):
+        response = post(client, clip, max_frames=bad)
+        assert response.status_code == 400, (bad, response.text)
+        assert "max_frames must be an integer from 1 to 108000" in response.json()["detail"]
+    job = wait(client, post(client, clip, max_frames=108000).json()["id"])
+    assert (job["state"], job["options"]["max_frames"]) == ("done", 108000)
+
+
+def crash_under(store: JobStore, job_ids: list[str], times: int, max_attempts: int = 3) -> None:
+    """What ``times`` server deaths during the jobs leave in the store: each start claims the jobs
+    (attempts + 1, recorded before they run) and the process dies before they end."""
+    for _ in range(times):
+        _, failed = store.recover(max_attempts, time.time())  # what the next start does first
+        assert failed == []
+        for job_id in job_ids:
+            assert store.claim(job_id, time.time())
+
+
+def test_a_job_that_keeps_killing_the_server_fails_instead_of_crash_looping(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)  # max_attempts 3 by default
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(4))
+    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    for job_id in ("x" * 22, "s" * 22, "q" * 22):
+        (settings.data_dir / job_id).mkdir()
+        (settings.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
+        store.insert(Job(job_id, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
+    # x is the poison job: the server died in all three of its runs; s ran three times too, but one
+    # of its runs ended in a graceful stop, which is not the job's doing
+    crash_under(store, ["x" * 22, "s" * 22], 3)
+    store.stopped("s" * 22)
+    store.close()
+    with TestClient(make_app(settings)) as client:
+        poison, survivor, queued = (wait(client, job_id) for job_id in ("x" * 22, "s" * 22, "q" * 22))
+        assert client.get("/v1/jobs").status_code == 200
+    assert (poison["state"], poison["attempts"], poison["frames_done"]) == ("failed", 3, 0)
+    assert "stopped 3 times while this job ran" in poison["error"] and "max_attempts 3" in poison["error"]
+    assert poison["finished_at"] is not None  # so the retention sweep removes it like any finished job
+    assert (survivor["state"], survivor["attempts"], survivor["restarted"]) == ("done", 4, True)
+    assert (queued["state"], queued["attempts"]) == ("done", 1)
+
+
+def test_max_attempts_is_a_setting(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, max_attempts=1)
+    clip = write_clip(tmp_path / "clip.mp4", moving_frames(2))
+    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    (settings.data_dir / ("x" * 22)).mkdir()
+    (settings.data_dir / ("x" * 22) / "input.mp4").write_bytes(clip.read_bytes())
+    store.insert(Job("x" * 22, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
+    crash_under(store, ["x" * 22], 1, max_attempts=1)
+    store.close()
+    with TestClient(make_app(settings)) as client:
+        job = wait(client, "x" * 22)
+    assert (job["state"], job["attempts"]) == ("failed", 1) and "max_attempts 1" in job["error"]
+
+
+def test_a_store_without_the_stops_column_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            """CREATE TABLE jobs (
+                id TEXT PRIMARY KEY, state TEXT NOT NULL, model TEXT NOT NULL, max_frames INTEGER,
+                frames INTEGER NOT NULL, input_name TEXT NOT NULL, input_file TEXT NOT NULL,
+                input_bytes INTEGER NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+                frames_done INTEGER NOT NULL DEFAULT 0, frames_total INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+                restarted INTEGER NOT NULL DEFAULT 0, error TEXT, warnings TEXT, files TEXT)"""
+        )
+        db.execute(
+            "INSERT INTO jobs (id, state, model, frames, input_name, input_file, input_bytes, created_at, attempts) "
+            "VALUES (?, 'running', ?, 0, 'a.mp4', 'input.mp4', 1, 0, 3)",
+            ("o" * 22, MODEL),
+        )
+        db.commit()
+    store = JobStore(path)
+    try:
+        assert store.recover(3, time.time()) == (0, ["o" * 22])
+        job = store.get("o" * 22)
+        assert job is not None and (job.state, job.stops) == ("failed", 0)
+    finally:
+        store.close()
+
+
+def test_a_tiny_video_runs_on_a_runtime_with_a_minimum_size(tmp_path: Path) -> None:
+    """17x13 frames: OpenVINO refuses the network below 24 pixels a side; frames are padded up to the
+    pipeline's minimum and the outputs keep the input's size."""
+    pytest.importorskip("openvino")
+    clip = write_clip(tmp_path / "tiny.mkv", moving_frames(3, 13, 17), "ffv1", "bgr0")
+    with TestClient(make_app(settings_for(tmp_path, backend="openvino"))) as client:
+        job = wait(client, post(client, clip, frames="true").json()["id"])
+        assert (job["state"], job["frames_done"], job["error"]) == ("done", 3, None), job
+        archive = zipfile.ZipFile(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/files/frames.zip").content))
+        assert np.asarray(Image.open(io.BytesIO(archive.read("restored/000002.png")))).shape == (13, 17, 3)
+        report = client.get(f"/v1/jobs/{job['id']}/files/report.json").json()
+    assert report["encoded_size"] == [14, 18]  # H.264 needs even sizes: one replicated row and column

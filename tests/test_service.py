@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import sys
 import time
 import types
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models import create_model
+from models.checkpoints import save_checkpoint
 from service import app as app_module
 from service.app import create_app
 from service.engine import EnginePool, resolve_runtime
@@ -187,3 +193,39 @@ def test_jobs_module_hook_mounts_router_and_lifespan(monkeypatch: pytest.MonkeyP
         assert c.get("/v1/jobs").status_code == 401
         assert c.get("/v1/jobs", headers={"X-API-Key": "k"}).json() == {"engines": [TINY]}
     assert events == ["start", "stop"]
+
+
+def test_models_names_the_checkpoint_file_not_its_path(tmp_path: Path) -> None:
+    weights = save_checkpoint(create_model(TINY), tmp_path / "secret-folder" / "tiny.safetensors")
+    with TestClient(create_app(settings(checkpoint=str(weights)))) as c:
+        wait_ready(c)
+        tiny = {m["name"]: m for m in c.get("/v1/models").json()["models"]}[TINY]
+    assert (tiny["checkpoint"], tiny["random_weights"]) == ("tiny.safetensors", False)
+    assert str(tmp_path) not in json.dumps(tiny)
+
+
+def test_api_keys_in_urls_are_redacted_in_uvicorn_logs(client: TestClient) -> None:
+    """uvicorn logs each request line with its query (HTTP on uvicorn.access, WebSocket handshakes on
+    uvicorn.error); the filter create_app installs must survive uvicorn's logging set-up."""
+    uvicorn.Config(client.app, log_level="info")  # configures uvicorn's loggers, as `vident serve` does
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    loggers = [logging.getLogger("uvicorn.access"), logging.getLogger("uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        loggers[0].info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/v1/models?model=a&api_key=s3cret&x=1", "1.1", 200
+        )
+        loggers[1].info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5001", "/v1/stream?api_key=s3cret")
+        loggers[1].info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5002", "/v1/stream?API%5Fkey=s3cret")
+        loggers[0].info("GET /v1/jobs?api_key_hint=visible&apikey=visible")  # other names stay as they are
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    text = lines.getvalue()
+    assert "s3cret" not in text, text
+    assert "/v1/models?model=a&api_key=***&x=1" in text and "/v1/stream?api_key=***" in text
+    assert "API%5Fkey=***" in text and "api_key_hint=visible&apikey=visible" in text
+    create_app(settings())  # a second app does not stack a second filter
+    assert sum(isinstance(f, app_module.RedactApiKey) for f in loggers[0].filters) == 1
