@@ -11,7 +11,7 @@ scale-3 path that feeds the homography and every restoration head stay bf16/fp32
 preset (asymmetric activations). A network that lists no modules has no int8 variant.
 
 It is not the CPU default: the recipe passes its own check on rendered streams only narrowly, and on
-the test split the restored frame came out at 38.3 dB (``benchmarks/int8_recipes.py``), so it runs
+the test split the restored frame came out at 38.3 dB (``tools/int8_recipes.py``), so it runs
 only where asked for (``precision="int8"``), with its parity report logged.
 
 Calibration uses synthetic clips of the ``val`` split (never the test split that cards quote), with
@@ -115,7 +115,7 @@ def quantize(
 
     ``modules``: whose convolutions to quantise (default ``spec.int8_modules``; ``()`` = whatever NNCF
     quantises by default). ``preset``: "mixed" (asymmetric activations) or "performance" (symmetric).
-    The alternatives exist to measure what the recipe avoids (``benchmarks/int8_recipes.py``)."""
+    The alternatives exist to measure what the recipe avoids (``tools/int8_recipes.py``)."""
     nncf = import_nncf()
     from export.openvino import openvino_graph
     from service.backends.openvino import _import_openvino

@@ -18,7 +18,7 @@ from torch import nn
 from models.spec import ModelSpec
 from service.backends.base import Backend
 
-# Thresholds of issue 5: fp32 runtimes vs torch, and reduced precision vs fp32.
+# Parity thresholds: fp32 runtimes vs torch, and reduced precision vs fp32.
 FP32_MAX_ABS = 1e-4
 REDUCED_PSNR_DB = 40.0
 REDUCED_MASK_IOU = 0.99

@@ -97,19 +97,19 @@ class MostConfig:
     # How the homography regressor pools before its linear layer: "corners" keeps one cell per image
     # quadrant (the corner whose offset it mostly predicts); "global" averages everything, as
     # checkpoints made before the change did. A global average keeps only what all positions share,
-    # i.e. translation: trained most-nss recovered none of the rotation/zoom part (docs/training.md).
+    # i.e. translation: trained most-nss recovered none of the rotation/zoom part (docs/models.md).
     homography_pool: str = "corners"
     # Whether the restoration heads also read the input at their scale, B^s. The output is residual
     # on B^s either way; without B^s among the head's inputs the residual must rebuild the input's
     # pixel noise from decoded features to cancel it, and trained most-nss (7000 steps) passed the
     # noise through: a 3x3 linear probe on its scale-1 head input removed none of it, the same
     # probe given B^1 as well cut the high-frequency error from 12.86 to 3.67 (docs/models.md;
-    # benchmarks/restoration_probe.py). 900 steps of training did not yet teach the heads to use
-    # it (docs/training.md, session 10). False rebuilds checkpoints made before the change.
+    # tools/restoration_probe.py). 900 steps of training did not yet teach the heads to use it
+    # (docs/experiments.md). False rebuilds checkpoints made before the change.
     restoration_input: bool = True
     # Side of a linear filter of B^s added to each restored frame (0: none): restored^s =
     # B^s + head(...) + filter(B^s). A 5x5 colour filter of the input is the classical denoiser the
-    # heads failed to learn by gradient descent (session 10); `vident fit-filter` solves it by least
+    # heads failed to learn by gradient descent in 900 steps; `vident fit-filter` solves it by least
     # squares on training clips given the rest of the network, and training can refine it. It
     # starts at zero, the same function as without it; 0 rebuilds checkpoints made before it.
     restoration_filter: int = 5

@@ -9,7 +9,7 @@ State on ``app.state`` (what other routers may use):
 * ``engines``: ``pool.engines``, the ``name -> InferenceEngine`` dict of loaded models;
 * ``sessions``: :class:`~service.session.SessionManager`; ``metrics``: :class:`~service.metrics.Metrics`.
 
-Extension hook (batch jobs, issue 7): if the module ``service.jobs`` exists, ``create_app`` mounts
+Extension hook (batch jobs): if the module ``service.jobs`` exists, ``create_app`` mounts
 its ``router`` (an ``APIRouter``; every route then requires the API key when one is configured) and,
 if it defines ``lifespan(app)`` (an async context manager factory), enters it after the app state
 exists and exits it before the engines close. Other routers can be listed in :data:`EXTRA_ROUTER_MODULES`.

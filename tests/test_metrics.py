@@ -84,9 +84,9 @@ def test_warping_error_zero_for_true_motion_positive_otherwise() -> None:
 
 
 def test_homography_error_splits_translation_from_the_rest() -> None:
-    """benchmarks.homography_error: a translation-only estimate has no translation error and all of
+    """tools.homography_error: a translation-only estimate has no translation error and all of
     the rotation as error; an exact estimate has none; the slope sees an underestimate."""
-    from benchmarks.homography_error import corner_displacements, decompose
+    from tools.homography_error import corner_displacements, decompose
 
     angle = np.deg2rad(2.0)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])

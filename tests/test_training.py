@@ -91,8 +91,8 @@ def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`vident train --device cuda`)")
 def test_cuda_mixed_precision_training_reduces_the_loss(tmp_path: Path) -> None:
-    """The issue's promise for GPU machines: `--device cuda` with automatic mixed precision trains, and
-    its checkpoint loads on the CPU. Never runs in CI (no GPU); written so a GPU session can check it."""
+    """On GPU machines `--device cuda` with automatic mixed precision trains, and its checkpoint
+    loads on the CPU. Skips without CUDA (CI has none); run it on a GPU machine to check it."""
     batch = _fixed_batch()
     cfg = TrainConfig(model="most-nss-tiny", out=tmp_path, steps=30, batch=2, clip_length=3, height=32, width=48,
                       lr=3e-3, warmup=1, amp="auto", device="cuda", checkpoint_every=15, log_every=1)  # fmt: skip
@@ -240,8 +240,8 @@ def test_a_run_from_trained_weights_carries_their_budget_to_the_card(tmp_path: P
     meta = trainer.metadata()
     assert (meta["prior_steps"], meta["prior_seconds"], meta["prior_weights"]) == ("10", "5400", str(parent))
     child = save_checkpoint(trainer.model, tmp_path / "child.safetensors", meta)
-    report = {"frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch", "device": "cpu",
-              "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    report = {"model": "most-nss-tiny", "frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch",
+              "device": "cpu", "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(child, tmp_path / "eval.json", "vident eval ...").read_text()
     assert "steps: 5 x batch 4" in card
@@ -353,6 +353,34 @@ def test_train_stop_at_then_ship_writes_a_measured_card(tmp_path: Path) -> None:
     assert card.startswith("# most-nss-tiny") and "**Status: test run.**" in card and "noise low" in card
     assert "camera motion x1.0 to step 2, then 2.5" in card
     assert "| BASELINE |" in card and "| most-nss-tiny |" in card and "--no-comparators" in card
+
+
+def test_reship_keeps_the_hand_written_parts_of_the_card(tmp_path: Path) -> None:
+    """A re-ship regenerates the card but carries its `## Notes...` sections and `<!-- keep -->` blocks
+    across, once each, after the generated part; hand edits elsewhere are regenerated away."""
+    from service.cli import main
+
+    run, data, shipped = tmp_path / "run", tmp_path / "test", tmp_path / "ckpt"
+    assert main(["train", "--model", "most-nss-tiny", "--out", str(run), "--steps", "1", "--size", "32x48",
+                 "--batch", "1", "--clip-length", "2", "--amp", "off", "--workers", "0", "--validate-every", "0",
+                 "--noise", "low"]) == 0  # fmt: skip
+    assert main(["synth", "--out", str(data), "--split", "test", "--sequences", "1", "--frames", "2",
+                 "--size", "32x48"]) == 0  # fmt: skip
+    ship = ["ship", str(run), "--data", str(data), "--no-comparators", "--checkpoint-dir", str(shipped)]
+    assert main(ship) == 0
+    card_path = shipped / "most-nss-tiny.md"
+    notes = "## Notes on the comparison\n\nWhy no longer run exists.\n\n```bash\n## not a heading\n```"
+    block = "<!-- keep -->\nMeasured by hand: 1.23 dB.\n<!-- /keep -->"
+    edited = card_path.read_text().replace("## Training", f"{block}\n\n## Training")
+    edited = edited.replace("- mixed precision", "- EDITED")  # a hand edit of the generated part
+    card_path.write_text(f"{edited}\n{notes}\n")
+    for _ in range(2):  # twice: what was carried across once is carried across again, not doubled
+        assert main(ship) == 0
+        card = card_path.read_text()
+        assert card.count("## Notes on the comparison") == 1 and card.count("Why no longer run exists.") == 1
+        assert card.count("Measured by hand: 1.23 dB.") == 1 and "## not a heading" in card
+        assert card.index("## Targets") < card.index(block) < card.index(notes)
+        assert "- EDITED" not in card and "- mixed precision" in card  # the generated part is regenerated
 
 
 def test_emphasis_multiplies_the_balanced_weights() -> None:
@@ -489,8 +517,8 @@ def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
     assert json.loads(meta["train_config"])["extra"]["whole_frames"] == "every 2 steps, batch 1"
     from models.training.card import write_card
 
-    report = {"frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch", "device": "cpu",
-              "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    report = {"model": "most-nss-tiny", "frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch",
+              "device": "cpu", "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(tmp_path / "run" / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
     assert "(crops of 64x96 renders; whole 64x96 frames every 2 steps, batch 1)" in card

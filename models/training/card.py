@@ -98,7 +98,12 @@ def write_card(
 ) -> Path:
     """``status`` is a paragraph put first (what the checkpoint is good for, what it misses); ``noise``
     overrides the training noise level for runs older than the metadata that records it; ``real_json``
-    adds the real-content evaluation and the generalisation targets."""
+    adds the real-content evaluation and the generalisation targets.
+
+    A card that already exists keeps its hand-written parts (:func:`kept_sections`): they are appended
+    to the regenerated card, so a re-ship does not drop them."""
+    card = checkpoint.with_suffix(".md")
+    kept = kept_sections(card.read_text()) if card.is_file() else []
     meta = read_metadata(checkpoint)
     cfg = json.loads(meta.get("train_config", "{}"))
     extra = cfg.get("extra") or {}
@@ -191,9 +196,51 @@ def write_card(
         for name, note in real.get("notes", {}).items():
             parts.append(f"\n{name}: {note}")
     parts += ["", "## Targets", "", targets_table(report["model"], report, real)]
-    card = checkpoint.with_suffix(".md")
+    generated = "\n".join(parts)
+    parts += [part for k in kept for part in ("", k) if k not in generated]  # not twice, e.g. via --status
     card.write_text("\n".join(parts) + "\n")
     return card
+
+
+KEEP_OPEN, KEEP_CLOSE = "<!-- keep -->", "<!-- /keep -->"
+
+
+def kept_sections(card: str) -> list[str]:
+    """The hand-written parts of a card that survive regenerating it, in their order on the card.
+
+    - a section whose heading starts with ``## Notes`` (``## Notes``, ``## Notes on ...``), up to the
+      next ``#`` or ``##`` heading or the end (``###`` sub-headings stay inside it);
+    - a block from a line ``<!-- keep -->`` to a line ``<!-- /keep -->`` anywhere else on the card,
+      markers included (an unclosed block runs to the end).
+
+    Headings inside fenced code blocks do not count. Each part is returned without surrounding blank
+    lines."""
+    parts: list[str] = []
+    current: list[str] | None = None
+    mode = ""  # "notes", "keep" or "" (generated text)
+    fenced = False
+    for line in card.splitlines():
+        stripped = line.strip()
+        heading = not fenced and (line.startswith("# ") or line.startswith("## "))
+        if stripped.startswith("```"):
+            fenced = not fenced
+        if mode == "notes" and heading:
+            parts.append("\n".join(current or []).strip("\n"))
+            current, mode = None, ""
+        if mode == "":
+            if heading and line.startswith("## Notes"):
+                current, mode = [line], "notes"
+            elif not fenced and stripped == KEEP_OPEN:
+                current, mode = [line], "keep"
+            continue
+        assert current is not None
+        current.append(line)
+        if mode == "keep" and not fenced and stripped == KEEP_CLOSE:
+            parts.append("\n".join(current).strip("\n"))
+            current, mode = None, ""
+    if current is not None:
+        parts.append("\n".join(current).strip("\n"))
+    return [part for part in parts if part.strip()]
 
 
 def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None) -> Path:

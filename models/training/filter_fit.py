@@ -4,8 +4,8 @@ The restored frame is ``B^1 + head(...) + filter(B^1)``. Given the rest of the n
 is linear in its weights, so the weights that minimise the squared error to the clean targets are a
 least-squares solution: no learning rate, no steps, the global optimum for the clips it is fitted on.
 Gradient descent did not find it: after 7000 steps most-nss's output still carried the input's noise
-(high-pass correlation 0.82, ``benchmarks/restoration_probe.py``), and 900 more steps with the input
-fed to the heads barely moved the new weights (docs/training.md, session 10).
+(high-pass correlation 0.82, ``tools/restoration_probe.py``), and 900 more steps with the input
+fed to the heads barely moved the new weights (docs/experiments.md).
 
 Only the scale-1 filter is fitted: its output is the network's restored frame and feeds nothing else,
 so the mask and the homography stay exactly as they were. Coarser filters are left as they are.
@@ -86,7 +86,7 @@ def load_for_fit(weights: str | Path, kernel: int | None = None) -> tuple[MostNe
 def scale1_head_stream(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per frame of a uint8 (T, H, W, 3) clip, streamed with the state carried (the project's stream
     loop on ``TorchBackend``): what the scale-1 restoration head read, B^1 and the head's output,
-    each (1, C, H, W) float32. The fit and ``benchmarks/restoration_probe.py`` both start here."""
+    each (1, C, H, W) float32. The fit and ``tools/restoration_probe.py`` both start here."""
     from export.verify import as_stream, stream_steps
     from service.backends.torch import TorchBackend
 

@@ -7,7 +7,7 @@ exactly the error of these offsets (the DLT maps the corners onto them). So the 
 minimises the corner error on labelled clips is a (reweighted) ridge regression, solved in closed
 form: no learning rate, no batch noise. Gradient steps did not get there: after 7000 steps most-nss's
 estimate still underestimated the translation and missed most of the rotation and zoom, and its
-validation MACE swung by a pixel from one checkpoint to the next (docs/training.md, sessions 5-9).
+validation MACE swung by a pixel from one checkpoint to the next (docs/experiments.md).
 
 Only a network with one homography head at its coarsest decoded scale is fitted (most-nss: scale 3):
 there the features come before any estimate is used. In a cascade (most-net: scales 3, 2, 1) the

@@ -5,7 +5,7 @@ runs the first sequences of a data set (the test split) through torch fp32 and t
 state carried, and reports per recipe the worst restored PSNR, decided-pixel mask IoU and MACE
 difference over all frames, plus OpenVINO bf16 for reference::
 
-    python -m benchmarks.int8_recipes --model most-nss --data data/test --sequences 4 --frames 10
+    python -m tools.int8_recipes --model most-nss --data data/test --sequences 4 --frames 10
 
 Takes about 10 minutes for most-nss at 320x416 on two cores.
 """

@@ -13,7 +13,7 @@ restored frames against the targets per sequence:
 
 ::
 
-    python -m benchmarks.restoration_error --model most-nss --data data/test --sequences 4
+    python -m tools.restoration_error --model most-nss --data data/test --sequences 4
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Two CPU experiments behind docs/performance.md, interleaved so shared-CPU load hits all variants alike.
 
-    python -m benchmarks.cpu_variants torch      # torch fp32/bf16 autocast x contiguous/channels_last
-    python -m benchmarks.cpu_variants openvino   # OpenVINO bf16: original graph vs MatMul rewrite
-    python -m benchmarks.cpu_variants openvino-shapes  # OpenVinoBackend bf16: static vs dynamic compilation
+    python -m tools.cpu_variants torch      # torch fp32/bf16 autocast x contiguous/channels_last
+    python -m tools.cpu_variants openvino   # OpenVINO bf16: original graph vs MatMul rewrite
+    python -m tools.cpu_variants openvino-shapes  # OpenVinoBackend bf16: static vs dynamic compilation
 
 Each variant reports wall FPS and process CPU seconds per frame (all threads); on a CPU shared with
 other work the second is the one to compare.

@@ -21,8 +21,8 @@ crop's offset), so the same content and pixel motion can be measured at a smalle
 
 ::
 
-    python -m benchmarks.homography_error --model most-nss --data data/test
-    python -m benchmarks.homography_error --model most-nss --data data/test --crop 128x160
+    python -m tools.homography_error --model most-nss --data data/test
+    python -m tools.homography_error --model most-nss --data data/test --crop 128x160
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.restoration_error import data_benchmark
 from export.verify import as_stream, stream_steps
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import crop_sequence
 from models.layers import apply_homography, image_corners
+from tools.restoration_error import data_benchmark
 
 
 def corner_displacements(h: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -6,13 +6,13 @@ inputs to ``target - B^1`` by least squares, on frames of one sequence and appli
 
 - ``features``: the decoded features and the upsampled coarser restoration and mask (what the
   heads of checkpoints without ``restoration_input`` read);
-- ``features + B^1``: the same with the input frame added (what the heads read since session 10).
+- ``features + B^1``: the same with the input frame added (what the heads read with ``restoration_input``).
 
 A probe that cannot lower the high-frequency error means the noise is not in those inputs in a
 form a head can use. Also printed: how much of the model's own output high frequencies follow the
 input's (correlation of the high-pass parts; near 1 = the noise passes through)::
 
-    python -m benchmarks.restoration_probe --model most-nss --data data/test
+    python -m tools.restoration_probe --model most-nss --data data/test
 """
 
 from __future__ import annotations

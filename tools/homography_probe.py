@@ -8,7 +8,7 @@ the identity's on the same batches every 25 steps.
 4-corner offsets, 4-point DLT) on a pair of frames averaged down to scale 3, to see what the
 regression itself needs when it is given the images directly.
 
-Both use the MACE loss of training. Results and what they mean are in docs/training.md.
+Both use the MACE loss of training. Results and what they mean are in docs/experiments.md.
 """
 
 from __future__ import annotations
