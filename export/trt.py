@@ -9,6 +9,14 @@ on); a runtime then only deserializes.
 The geometry (sampling grids of ``warp_by_homography`` and DCN, the 3x3 homography algebra) is
 pinned to fp32 with precision constraints: in fp16 a coordinate of a few hundred pixels snaps to
 whole pixels and the homography cascade loses its corner accuracy. Convolutions run in fp16.
+
+Written against the TensorRT 10 Python API and not yet run on a GPU; the ``gpu`` extra also accepts
+TensorRT 11, unverified. The calls most at risk there are the weakly typed precision controls the
+fp16 build depends on (``BuilderFlag.FP16``, ``BuilderFlag.PREFER_PRECISION_CONSTRAINTS``,
+``ILayer.precision``, ``ILayer.set_output_type``), which later TensorRT 10 releases deprecate in
+favour of strongly typed networks; the rest (``create_network(0)``, ``set_memory_pool_limit``,
+``build_serialized_network``, the engine inspector, ``set_input_shape`` / ``set_tensor_address`` /
+``execute_async_v3``) is the current API as far as known here (docs/performance.md, "GPU").
 """
 
 from __future__ import annotations

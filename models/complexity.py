@@ -29,13 +29,15 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def measure_complexity(model: nn.Module, height: int = 320, width: int = 416) -> Complexity:
+    """Counted on the model's device: a model on a GPU is counted there, where large frames are cheap."""
     spec = model.spec  # type: ignore[attr-defined]
     was_training = model.training
     model.eval()
-    frame = torch.rand(1, 3, height, width)
-    state = [torch.from_numpy(v) for v in spec.initial_state(1, height, width).values()]
+    device = next(model.parameters()).device
+    frame = torch.rand(1, 3, height, width, device=device)
+    state = [torch.from_numpy(v).to(device) for v in spec.initial_state(1, height, width).values()]
     counter = FlopCounterMode(display=False)
     with counter:
-        model(frame, torch.zeros(1, 1, 1, 1), *state)
+        model(frame, torch.zeros(1, 1, 1, 1, device=device), *state)
     model.train(was_training)
     return Complexity(count_parameters(model), counter.get_total_flops() / 2e9, height, width)

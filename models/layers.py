@@ -126,10 +126,14 @@ class SqueezeExcitation(nn.Module):
 
 
 def size_tensor(value: int | float | Tensor, like: Tensor) -> Tensor:
-    """A spatial size as a 0-d tensor. ``torch.as_tensor`` of a traced shape stays a Shape op in an
-    exported graph, so graphs built from it stay dynamic in height and width (``torch.tensor([...])``
-    or Python float arithmetic on sizes would freeze the traced size into a constant)."""
-    return torch.as_tensor(value).to(device=like.device, dtype=like.dtype)
+    """A spatial size as a 0-d tensor. While tracing for export a shape is already a tensor and stays a
+    Shape op in the graph, so graphs built from it stay dynamic in height and width (``torch.tensor([...])``
+    or Python float arithmetic on sizes would freeze the traced size into a constant). In eager mode the
+    size is filled on the device: a tensor made from host data would be a host-to-device copy, which a
+    CUDA graph cannot capture (service/backends/torch.py)."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.full((), float(value), device=like.device, dtype=like.dtype)
 
 
 def _kernel_offsets(kernel_size: int, dilation: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -301,8 +305,11 @@ def apply_homography(h: Tensor, points: Tensor) -> Tensor:
 
 def rescale_homography(h: Tensor, factor: float) -> Tensor:
     """H expressed at a resolution ``factor`` times larger: S H S^-1 with S = diag(f, f, 1)."""
-    scale = torch.tensor([factor, factor, 1.0], device=h.device, dtype=h.dtype)
-    return h * scale.view(3, 1) / scale.view(1, 3)
+    # Entry (i, j) is scaled by s_i / s_j; written with slices rather than a tensor of the scales, which
+    # would be a host-to-device copy (not CUDA-graph capturable). Same values for the powers of two used.
+    top = torch.cat((h[..., :2, :2], h[..., :2, 2:] * factor), dim=-1)
+    bottom = torch.cat((h[..., 2:, :2] / factor, h[..., 2:, 2:]), dim=-1)
+    return torch.cat((top, bottom), dim=-2)
 
 
 def identity_homography(batch: int, like: Tensor) -> Tensor:

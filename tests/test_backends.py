@@ -25,6 +25,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
 def _cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vident-cache"))
     factory._CPU_CHOICES.clear()
+    factory._CUDA_CHOICES.clear()
 
 
 @pytest.mark.parametrize(("backend", "device", "package"), [
@@ -68,6 +69,62 @@ def test_default_backend_follows_what_is_installed(monkeypatch) -> None:
     monkeypatch.setattr(factory, "_installed", lambda m: False)
     assert factory.default_backend("cpu") == "torch"
     assert factory.default_backend("cuda") == "torch"
+    monkeypatch.setattr(factory, "_installed", lambda m: m != "tensorrt")  # onnxruntime(-gpu) is no reason
+    assert factory.default_backend("cuda") == "torch"  # to leave the fp16 CUDA-graph path for fp32 ORT
+    monkeypatch.setattr(factory, "_installed", lambda m: True)
+    assert factory.default_backend("cuda") == "tensorrt"
+
+
+def test_cuda_precision_is_fp16_only_where_parity_holds(monkeypatch) -> None:
+    from export.verify import ParityReport
+
+    def report(psnr: float) -> ParityReport:
+        return ParityReport("torch/fp32", "torch/fp16", 1, 64, 96, 3, max_abs={"restored": 0.01}, psnr_db=psnr)
+
+    network = create_model("most-nss-tiny").eval()
+    asked: list[dict[str, object]] = []
+    monkeypatch.setattr(factory, "cuda_parity", lambda n, device, **options: asked.append(options) or report(30.0))
+    choice = factory.choose_cuda_precision(network, "cuda")
+    assert (choice.backend, choice.precision) == ("torch", "fp32") and "parity fails" in choice.reason
+    assert asked == [{"precision": "fp16", "cuda_graphs": True}]  # the path that then serves
+    factory._CUDA_CHOICES.clear()
+    monkeypatch.setattr(factory, "cuda_parity", lambda n, device, **options: report(55.0))
+    assert factory.choose_cuda_precision(network, "cuda").precision == "fp16"
+    monkeypatch.setattr(factory, "cuda_parity", lambda *args, **options: pytest.fail("checked twice"))
+    assert factory.choose_cuda_precision(network, "cuda").precision == "fp16"  # once per weights and GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_auto_on_cuda_without_a_gpu_says_why(monkeypatch) -> None:
+    monkeypatch.setattr(factory, "_installed", lambda m: False)
+    with pytest.raises(BackendUnavailable, match="torch sees no CUDA GPU"):
+        factory.create_backend("most-nss-tiny", "auto", "cuda", "auto")
+
+
+def test_torch_backend_on_the_cpu_is_the_plain_reference() -> None:
+    """CUDA-only options are refused or off on the CPU; ``infer_tensors`` and channels_last compute
+    what ``infer`` does (the GPU fast path's plumbing, checked where it can be)."""
+    from service.backends.torch import TorchBackend
+
+    network = create_model("most-nss-tiny").eval()
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        TorchBackend(network, "cpu", cuda_graphs=True)
+    spec = network.spec
+    rng = np.random.default_rng(0)
+    feed = {"frame": rng.random((2, 3, 32, 48), np.float32), "reset": np.ones((2, 1, 1, 1), np.float32),
+            **spec.initial_state(2, 32, 48)}  # fmt: skip
+    with TorchBackend(network) as backend:
+        assert (backend.cuda_graphs, backend.channels_last, backend.model) == (False, False, network)
+        outputs = backend.infer(feed)
+        tensors = backend.infer_tensors({k: torch.from_numpy(v) for k, v in feed.items()})
+    assert list(tensors) == list(spec.output_names)
+    for name in spec.output_names:
+        np.testing.assert_array_equal(tensors[name].numpy(), outputs[name])
+    with TorchBackend(create_model("most-nss-tiny").eval(), channels_last=True) as nhwc:
+        nhwc.model.load_state_dict(network.state_dict())
+        for name, value in nhwc.infer(feed).items():
+            assert value.flags.c_contiguous, name
+            np.testing.assert_allclose(value, outputs[name], atol=1e-5, err_msg=name)
 
 
 def test_cpu_choice_uses_bf16_only_with_hardware_and_parity(monkeypatch) -> None:

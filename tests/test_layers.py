@@ -153,6 +153,8 @@ def test_rescale_and_inverse_are_consistent() -> None:
     g = torch.Generator().manual_seed(1)
     h_low = _random_homographies(4, g, 80.0, 104.0)
     h_full = rescale_homography(h_low, 4.0)
+    scale = torch.tensor([4.0, 4.0, 1.0], dtype=h_low.dtype)
+    torch.testing.assert_close(h_full, h_low * scale.view(3, 1) / scale.view(1, 3), rtol=0, atol=0)  # S H S^-1
     corners_low = image_corners(80.0, 104.0, h_low).expand(4, 4, 2)
     np.testing.assert_allclose(
         apply_homography(h_full, corners_low * 4).numpy(), (apply_homography(h_low, corners_low) * 4).numpy(),

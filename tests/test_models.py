@@ -188,6 +188,30 @@ def test_batched_streams_equal_separate_streams() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_streaming_step_makes_no_tensor_from_host_data(name: str) -> None:
+    """A CUDA graph cannot capture a tensor made from Python data (a host-to-device copy; the replay
+    would read freed host memory): every constant of a step must be made on the device
+    (service/backends/torch.py captures the step). Seen here on the CPU as aten.lift_fresh."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostData(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if "lift_fresh" in str(func):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = create_model(name).eval()
+    state = [torch.from_numpy(v) for v in model.spec.initial_state(1, 32, 48).values()]
+    with torch.no_grad(), HostData() as mode:
+        model(torch.rand(1, 3, 32, 48), torch.zeros(1, 1, 1, 1), *state)
+    assert mode.seen == []
+
+
 def test_nss_structure_removes_heads() -> None:
     net, nss = create_model("most-net"), create_model("most-nss")
     assert isinstance(nss, MostNet) and nss.structure == MOST_NSS_STRUCTURE

@@ -4,6 +4,8 @@ checkpoints round-trip bit-exact."""
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
     assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "log.jsonl").read_text().count("\n") >= 29
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`vident train --device cuda`)")
 def test_cuda_mixed_precision_training_reduces_the_loss(tmp_path: Path) -> None:
     """On GPU machines `--device cuda` with automatic mixed precision trains, and its checkpoint
@@ -130,6 +133,40 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     resumed.fit(progress=False)
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_train_minutes_budget_stops_early_with_a_resumable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vident train --minutes` stops after the step in progress once the budget is spent, saves (though
+    --checkpoint-every is never reached) and keeps the --steps schedule, so --resume goes on."""
+    from service.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--model", "most-nss-tiny", "--out", str(run), "--steps", "100000", "--size", "32x48",
+            "--batch", "1", "--clip-length", "2", "--amp", "off", "--workers", "0", "--validate-every", "0",
+            "--checkpoint-every", "100000"]  # fmt: skip
+    start = time.monotonic()
+    assert main([*argv, "--minutes", "0.05"]) == 0
+    assert time.monotonic() - start < 60
+    assert "budget ran out (--resume goes on)" in capsys.readouterr().out
+    meta = read_metadata(run / "last.safetensors")
+    steps = int(meta["steps"])
+    assert 1 <= steps < 100000 and json.loads(meta["train_config"])["steps"] == 100000
+    assert (run / "resume.pt").is_file()
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == steps
+    assert main([*argv, "--minutes", "0.01", "--resume"]) == 0
+    assert int(read_metadata(run / "last.safetensors")["steps"]) > steps
+    assert main([*argv, "--minutes", "0"]) == 2  # refused before anything runs
+
+
+def test_fit_checkpoints_by_time_and_reports_each_save(tmp_path: Path) -> None:
+    batch = _fixed_batch()
+    cfg = TrainConfig(model="most-nss-tiny", out=tmp_path, steps=3, batch=2, height=32, width=48, amp="off",
+                      warmup=1, checkpoint_every=100, log_every=100)  # fmt: skip
+    saved: list[Path] = []
+    Trainer(cfg, itertools.repeat(batch)).fit(progress=False, checkpoint_minutes=0.0, on_checkpoint=saved.append)
+    assert saved == [tmp_path / "last.safetensors"] * 3  # every step: no step-count checkpoint was due
 
 
 def test_search_needs_every_head(tmp_path: Path) -> None:

@@ -152,9 +152,11 @@ def train(
     keep_validated: bool = False,
     mix: ContentMix | None = None,
     degradation: str = "recipe",
+    minutes: float | None = None,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
-    it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would.
+    it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would;
+    ``minutes`` does the same after that much wall-clock time of training (``Trainer.fit``).
 
     ``motion`` multiplies the synthetic camera speed. Speeds are quoted at 320x416 and scale with the
     crop, so a 128x160 crop sees 2.5 times fewer pixels of motion and blur than the 320x416 test
@@ -225,7 +227,7 @@ def train(
         original_log(record)
 
     trainer.log = log_with_validation  # type: ignore[method-assign]
-    return trainer.fit(progress=progress, until=stop_at)
+    return trainer.fit(progress=progress, until=stop_at, minutes=minutes)
 
 
 def validated_metadata(trainer: Trainer, record: dict[str, float]) -> dict[str, str]:

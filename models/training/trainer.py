@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -294,21 +294,50 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def fit(self, progress: bool = True, until: int | None = None) -> Path:
-        """Trains to ``cfg.steps`` (or stops early at step ``until``, as an interrupted run would)."""
-        from tqdm import tqdm
+    def fit(
+        self,
+        progress: bool = True,
+        until: int | None = None,
+        minutes: float | None = None,
+        checkpoint_minutes: float | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Trains to ``cfg.steps`` (or stops early at step ``until``, as an interrupted run would).
 
-        bar = tqdm(total=self.cfg.steps, initial=self.step_index, disable=not progress, dynamic_ncols=True)
+        ``minutes``: a wall-clock budget for this call. Once it is spent the run stops after the
+        step in progress and saves a checkpoint, keeping the ``cfg.steps`` schedule like ``until``,
+        so resuming goes on where it stopped. ``checkpoint_minutes`` also saves when that long has
+        passed since the last save (steps differ in cost between machines); ``on_checkpoint`` gets
+        the weights' path after every save (e.g. to copy them where a remote run's outputs go).
+        """
+        start = last_save = time.monotonic()
+        deadline = None if minutes is None else start + 60 * minutes
+        bar = None
+        if progress:  # tqdm only here: a run without a progress bar needs no tqdm installed
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step_index, dynamic_ncols=True)
         path = self.cfg.out / "last.safetensors"
         stop = self.cfg.steps if until is None else min(until, self.cfg.steps)
         while self.step_index < stop:
             logs = self.train_step(next(self.batches))
-            bar.update(1)
-            if self.step_index % self.cfg.log_every == 0 or self.step_index == stop:
+            now = time.monotonic()
+            final = self.step_index == stop or (deadline is not None and now >= deadline)
+            if bar is not None:
+                bar.update(1)
+            if self.step_index % self.cfg.log_every == 0 or final:
                 logs["seconds"] = self.seconds
                 self.log(logs)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
-            if self.step_index % self.cfg.checkpoint_every == 0 or self.step_index == stop:
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+            timed_save = checkpoint_minutes is not None and now - last_save >= 60 * checkpoint_minutes
+            if self.step_index % self.cfg.checkpoint_every == 0 or final or timed_save:
                 path = self.save()
-        bar.close()
+                last_save = time.monotonic()
+                if on_checkpoint is not None:
+                    on_checkpoint(path)
+            if final:
+                break
+        if bar is not None:
+            bar.close()
         return path

@@ -11,6 +11,10 @@ actual model against torch fp32 passes, so a model whose outputs bf16 would spoi
 int8 (export/int8.py) is faster still but only on request (``precision="int8"``): on the test split
 the shipped most-nss's restored frame came out at 38.3 dB of fp32, under the 40 dB bar
 (docs/performance.md), so ``auto`` does not take it.
+
+On CUDA ``auto`` takes TensorRT where it is installed, else the torch fast path (fp16, channels_last,
+CUDA graphs: service/backends/torch.py) after the same kind of short parity check against torch fp32
+(:func:`choose_cuda_precision`), fp32 if it fails.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from models.checkpoints import load_model
 from models.hardware import cpu_has_bf16
 from service.backends.base import Backend, BackendUnavailable
+
+if TYPE_CHECKING:
+    from export.verify import ParityReport
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Fastest first, as measured for most-nss at 320x416 on the development CPU (docs/performance.md).
@@ -33,6 +41,13 @@ CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
 # models and a few seconds on the full ones, but long enough for state to carry through it.
 BF16_CHECK_SIZE = (64, 96)
 BF16_CHECK_FRAMES = 3
+# The GPU fast path's variants as the GPU tests and tools/gpu_run.py check them against torch fp32:
+# name -> TorchBackend arguments.
+CUDA_VARIANTS: dict[str, dict[str, object]] = {
+    "fp16-eager": {"precision": "fp16", "cuda_graphs": False},
+    "fp16-graphs": {"precision": "fp16", "cuda_graphs": True},
+    "bf16-graphs": {"precision": "bf16", "cuda_graphs": True},
+}
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +66,10 @@ def _installed(module: str) -> bool:
 def default_backend(device: str = "cpu") -> str:
     """The fastest installed runtime for ``device`` (no model needed; precision is chosen separately)."""
     if device.startswith("cuda"):
-        if _installed("tensorrt"):
-            return "tensorrt"
-        return "onnxruntime" if _cuda_ort() else "torch"
+        # Without TensorRT the torch fast path (fp16 CUDA graphs) is the GPU runtime; ONNX Runtime's CUDA
+        # provider runs these graphs in fp32 only (service/backends/onnxrt.py) and stays a request.
+        return "tensorrt" if _installed("tensorrt") else "torch"
     return next(b for b in CPU_PREFERENCE if b == "torch" or _installed(b))
-
-
-def _cuda_ort() -> bool:
-    if not _installed("onnxruntime"):
-        return False
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:
@@ -77,7 +84,29 @@ def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:
     return report.within_reduced(), report.summary()
 
 
+def cuda_parity(
+    network: nn.Module,
+    device: str = "cuda",
+    batch: int = 1,
+    height: int = BF16_CHECK_SIZE[0],
+    width: int = BF16_CHECK_SIZE[1],
+    frames: int = BF16_CHECK_FRAMES,
+    **torch_options: object,
+) -> ParityReport:
+    """The torch backend on ``device`` with ``torch_options`` (precision, cuda_graphs, ...; see
+    :data:`CUDA_VARIANTS`) against torch fp32 on the CPU, the reference every runtime matches, over
+    one moving stream with the state carried. ``network`` itself is the reference (it ends up on the
+    CPU); a CUDA candidate runs its own copy."""
+    from export.verify import compare_backends
+    from service.backends.torch import TorchBackend
+
+    reference = TorchBackend(network.cpu())
+    with reference, TorchBackend(network, device, **torch_options) as candidate:  # type: ignore[arg-type]
+        return compare_backends(reference, candidate, batch, height, width, frames)
+
+
 _CPU_CHOICES: dict[str, BackendChoice] = {}  # weights hash -> choice, so each network is checked once
+_CUDA_CHOICES: dict[tuple[str, str], BackendChoice] = {}  # (weights hash, device) -> choice
 
 
 def choose_cpu_backend(network: nn.Module) -> BackendChoice:
@@ -106,6 +135,23 @@ def _choose_cpu(network: nn.Module) -> BackendChoice:
     return BackendChoice("openvino", "fp32", f"bf16 parity fails, staying fp32: {summary}")
 
 
+def choose_cuda_precision(network: nn.Module, device: str = "cuda") -> BackendChoice:
+    """The torch fast path's precision for this network on this GPU: fp16 (CUDA graphs) where a short
+    parity check against torch fp32 passes, else fp32. Checked once per weights and device."""
+    from export.onnx import weights_hash
+
+    key = (weights_hash(network), device)
+    if key not in _CUDA_CHOICES:
+        report = cuda_parity(network, device, precision="fp16", cuda_graphs=True)
+        if report.within_reduced():
+            choice = BackendChoice("torch", "fp16", f"fp16 CUDA graphs, parity holds: {report.summary()}")
+        else:
+            choice = BackendChoice("torch", "fp32", f"fp16 parity fails, staying fp32: {report.summary()}")
+        _CUDA_CHOICES[key] = choice
+        logger.info("GPU backend for %s: torch %s (%s)", network.spec.name, choice.precision, choice.reason)  # type: ignore[attr-defined]
+    return _CUDA_CHOICES[key]
+
+
 def default_cpu_backend(model: str, checkpoint: str | Path | None = None) -> BackendChoice:
     """Runtime and precision for a model name (or checkpoint) on this CPU; see :func:`choose_cpu_backend`."""
     network, _ = load_model(model, checkpoint)
@@ -123,7 +169,7 @@ def create_backend(
 
     ``backend="auto"`` resolves with :func:`choose_cpu_backend` on the CPU and :func:`default_backend`
     on a GPU. ``precision="auto"``: bf16 or fp32 for OpenVINO by :func:`choose_cpu_backend`, fp16 for
-    TensorRT, fp32 otherwise.
+    TensorRT, fp16 or fp32 for torch on a GPU by :func:`choose_cuda_precision`, fp32 otherwise.
     """
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}, auto")
@@ -139,6 +185,8 @@ def create_backend(
     if precision == "auto":
         if backend == "openvino":  # bf16 where the hardware and the parity check allow it
             precision = choose_cpu_backend(network).precision
+        elif backend == "torch" and device.startswith("cuda"):  # fp16 where the parity check allows it
+            precision = choose_cuda_precision(network, device).precision
         else:
             precision = "fp16" if backend == "tensorrt" else "fp32"
     return backend_for(network, backend, device, precision).load()
@@ -188,5 +236,6 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
     raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "BackendChoice", "BackendUnavailable", "backend_for", "create_backend", "default_backend",
-           "default_cpu_backend", "choose_cpu_backend"]  # fmt: skip
+__all__ = ["BACKENDS", "CUDA_VARIANTS", "BackendChoice", "BackendUnavailable", "backend_for", "create_backend",
+           "cuda_parity", "default_backend", "default_cpu_backend", "choose_cpu_backend",
+           "choose_cuda_precision"]  # fmt: skip

@@ -30,6 +30,7 @@ def content_mix(text: str):  # noqa: ANN201 - ContentMix, imported lazily with t
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.checkpoints import read_metadata
     from models.training.run import neural_scale_search, train
     from models.training.trainer import TrainConfig
 
@@ -41,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"cannot train on --device {args.device}: {built} (install a CUDA build of torch on a GPU "
                   "machine; `--device cpu` trains here)")  # fmt: skip
             return 2
+    if args.minutes is not None and (args.search or not args.minutes > 0):
+        print("--minutes must be positive and applies to one run, not to --search's three phases")
+        return 2
     height, width = args.size
     cfg = TrainConfig(
         model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
@@ -58,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
                      validate_sequences=args.validate_sequences, render_size=args.render_size,
                      keep_best=args.keep_best, whole_every=args.whole_every,
                      whole_batch=args.whole_batch, keep_validated=args.keep_validated, mix=args.mix,
-                     degradation=args.degradation)  # fmt: skip
+                     degradation=args.degradation, minutes=args.minutes)  # fmt: skip
+        steps = int(read_metadata(path).get("steps", "0")) if args.minutes is not None else args.steps
+        if steps < min(args.steps, args.stop_at or args.steps):
+            print(f"stopped at step {steps} of {args.steps}: the {args.minutes:g}-minute budget ran out "
+                  "(--resume goes on)")  # fmt: skip
     print(f"weights: {path}\nlog: {path.parent / 'log.jsonl'}")
     return 0
 
@@ -100,6 +108,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step, keeping the --steps schedule (resume later to go on)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget: stop after the step in progress once this many minutes of training "
+                   "have passed, with a checkpoint, keeping the --steps schedule (resume later to go on)")
     p.add_argument("--data", type=Path, default=None, help="on-disk data set (docs/data.md) instead of synthetic")
     p.add_argument("--noise", choices=("low", "moderate", "severe", "mixed"), default="mixed",
                    help="the recipe's noise level (with --degradation wide, noise is drawn per clip instead)")

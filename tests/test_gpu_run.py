@@ -1,0 +1,78 @@
+"""tools/gpu_run.py, the prepared device run: its dry run on the CPU, with the packages the GPU machine
+lacks made unimportable, writes the JSON and the tables it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Installed here, absent on the GPU machine (torch, numpy, safetensors, onnx, onnxruntime, OpenCV, Triton and
+# prometheus-client only): the script must not import any of them, not even through the project's modules.
+ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "av", "websockets", "multipart",
+          "openvino", "nncf", "onnxscript", "tensorrt", "PIL", "tqdm", "rich", "httpx", "sklearn", "matplotlib",
+          "mahotas", "skimage", "scipy", "selenium", "pytest")  # fmt: skip
+
+# The path finder, blind to those packages: `import x` fails and find_spec("x") is None, as on a machine
+# without them (torch itself probes optional packages with find_spec).
+RUNNER = """
+import importlib.machinery, runpy, sys
+
+class PathFinderWithout(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in ABSENT else super().find_spec(name, path, target)
+
+sys.meta_path = [PathFinderWithout if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+assert PathFinderWithout in sys.meta_path and not set(sys.modules) & ABSENT
+sys.argv = ["tools/gpu_run.py", *ARGV]
+runpy.run_path("tools/gpu_run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = RUNNER.replace("ABSENT", repr(set(ABSENT))).replace("ARGV", repr(["--dry-run", "--out", str(out)]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "gpu_run.json").read_text())
+    assert report["schema"] == "vident.gpu_run/1" and report["dry_run"] is True
+    assert {"environment", "tests", "bench", "train", "notes", "budget"} <= set(report)
+    assert "error" not in report["tests"] and "error" not in report["bench"] and "error" not in report["train"]
+
+    parity = report["tests"]["parity"]
+    assert report["tests"]["runner"] == "parity" and parity
+    checked = {(r["model"], r["variant"]) for r in parity}
+    assert {("most-nss-tiny", "fp16-eager"), ("r2-d4-tiny", "fp16-eager")} <= checked
+    for record in parity:
+        assert {"passed", "psnr_db", "summary"} <= set(record) and record["device"] == "cpu"
+
+    rows = report["bench"]["results"]
+    measured = [r for r in rows if "fps" in r]
+    assert {r["variant"] for r in measured} == {"fp32-eager", "fp16-eager"}  # graphs and compile need CUDA
+    for row in measured:
+        assert {"model", "batch", "height", "width", "fps", "latency_ms", "gflops_per_frame"} <= set(row)
+        assert row["fps"] > 0 and row["latency_ms"]["p99"] >= row["latency_ms"]["p50"] > 0
+    assert any("CUDA graphs need CUDA" in note for note in report["notes"])
+
+    train = report["train"]
+    assert train["model"] == "most-nss-tiny" and train["steps"] >= 1
+    assert {"wall_seconds", "steps_per_second", "validation_before", "validation_after", "checkpoint"} <= set(train)
+    weights = out / train["checkpoint"]
+    assert weights.is_file() and weights.stat().st_size < 16 * 2**20
+    from models.checkpoints import load_model, read_metadata
+
+    assert read_metadata(weights)["dtype"] == "float16" and int(read_metadata(weights)["steps"]) == train["steps"]
+    load_model(str(weights))  # a returned checkpoint loads (and --train-from takes it)
+
+    tables = (out / "gpu_run.md").read_text()
+    for heading in ("## Tests", "## Benchmark", "## Training", "## Notes"):
+        assert heading in tables
+    assert "| most-nss-tiny | 32x48 | 1 | fp32-eager |" in tables
+    assert (out / "gpu_run.log").read_text().count("\n") > 5
