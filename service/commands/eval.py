@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for name, note in report.notes.items():
         console.print(f"[dim]{name}: {note}[/]")
     console.print(
-        "[dim]E(W): squared RGB warping error in [0,1] units over teeth stable between frames (Lai et al. 2018); "
+        "[dim]E(W): squared RGB warping error in [0,1] units over teeth stable between frames (the whole valid "
+        "warp where a sequence has no teeth labels; Lai et al. 2018); "
         "PSNR c.a.: colour-aligned PSNR, after the per-channel gain and offset that best fit the target; "
         "FPS: per-frame wall time through the service pipeline (model) or the OpenCV call (comparators).[/]"
     )
