@@ -64,7 +64,8 @@ def test_eval_most_tiny_random_weights(tiny_data: Path, tmp_path: Path, capsys: 
     report, rows = _rows(out)
     assert report["random_weights"] is True and report["checkpoint"] is None
     assert report["frames"] == 6 and report["sequences"] == ["seq_000", "seq_001"]
-    assert set(rows) == {"BASELINE", "most-nss-tiny", "ORB + RANSAC", "SIFT + RANSAC", "NL-means (OpenCV)"}
+    assert set(rows) == {"BASELINE", "most-nss-tiny", "ORB + RANSAC", "SIFT + RANSAC", "ECC (OpenCV)",
+                         "NL-means (OpenCV)"}
     # The baseline's IoU is the teeth fraction of each frame (every pixel predicted teeth).
     masks = np.concatenate([read_sequence(tiny_data / s).mask for s in ("seq_000", "seq_001")])
     assert rows["BASELINE"]["iou"] == pytest.approx(masks.reshape(6, -1).mean(axis=1).mean())

@@ -195,7 +195,7 @@ def write_card(
         ]
         for name, note in real.get("notes", {}).items():
             parts.append(f"\n{name}: {note}")
-    parts += ["", "## Targets", "", targets_table(report["model"], report, real)]
+    parts += ["", "## Targets", "", targets_table(report.get("model") or meta["model"], report, real)]
     generated = "\n".join(parts)
     parts += [part for k in kept for part in ("", k) if k not in generated]  # not twice, e.g. via --status
     card.write_text("\n".join(parts) + "\n")
