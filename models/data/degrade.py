@@ -77,8 +77,16 @@ def poisson_gaussian(rng: np.random.Generator, clean: np.ndarray, a: float, sigm
     (brighter pixels noisier in absolute terms), which a plain Gaussian would miss. Drawn exactly
     (a normal approximation of the Poisson part was tried and was not faster in numpy).
     """
+    return _to_uint8(_eq_3_1(rng, clean, a, sigma))
+
+
+def _eq_3_1(rng: np.random.Generator, clean: np.ndarray, a: float, sigma: float) -> np.ndarray:
+    """Unrounded float64 ``a * Poisson(255 z / a) + N(0, sigma^2)`` of ``clean`` in [0, 1]."""
     lam = np.clip(clean, 0.0, 1.0).astype(np.float64) * (255.0 / a)
-    x = a * rng.poisson(lam) + sigma * rng.standard_normal(lam.shape)
+    return a * rng.poisson(lam) + sigma * rng.standard_normal(lam.shape)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -240,13 +248,12 @@ def sensor_noise(
     ``clean`` (H, W, 3) float in [0, 1]. Row noise: one offset per row (all channels), new each
     frame; ``fixed_pattern``: a (H, W, 1) offset field that stays for the whole clip.
     """
-    lam = np.clip(clean, 0.0, 1.0).astype(np.float64) * (255.0 / a)
-    x = a * rng.poisson(lam) + sigma * rng.standard_normal(lam.shape)
+    x = _eq_3_1(rng, clean, a, sigma)
     if row_sigma > 0:
         x += row_sigma * rng.standard_normal((clean.shape[0], 1, 1))
     if fixed_pattern is not None:
         x += fixed_pattern
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return _to_uint8(x)
 
 
 def compress(frames: np.ndarray, codec: str, quality: int) -> np.ndarray:

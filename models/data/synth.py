@@ -823,7 +823,7 @@ def real_content_sequence(cfg: SynthConfig, seed: int, index: int) -> LabelledSe
         quality = degradation.quality
     degradation = replace(degradation, codec=codec, quality=quality)
     photo_cfg = replace(cfg, content=f"photo:{photo}", degradation="wide", instruments=False, spray=False)
-    return render_sequence(photo_cfg, sequence_seed(seed, "real", index), degradation)
+    return render_sequence(photo_cfg, sequence, degradation)
 
 
 __all__ = [

@@ -28,28 +28,29 @@ def run(args: argparse.Namespace) -> int:
     shipped = ship_checkpoint(weights, name, directory)
     chosen = best_checkpoint_text(meta)
     print(f"shipped {shipped} (step {meta.get('steps')}{', ' + chosen if chosen else ''})")
-    report = evaluate(str(shipped), args.data, max_sequences=args.max_sequences, comparators=not args.no_comparators)
-    eval_json = args.eval_json or (args.run / f"eval-{name}.json")
-    write_report_json(report, eval_json)
-    command = ["vident", "eval", "--model", name, "--data", str(args.data), "--json", f"eval-{name}.json"]
-    if args.max_sequences:
-        command += ["--max-sequences", str(args.max_sequences)]
-    if args.no_comparators:
-        command.append("--no-comparators")
-    status = args.status.read_text() if args.status is not None else None
-    eval_command = (
-        f"vident synth --out {args.data} --split test   # the fixed test split\n{shlex.join(command)}"
-    )
-    real_json, real_command = None, None
-    if args.real_data is not None:
-        real = evaluate(str(shipped), args.real_data, comparators=not args.no_comparators)
-        real_json = eval_json.with_name(f"eval-{name}-real.json")
-        write_report_json(real, real_json)
-        command = ["vident", "eval", "--model", name, "--data", str(args.real_data), "--json", real_json.name]
+
+    def measure(data: Path, json_path: Path, json_name: str, split: str, max_sequences: int | None,
+                ) -> tuple[object, str]:  # fmt: skip
+        """Evaluates the shipped file on ``data``, writes the JSON and returns the report and the card's
+        reproduce lines (the split's synth command, then the eval command)."""
+        measured = evaluate(str(shipped), data, max_sequences=max_sequences, comparators=not args.no_comparators)
+        write_report_json(measured, json_path)
+        command = ["vident", "eval", "--model", name, "--data", str(data), "--json", json_name]
+        if max_sequences:
+            command += ["--max-sequences", str(max_sequences)]
         if args.no_comparators:
             command.append("--no-comparators")
-        real_command = (f"vident synth --out {args.real_data} --split real --frames 16   # the real-content split\n"
-                        f"{shlex.join(command)}")  # fmt: skip
+        return measured, f"vident synth --out {data} {split}\n{shlex.join(command)}"
+
+    eval_json = args.eval_json or (args.run / f"eval-{name}.json")
+    report, eval_command = measure(args.data, eval_json, f"eval-{name}.json", "--split test   # the fixed test split",
+                                   args.max_sequences)  # fmt: skip
+    status = args.status.read_text() if args.status is not None else None
+    real_json, real_command = None, None
+    if args.real_data is not None:
+        real_json = eval_json.with_name(f"eval-{name}-real.json")
+        _, real_command = measure(args.real_data, real_json, real_json.name,
+                                  "--split real --frames 16   # the real-content split", None)  # fmt: skip
     card = write_card(shipped, eval_json, eval_command, status=status, noise=args.noise, real_json=real_json,
                       real_command=real_command)  # fmt: skip
     print(f"card {card}\neval {eval_json}")
