@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from models.data.dataset import ContentMix
+from models.data.synth import DEGRADATIONS
 from models.hardware import cpu_model
 from models.training.run import training_batches
 from models.training.trainer import TrainConfig, Trainer
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-size", type=frame_size, default=(320, 416))
     p.add_argument("--clip-length", type=int, default=3)
     p.add_argument("--mix", type=ContentMix.parse, default=ContentMix.parse("dental=0.4,dead-leaves=0.35,photos=0.25"))
-    p.add_argument("--degradation", default="wide", choices=("recipe", "wide"))
+    p.add_argument("--degradation", default="wide", choices=DEGRADATIONS)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)

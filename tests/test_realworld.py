@@ -146,6 +146,21 @@ def test_wide_degradation_is_recorded_in_the_sequence_meta() -> None:
     assert b.meta["noise_a"] == drawn["noise_a"] and b.meta["camera_response"] == drawn["response"]
 
 
+def test_mixed_degradation_draws_the_recipe_or_a_wide_camera_per_clip() -> None:
+    """Each mixed clip is exactly the recipe's clip or exactly the wide clip of the same seed, about
+    half of each, and the same seed always picks the same."""
+    kinds = []
+    for i in range(12):
+        seed = sequence_seed(3, "train", i)
+        cfgs = {k: SynthConfig(height=32, width=48, frames=2, degradation=k) for k in ("recipe", "wide", "mixed")}
+        mixed = render_sequence(cfgs["mixed"], seed)
+        kind = "wide" if mixed.meta["noise"] == "drawn" else "recipe"
+        np.testing.assert_array_equal(mixed.input, render_sequence(cfgs[kind], seed).input)
+        np.testing.assert_array_equal(mixed.input, render_sequence(cfgs["mixed"], seed).input)
+        kinds.append(kind)
+    assert 3 <= kinds.count("recipe") <= 9, kinds
+
+
 def test_tiny_defocus_at_small_sizes_is_in_focus() -> None:
     delta = np.zeros((3, 3), np.float32)
     delta[1, 1] = 1.0

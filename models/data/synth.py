@@ -50,7 +50,8 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
 # content: the generator's dental scenes; dead leaves; a random training photograph (augmented); or
 # one named photograph as it is ("photo:NAME", what the real-content evaluation split films).
 CONTENTS = ("dental", "dead-leaves", "photos")
-DEGRADATIONS = ("recipe", "wide")
+DEGRADATIONS = ("recipe", "wide", "mixed")
+MIXED_RECIPE_SHARE = 0.5  # mixed: the share of clips that keep the recipe's camera
 DEFAULT_SEED = 2024  # the seed model cards and benchmarks quote (with the split mixed in)
 WORLD_SCALE = 2.6  # world canvas size relative to the frame: room for the camera to wander
 
@@ -76,7 +77,7 @@ class SynthConfig:
     lighting: bool = True  # gain drift, vignetting, light gradient
     dark_frames: bool = True  # occasional near-black frames (needs lighting)
     content: str = "dental"  # see CONTENTS; "photo:NAME" for one named photograph
-    degradation: str = "recipe"  # recipe: the dissertation's; wide: drawn per clip (degrade.DegradationRanges)
+    degradation: str = "recipe"  # recipe | wide (degrade.DegradationRanges) | mixed (either, per clip)
 
     def __post_init__(self) -> None:
         if self.content not in CONTENTS and not (
@@ -695,11 +696,11 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _degradation_rng(seed: int | np.random.SeedSequence | list[int]) -> np.random.Generator:
-    """A stream for the per-clip degradation draw, apart from the scene's, so drawing it leaves the
-    scene (and the recipe's test split) exactly as before."""
+def _degradation_rng(seed: int | np.random.SeedSequence | list[int], key: int = 0xDE6) -> np.random.Generator:
+    """A stream for the per-clip degradation draw (``key`` 0xDE7: the mixed choice), apart from the
+    scene's, so drawing it leaves the scene (and the recipe's test split) exactly as before."""
     base = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    return np.random.default_rng(np.random.SeedSequence(base.entropy, spawn_key=(*base.spawn_key, 0xDE6)))
+    return np.random.default_rng(np.random.SeedSequence(base.entropy, spawn_key=(*base.spawn_key, key)))
 
 
 def render_sequence(
@@ -708,13 +709,17 @@ def render_sequence(
     """Renders one labelled sequence; the same (cfg, seed, degradation) always gives identical arrays.
 
     ``degradation`` None: the dissertation's recipe (``cfg.degradation == "recipe"``) or one drawn
-    per clip from ``degrade.WIDE`` (``"wide"``); a given one is applied as it is (evaluation splits).
+    per clip from ``degrade.WIDE`` (``"wide"``), or either with odds ``MIXED_RECIPE_SHARE`` per clip
+    (``"mixed"``: a network keeps the recipe's camera while it learns the wide ones); a given one is
+    applied as it is (evaluation splits).
     """
     rng = np.random.default_rng(seed)
     dental = cfg.content == "dental"
     world = make_world(rng, cfg) if dental else content_world(rng, cfg)
-    if degradation is None and cfg.degradation == "wide":
-        degradation = Degradation.sample(_degradation_rng(seed))
+    drawn = degradation is not None
+    if degradation is None and cfg.degradation != "recipe":
+        if cfg.degradation == "wide" or _degradation_rng(seed, 0xDE7).random() >= MIXED_RECIPE_SHARE:
+            degradation, drawn = Degradation.sample(_degradation_rng(seed)), True
     sf = cfg.subframes
     exposure = cfg.exposure if degradation is None else degradation.exposure
     half = exposure // 2
@@ -795,7 +800,7 @@ def render_sequence(
     meta: dict[str, object] = {
         "content": cfg.content,
         "has_mask": world.teeth is not None,
-        "noise": level if cfg.degradation == "recipe" else "drawn",
+        "noise": "drawn" if drawn else level,
         "noise_a": degradation.noise_a,
         "noise_sigma": degradation.noise_sigma,
         "camera_response": degradation.response.to_dict(),
@@ -803,7 +808,7 @@ def render_sequence(
         "spray": spray is not None,
         "dark_frames": lighting.dark,
     }
-    if cfg.degradation != "recipe" or degradation.codec != "none" or degradation.defocus > 0:
+    if drawn or degradation.codec != "none" or degradation.defocus > 0:
         meta["degradation"] = degradation.to_dict()
     return LabelledSequence(out_input, out_target, out_blurry, out_mask, homographies, out_occ, meta)
 

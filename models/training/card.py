@@ -82,7 +82,10 @@ def content_text(extra: dict) -> str:
     mix = extra.get("content_mix")
     if not mix:
         return ""
-    how = "drawn per clip over docs/data.md's ranges (wide)" if extra.get("degradation") == "wide" else "the recipe's"
+    how = {
+        "wide": "drawn per clip over docs/data.md's ranges (wide)",
+        "mixed": "the recipe's or drawn over docs/data.md's ranges, even odds per clip (mixed)",
+    }.get(str(extra.get("degradation")), "the recipe's")
     return f"; content per clip {mix} (`--mix`); degradations {how}"
 
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from models.data.degrade import NOISE_CHOICES
-    from models.data.synth import DEFAULT_SEED, SPLITS
+    from models.data.synth import DEFAULT_SEED, DEGRADATIONS, SPLITS
 
     p = subparsers.add_parser("synth", help="write synthetic labelled dental video (or a preview sheet)")
     p.add_argument("--out", type=Path, help="output folder (one sub-folder per sequence)")
@@ -125,8 +125,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mix", type=content_mix, default=None, metavar="CONTENT=W,...",
                    help="scene content drawn per sequence as `vident train --mix` draws it (default: dental)")
-    p.add_argument("--degradation", choices=("recipe", "wide"), default="recipe",
-                   help="recipe: the dissertation's camera; wide: drawn per sequence (docs/data.md)")
+    p.add_argument("--degradation", choices=DEGRADATIONS, default="recipe",
+                   help="recipe: the dissertation's camera; wide: drawn per sequence (docs/data.md); mixed: either, "
+                   "with even odds per sequence")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
     p.set_defaults(func=run)

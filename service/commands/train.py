@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from models.data.synth import DEGRADATIONS
+
     p = subparsers.add_parser("train", help="train a network (resumable; synthetic data by default)")
     p.add_argument("--model", default="most-nss", help="registered name (default most-nss)")
     p.add_argument("--out", type=Path, required=True, help="run folder: weights, resume state, log.jsonl")
@@ -117,9 +119,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mix", type=content_mix, default=None, metavar="CONTENT=W,...",
                    help="scene content drawn per clip, e.g. dental=0.5,dead-leaves=0.3,photos=0.2 (contents: "
                    "dental, dead-leaves, photos; default: dental only). Clips without teeth skip the mask loss")
-    p.add_argument("--degradation", choices=("recipe", "wide"), default="recipe",
+    p.add_argument("--degradation", choices=DEGRADATIONS, default="recipe",
                    help="recipe: the dissertation's fixed camera; wide: exposure, defocus, noise, colour response "
-                   "and JPEG/H.264 drawn per clip over the ranges in docs/data.md")
+                   "and JPEG/H.264 drawn per clip over the ranges in docs/data.md; mixed: either, with even odds per "
+                   "clip (keeps the recipe's camera while learning the wide ones)")
     p.add_argument("--motion", type=float, default=1.0,
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
