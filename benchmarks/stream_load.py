@@ -49,11 +49,9 @@ def raw_fps(
 ) -> dict[str, object]:
     """Streaming FPS of the backend alone (run_streams: pre/post-processing included, no network)."""
     from service.backends.factory import create_backend
-    from service.engine import resolve_runtime
     from service.pipeline import Geometry, Stream, run_streams
 
-    name, precision = resolve_runtime(backend, device, precision)
-    runtime = create_backend(model, name, device, precision)
+    runtime = create_backend(model, backend, device, precision)
     h, w = frames[0].shape[:2]
     stream = Stream(runtime.spec, Geometry(h, w))
     for frame in frames[:3]:  # warm-up

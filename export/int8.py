@@ -28,17 +28,22 @@ import logging
 import multiprocessing
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from torch import nn
 
 from export.onnx import cache_dir, cached_onnx, weights_hash, write_atomically
-from export.verify import ParityReport, as_stream, compare_streams, stream_steps
+from export.openvino import import_openvino, openvino_graph
+from export.runtime import Backend, BackendUnavailable
+from export.verify import ParityReport, compare_streams
+from models.data.synth import SynthConfig, render_sequence, sequence_seed
 from models.spec import ModelSpec
-from service.backends.base import Backend, BackendUnavailable
+from models.streaming import as_stream, stream_steps
 
 # Bump when the calibration or the quantised layers change, so stale IRs are not reused.
 RECIPE_VERSION = "1"
@@ -50,10 +55,15 @@ CALIBRATION_FRAMES = 8
 PARITY_SEQUENCES = 4
 PARITY_FRAMES = 10
 
+# Builds the OpenVINO runner int8 is calibrated and checked with (the service's OpenVinoBackend):
+# ``(spec, onnx_path, precision="fp32")`` for the reference, ``precision="int8", int8_model=xml`` for the
+# candidate. Export takes it as an argument rather than importing the service (export/runtime.py).
+OpenVinoRunner = Callable[..., Backend]
+
 logger = logging.getLogger(__name__)
 
 
-def import_nncf():  # noqa: ANN201 - module object
+def import_nncf() -> ModuleType:
     try:
         import nncf
     except ImportError as exc:
@@ -68,9 +78,7 @@ def int8_available(spec: ModelSpec) -> str | None:
         return f"{spec.name} lists no int8-tolerant layers"
     try:
         import_nncf()
-        from service.backends.openvino import _import_openvino
-
-        ov = _import_openvino()
+        ov = import_openvino()
     except BackendUnavailable as exc:
         return str(exc)
     if "INT8" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -88,8 +96,6 @@ def synthetic_streams(
     height: int, width: int, sequences: int, frames: int, seed: int
 ) -> list[list[np.ndarray]]:
     """Float (1, 3, H, W) frames in [0, 1] of rendered ``val`` sequences: what a microcamera sends."""
-    from models.data.synth import SynthConfig, render_sequence, sequence_seed
-
     cfg = SynthConfig(height=height, width=width, frames=frames, noise="mixed")
     streams = []
     for index in range(sequences):
@@ -117,10 +123,7 @@ def quantize(
     quantises by default). ``preset``: "mixed" (asymmetric activations) or "performance" (symmetric).
     The alternatives exist to measure what the recipe avoids (``tools/int8_recipes.py``)."""
     nncf = import_nncf()
-    from export.openvino import openvino_graph
-    from service.backends.openvino import _import_openvino
-
-    ov = _import_openvino()
+    ov = import_openvino()
     model = ov.Core().read_model(str(openvino_graph(onnx_path)))
     modules = spec.int8_modules if modules is None else modules
     ignored = None
@@ -160,16 +163,20 @@ def _versions() -> str:
 
 
 def _build(
-    spec: ModelSpec, onnx_path: Path, xml: Path, report_path: Path, size: tuple[int, int], sequences: int
+    runner: OpenVinoRunner,
+    spec: ModelSpec,
+    onnx_path: Path,
+    xml: Path,
+    report_path: Path,
+    size: tuple[int, int],
+    sequences: int,
 ) -> dict[str, object]:
     """Calibrate, quantise, check parity, write the IR and the report. Runs in a child process."""
-    from service.backends.openvino import OpenVinoBackend
-
     height, width = size
     folder = xml.parent
     # The IR is two files: write both under a temporary stem, then rename the .bin before the .xml.
     tmp_xml = folder / f".{xml.stem}.{time.time_ns()}.xml"
-    with OpenVinoBackend(spec, onnx_path, precision="fp32") as fp32:
+    with runner(spec, onnx_path, precision="fp32") as fp32:
         streams = synthetic_streams(height, width, sequences, CALIBRATION_FRAMES, CALIBRATION_SEED)
         feeds = calibration_feeds(fp32, streams)
         try:
@@ -182,7 +189,7 @@ def _build(
         del feeds
         # The fp32 graph is the reference: the export already holds it to torch within 1e-4.
         streams = synthetic_streams(height, width, PARITY_SEQUENCES, PARITY_FRAMES, PARITY_SEED)
-        with OpenVinoBackend(spec, onnx_path, precision="int8", int8_model=xml) as candidate:
+        with runner(spec, onnx_path, precision="int8", int8_model=xml) as candidate:
             parity: ParityReport = compare_streams(fp32, candidate, streams)
     record = {"parity": asdict(parity), "within_limits": parity.within_reduced(), "recipe": RECIPE_VERSION}
     write_atomically(report_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
@@ -190,9 +197,13 @@ def _build(
 
 
 def cached_int8(
-    network: nn.Module, size: tuple[int, int] = CALIBRATION_SIZE, sequences: int = CALIBRATION_SEQUENCES
+    network: nn.Module,
+    runner: OpenVinoRunner,
+    size: tuple[int, int] = CALIBRATION_SIZE,
+    sequences: int = CALIBRATION_SEQUENCES,
 ) -> Int8Build:
-    """The quantised IR of ``network`` and its parity report, from the cache or built now.
+    """The quantised IR of ``network`` and its parity report, from the cache or built now; ``runner``
+    builds the OpenVINO backends it is calibrated and checked with (:data:`OpenVinoRunner`).
 
     Building takes a few minutes for most-nss at 320x416 on two cores (calibration, quantisation,
     then the parity streams through fp32 and int8); it is logged, and done once per weights. It runs
@@ -215,7 +226,7 @@ def cached_int8(
     onnx_path = cached_onnx(network)
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        record = pool.submit(_build, spec, onnx_path, xml, report_path, size, sequences).result()
+        record = pool.submit(_build, runner, spec, onnx_path, xml, report_path, size, sequences).result()
     seconds = time.perf_counter() - start
     build = Int8Build(xml, record["parity"], record["within_limits"], seconds)  # type: ignore[arg-type]
     logger.info("int8 variant of %s built in %.0f s: %s", spec.name, seconds, build.summary())

@@ -143,6 +143,15 @@ def cached_onnx(model: nn.Module) -> Path:
     return target
 
 
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, 16 hex digits: the cache key of everything derived from an exported graph."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def write_atomically(target: Path, write: Callable[[str], object]) -> Path:
     """Calls ``write(tmp)`` for a temporary file beside ``target``, then renames it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)

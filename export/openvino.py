@@ -1,4 +1,6 @@
-"""OpenVINO specifics: the graph rewrite that keeps geometry accurate in bf16, and layer profiling.
+"""OpenVINO specifics: the graph rewrite that keeps geometry accurate in bf16, layer profiling, and the
+runtime settings (precision hint, bf16 support) that the profiler, int8 calibration and the service's
+backend (``service/backends/openvino.py``) share.
 
 **Geometry in bf16.** OpenVINO's CPU plugin runs every MatMul in the inference precision. In these
 graphs every MatMul is geometry (3x3 homography products, pixel coordinates times a homography in
@@ -22,16 +24,35 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
-from export.onnx import cache_dir, write_atomically
+from export.onnx import cache_dir, file_hash, write_atomically
+from export.runtime import cpu_threads, import_runtime
 from models.spec import ModelSpec
-from service.backends.onnxrt import cpu_threads
-from service.backends.openvino import _import_openvino, inference_hint
 
 # Bump when the rewrite changes, so stale rewritten graphs are not reused.
 REWRITE_VERSION = "1"
+_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module, or :class:`~export.runtime.BackendUnavailable` naming the package."""
+    return import_runtime("openvino", "openvino", "openvino")
+
+
+def runtime_has_bf16(core) -> bool:  # noqa: ANN001 - openvino Core
+    """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX): the one place that asks."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def inference_hint(core, precision: str) -> str:  # noqa: ANN001 - openvino Core
+    """``INFERENCE_PRECISION_HINT`` for a precision. int8: the precision of the layers left unquantised,
+    bf16 where the CPU has it (what export.int8's parity report measured), else f32."""
+    if precision == "int8":
+        return "bf16" if runtime_has_bf16(core) else "f32"
+    return _PRECISION_HINT[precision]
 
 
 def elementwise_matmuls(src: str | Path, dst: str | Path) -> int:
@@ -70,8 +91,6 @@ def elementwise_matmuls(src: str | Path, dst: str | Path) -> int:
 
 def openvino_graph(onnx_path: str | Path) -> Path:
     """The rewritten graph for ``onnx_path`` from the cache (keyed by the source file's hash)."""
-    from export.trt import file_hash
-
     target = cache_dir() / "openvino" / f"{file_hash(onnx_path)}-v{REWRITE_VERSION}.onnx"
     if target.is_file():
         return target
@@ -106,7 +125,7 @@ def profile_layers(
 
     ``model_path``: an IR to profile instead of the rewritten ONNX (the quantised one for int8, whose
     unquantised layers run bf16 where the CPU has it, as in the backend)."""
-    ov = _import_openvino()
+    ov = import_openvino()
     core = ov.Core()
     model = core.read_model(str(model_path or openvino_graph(onnx_path)))
     feed = {spec.frame.name: np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)}

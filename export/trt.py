@@ -21,16 +21,17 @@ favour of strongly typed networks; the rest (``create_network(0)``, ``set_memory
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.onnx import cache_dir
+import torch
+
+from export.onnx import cache_dir, file_hash
+from export.runtime import BackendUnavailable
 from models.spec import ModelSpec
-from service.backends.base import BackendUnavailable
 
 
 def import_tensorrt():  # noqa: ANN201 - module object
@@ -42,8 +43,6 @@ def import_tensorrt():  # noqa: ANN201 - module object
             "tensorrt: the 'tensorrt' package is not installed "
             "(pip install 'vident[gpu]' on a machine with an NVIDIA GPU)"
         ) from exc
-    import torch
-
     if not torch.cuda.is_available():
         raise BackendUnavailable("tensorrt: no CUDA GPU is visible to torch (TensorRT engines need an NVIDIA GPU)")
     return tensorrt
@@ -186,14 +185,6 @@ def build_engine(
     return EngineBuild(out, "fp16" if fp16 else "fp32", seconds, fp32 if fp16 else [], count)
 
 
-def file_hash(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def engine_cache_key(onnx_path: str | Path, precision: str, trt_version: str, gpu_name: str, shapes: ShapeRange) -> str:
     """Model hash, TensorRT version, GPU and precision (and the profile): what makes an engine reusable."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-")
@@ -205,8 +196,6 @@ def cached_engine(
 ) -> EngineBuild:
     """The cached engine for this graph on this GPU and TensorRT, building it on first use."""
     trt = import_tensorrt()
-    import torch
-
     shapes = shapes or ShapeRange()
     precision = "fp16" if fp16 else "fp32"
     key = engine_cache_key(onnx_path, precision, trt.__version__, torch.cuda.get_device_name(), shapes)

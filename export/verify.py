@@ -7,7 +7,6 @@ pixels per frame, so the homography and mask outputs see real motion rather than
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -15,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.spec import ModelSpec
-from service.backends.base import Backend
+from export.runtime import Backend
+from models.metrics import iou, mace, psnr
+from models.streaming import run_stream
 
 # Parity thresholds: fp32 runtimes vs torch, and reduced precision vs fp32.
 FP32_MAX_ABS = 1e-4
@@ -68,60 +68,20 @@ def exercise_untrained(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def stream_steps(
-    backend: Backend, frames: list[np.ndarray]
-) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """(feed, outputs) of every step of one stream (reset on the first frame), the state fed back each
-    step. A generator, so a caller keeps only what it needs (int8 calibration keeps the feeds)."""
-    spec: ModelSpec = backend.spec
-    batch, _, height, width = frames[0].shape
-    state = spec.initial_state(batch, height, width)
-    for t, frame in enumerate(frames):
-        reset = np.full((batch, 1, 1, 1), 1.0 if t == 0 else 0.0, np.float32)
-        feed = {spec.frame.name: frame, spec.reset.name: reset, **state}
-        outputs = backend.infer(feed)
-        state = {s.name: outputs[s.next_name] for s in spec.states}
-        yield feed, outputs
-
-
-def run_stream(backend: Backend, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Outputs of every step of one stream (reset on the first frame), the state fed back each step."""
-    return [outputs for _, outputs in stream_steps(backend, frames)]
-
-
-def as_stream(frames: np.ndarray) -> list[np.ndarray]:
-    """uint8 (T, H, W, 3) frames, as data sets hold them -> the (1, 3, H, W) floats in [0, 1] a stream feeds."""
-    return [np.ascontiguousarray(f.transpose(2, 0, 1)[None], np.float32) / 255 for f in frames]
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of images in [0, 1] (clipped, as the pipeline clips before uint8)."""
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray, threshold: float = 0.5, where: np.ndarray | None = None) -> float:
-    """IoU of thresholded probability maps (optionally only over ``where``); two empty masks agree perfectly."""
-    ma, mb = a > threshold, b > threshold
+def mask_iou(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """IoU of two batches of probability maps thresholded strictly above 0.5, pooled over the batch (and
+    restricted to ``where``); two empty masks agree perfectly. Strict, so that the undecided 0.5 of an
+    untrained head is no mask at all, in both runtimes alike."""
+    ma, mb = a > 0.5, b > 0.5
     if where is not None:
         ma, mb = ma & where, mb & where
-    union = np.logical_or(ma, mb).sum()
-    return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
+    return float(iou(ma[None], mb[None])[0])  # boolean masks go through as they are: one pooled value
 
 
 def confident_mask_iou(reference: np.ndarray, candidate: np.ndarray, band: float = MASK_BAND) -> float | None:
     """IoU over pixels where the reference is decided (|p - 0.5| >= band); None when there are none."""
     decided = np.abs(reference - 0.5) >= band
     return mask_iou(reference, candidate, where=decided) if decided.any() else None
-
-
-def mace_px(h_a: np.ndarray, h_b: np.ndarray, height: int, width: int) -> float:
-    """Largest (over the batch) mean corner distance between two (b, 3, 3) homographies, in pixels."""
-    corners = np.array([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]], np.float64)
-    mapped_a = corners @ h_a.astype(np.float64).transpose(0, 2, 1)
-    mapped_b = corners @ h_b.astype(np.float64).transpose(0, 2, 1)
-    diff = mapped_a[..., :2] / mapped_a[..., 2:] - mapped_b[..., :2] / mapped_b[..., 2:]
-    return float(np.linalg.norm(diff, axis=-1).mean(axis=-1).max())
 
 
 @dataclass
@@ -211,15 +171,16 @@ def compare_streams(reference: Backend, candidate: Backend, streams: list[list[n
                     raise ValueError(f"{name}: shape {have[name].shape} != {want[name].shape}")
                 diff = float(np.max(np.abs(have[name].astype(np.float64) - want[name])))
                 report.max_abs[name] = max(report.max_abs.get(name, 0.0), diff)
-            if "restored" in names:
-                psnrs.append(psnr_db(have["restored"], want["restored"]))
+            if "restored" in names:  # clipped as the pipeline clips before uint8; one value per batch
+                restored = (np.clip(have["restored"], 0, 1)[None], np.clip(want["restored"], 0, 1)[None])
+                psnrs.append(float(psnr(*restored, data_range=1.0)[0]))
             if "teeth_mask" in names:
                 ious.append(mask_iou(have["teeth_mask"], want["teeth_mask"]))
                 confident = confident_mask_iou(want["teeth_mask"], have["teeth_mask"])
                 if confident is not None:
                     confident_ious.append(confident)
-            if "homography" in names:
-                maces.append(mace_px(have["homography"], want["homography"], height, width))
+            if "homography" in names:  # the worst sample of the batch
+                maces.append(float(mace(have["homography"], want["homography"], height, width).max()))
     report.psnr_db = min(psnrs) if psnrs else None
     report.mask_iou = min(ious) if ious else None
     report.mask_iou_confident = min(confident_ious) if confident_ious else None

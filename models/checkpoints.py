@@ -14,14 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.most import MostNet, Structure
 from models.registry import create_model
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    from models.most import MostNet
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.spec.name, **(metadata or {})}  # type: ignore[attr-defined]
@@ -64,8 +63,6 @@ def load_model(name_or_path: str, checkpoint: str | Path | None = None) -> tuple
 
     Returns the model in eval mode and the checkpoint used (None: random initialisation).
     """
-    from models.most import Structure
-
     candidate = Path(name_or_path)
     if checkpoint is None and candidate.suffix == ".safetensors":
         if not candidate.is_file():

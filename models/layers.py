@@ -239,10 +239,6 @@ def normalize_homography(h: Tensor) -> Tensor:
     return h / h[..., 2:3, 2:3]
 
 
-def inverse_homography(h: Tensor) -> Tensor:
-    return normalize_homography(adjugate3x3(h))
-
-
 def image_corners(height: float | Tensor, width: float | Tensor, like: Tensor) -> Tensor:
     """(4, 2) corners (x, y) in the order the DLT expects: top-left, top-right, bottom-right, bottom-left."""
     h, w = size_tensor(height, like), size_tensor(width, like)

@@ -14,7 +14,9 @@ average per frame (the convention of the dissertation's tables) or per sequence.
   this equals ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, channel_axis=-1)``.
 * MACE: mean distance of the four image corners mapped by the estimated and the true homography
-  (``models.layers.mean_corner_error``), in pixels.
+  (``models.layers.mean_corner_error``), in pixels. Where the homographies are held as their corner
+  displacements (a regressor's readout), the same distance is read off the displacements directly
+  (``offsets_mace``): the DLT maps the corners exactly onto them.
 * IoU at 0.5: intersection over union of the thresholded mask and the label; 1 when both are empty.
 * E(W) (Lai et al. 2018, "Learning blind video temporal consistency"): the previous output warped
   into the current frame by the TRUE homography, ``sum ||O_t - W(O_{t-1})||^2 / N`` over the N
@@ -128,6 +130,13 @@ def mace(h_est: np.ndarray, h_true: np.ndarray, height: int, width: int) -> np.n
     return mean_corner_error(e, t, float(height), float(width)).numpy()
 
 
+def offsets_mace(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per-pair mean corner error, shape (N,), of homographies given as (N, 8) corner displacements in
+    pixels (``models.layers.offsets_to_homography``'s parametrisation): ``mace`` of those homographies,
+    without building them, which matters inside a cross-validated least-squares fit."""
+    return np.linalg.norm((np.asarray(pred) - np.asarray(true)).reshape(-1, 4, 2), axis=-1).mean(axis=-1)
+
+
 def warping_error(
     previous: np.ndarray,
     current: np.ndarray,
@@ -156,4 +165,4 @@ def warping_error(
     return np.where(count > 0, total / np.maximum(count, 1), math.nan)
 
 
-__all__ = ["psnr", "colour_aligned_psnr", "ssim", "iou", "mace", "warping_error"]
+__all__ = ["psnr", "colour_aligned_psnr", "ssim", "iou", "mace", "offsets_mace", "warping_error"]

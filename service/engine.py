@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import Backend, BackendInfo
+from export.runtime import Backend, BackendInfo
+from models.checkpoints import shipped_checkpoint
+from service.backends.factory import create_backend
 from service.pipeline import FrameResult, Geometry, Stream, run_streams
 from service.session import release_free_memory
 
@@ -176,25 +178,6 @@ class LoadedModel:
         return self.checkpoint is None
 
 
-def resolve_runtime(backend: str, device: str, precision: str) -> tuple[str, str]:
-    """The (backend, precision) to ask the factory for, given settings that may say "auto".
-
-    A factory that resolves "auto" itself (it has ``default_cpu_backend``: fastest runtime, and bf16
-    only where a parity check passes) gets "auto" as is. Otherwise "auto" means the factory's
-    ``default_backend(device)`` if it has one, else torch, the reference runtime that is always installed.
-    """
-    from service.backends import factory
-
-    if hasattr(factory, "default_cpu_backend"):
-        return backend, precision
-    if backend == "auto":
-        chooser = getattr(factory, "default_backend", None)
-        backend = str(chooser(device)) if callable(chooser) else "torch"
-    if precision == "auto":
-        precision = "fp16" if backend == "tensorrt" else "fp32"
-    return backend, precision
-
-
 def warm_up(backend: Backend, size: tuple[int, int], max_batch: int) -> None:
     """Runs a new backend at batch 1 and at ``max_batch`` on grey frames of ``size``, before any session
     can reach it.
@@ -255,14 +238,11 @@ class EnginePool:
         with lock:
             if name in self.models:
                 return self.models[name]
-            from models.checkpoints import shipped_checkpoint
-            from service.backends.factory import create_backend
-
-            runtime, precision = resolve_runtime(self.backend, self.device, self.precision)
             checkpoint = self.checkpoints.get(name)
             start = time.perf_counter()
             factory = self._factory or create_backend
-            backend = factory(name, runtime, self.device, precision, checkpoint)
+            # "auto" goes to the factory as it is: it picks the runtime and precision (create_backend).
+            backend = factory(name, self.backend, self.device, self.precision, checkpoint)
             max_batch = self.max_batch or backend.info.max_batch
             used = Path(checkpoint) if checkpoint else shipped_checkpoint(name)
             hook = self._on_batch(name) if self._on_batch else None

@@ -14,7 +14,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Per-stage latencies of a live frame: 0.5 ms .. 10 s, denser where real-time budgets sit.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
-STAGES = ("decode", "wait", "infer", "encode", "total")
 
 
 class Metrics:

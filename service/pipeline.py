@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from export.runtime import Backend
 from models.spec import ModelSpec
-from service.backends.base import Backend
 
 # Smallest height and width the networks run at. MOST's homography regressor max-pools (2x2) five
 # times at scale 1, four at 2 and three at 3; torch pools a 1-pixel map with ceil_mode, but

@@ -49,7 +49,6 @@ CLOSE_POLICY = 1008  # missing or wrong API key, or an Origin not in cors_origin
 CLOSE_TOO_BIG = 1009  # message larger than max_message_bytes
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013  # max_sessions reached
-CLOSE_BAD_REQUEST = 4400  # bad connection parameters
 CLOSE_UNKNOWN_MODEL = 4404
 CLOSE_IDLE = 4408  # no message for idle_timeout_s
 CLOSE_SEND_TIMEOUT = 4429  # the client did not take a message for send_timeout_s (it stopped reading)

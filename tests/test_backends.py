@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from export.runtime import BackendUnavailable
 from models import create_model
 from service.backends import factory
 from service.backends import openvino as ov_backend
-from service.backends.base import BackendUnavailable
 from service.cli import main
 
 
@@ -154,7 +154,7 @@ def test_int8_is_refused_where_it_cannot_run(monkeypatch) -> None:
     r2d4 = create_model("r2-d4-tiny").eval()
     assert "lists no int8-tolerant layers" in int8_available(r2d4.spec)
     with pytest.raises(BackendUnavailable, match="lists no int8-tolerant layers"):
-        cached_int8(r2d4)
+        cached_int8(r2d4, ov_backend.OpenVinoBackend)
     _hide(monkeypatch, "nncf")
     assert "needs the nncf package" in int8_available(create_model("most-nss-tiny").spec)
     with pytest.raises(BackendUnavailable, match="needs the nncf package"):

@@ -94,6 +94,24 @@ def test_pool_warms_a_model_up_before_anyone_can_use_it() -> None:
         cold.close()
 
 
+def test_pool_hands_auto_to_the_factory_as_it_is() -> None:
+    """The factory resolves "auto" (fastest runtime, bf16 only where parity holds); the pool does not guess."""
+    from service.engine import EnginePool
+
+    asked: list[tuple[str, str, str]] = []
+
+    def factory(name, runtime, device, precision, checkpoint):  # type: ignore[no-untyped-def]
+        asked.append((runtime, device, precision))
+        return TorchBackend(create_model(name)).load()
+
+    pool = EnginePool(backend="auto", precision="auto", backend_factory=factory)
+    try:
+        pool.load("r2-d4-tiny")
+    finally:
+        pool.close()
+    assert asked == [("auto", "cpu", "auto")]
+
+
 def test_a_failing_warm_up_fails_the_load_and_registers_nothing() -> None:
     from service.engine import EnginePool
 

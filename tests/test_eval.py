@@ -14,9 +14,9 @@ import torch
 from models import create_model
 from models.checkpoints import save_checkpoint
 from models.data.format import read_sequence
-from models.evaluation import opencv_to_pixel_homography
 from models.layers import apply_homography
 from service.cli import main
+from service.evaluation import opencv_to_pixel_homography
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 import torch
 
 from export.onnx import cached_onnx, export_onnx, graph_io, weights_hash
+from export.runtime import Backend, BackendInfo
 from export.triton import export_triton, parse_pbtxt, triton_graph, validate_repository
 from export.verify import (
     FP32_MAX_ABS,
     compare_backends,
+    compare_streams,
     confident_mask_iou,
     exercise_untrained,
-    mace_px,
     mask_iou,
-    psnr_db,
-)  # fmt: skip
+)
 from models import create_model
+from models.spec import ModelSpec
 from service.backends.factory import backend_for, cpu_has_bf16
 from service.backends.onnxrt import OrtBackend
 from service.backends.openvino import OpenVinoBackend
@@ -153,10 +156,21 @@ def test_cache_exports_once_per_weights(tmp_path, monkeypatch) -> None:
     assert backend_for(model, "onnxruntime").onnx_path == first
 
 
+class _Fixed(Backend):
+    """Returns the same outputs whatever the feed: a runner whose differences are known."""
+
+    def __init__(self, spec: ModelSpec, outputs: dict[str, np.ndarray]) -> None:
+        super().__init__(spec, BackendInfo("fixed", "cpu", "fp32"))
+        self.outputs = outputs
+
+    def _load(self) -> None:
+        return None
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.outputs
+
+
 def test_parity_measures() -> None:
-    a = np.random.rand(1, 3, 8, 8).astype(np.float32)
-    assert psnr_db(a, a) == float("inf")
-    assert psnr_db(a, np.clip(a + 0.01, 0, 1)) == pytest.approx(40.0, abs=0.5)
     mask = np.zeros((1, 1, 8, 8), np.float32)
     mask[..., :4] = 1
     shifted = np.roll(mask, 2, axis=-1)
@@ -168,9 +182,27 @@ def test_parity_measures() -> None:
     assert mask_iou(undecided, flipped) == pytest.approx(1 / 64)
     assert confident_mask_iou(undecided, flipped) == 1.0
     assert confident_mask_iou(np.full_like(undecided, 0.5), flipped) is None
-    shift = np.eye(3)[None].copy()
-    shift[0, 0, 2] = 0.5
-    assert mace_px(np.eye(3)[None], shift, 48, 64) == pytest.approx(0.5)
+
+
+def test_parity_report_of_known_differences() -> None:
+    """PSNR (clipped), mask IoU and MACE of a candidate that is off by known amounts."""
+    spec = create_model("most-nss-tiny").spec
+    restored = np.random.default_rng(0).random((1, 3, 32, 48), dtype=np.float32)
+    mask = np.zeros((1, 1, 32, 48), np.float32)
+    mask[..., :24] = 1
+    shift = np.eye(3, dtype=np.float32)[None].copy()
+    shift[0, 0, 2] = 0.5  # every corner moves half a pixel
+    state = {s.next_name: np.zeros(s.tensor.shape(1, 32, 48), np.float32) for s in spec.states}
+    reference = _Fixed(spec, {"restored": restored, "teeth_mask": mask, "homography": np.eye(3, dtype=np.float32)[None],
+                              **state})  # fmt: skip
+    candidate = _Fixed(spec, {"restored": np.clip(restored + 0.01, 0, 1), "teeth_mask": np.roll(mask, 12, axis=-1),
+                              "homography": shift, **state})  # fmt: skip
+    report = compare_streams(reference, candidate, [[restored] * 3])
+    assert report.frames == 3 and report.psnr_db == pytest.approx(40.0, abs=0.5)
+    assert report.mask_iou == pytest.approx(12 / 36) and report.mask_iou_confident == pytest.approx(12 / 36)
+    assert report.mace_px == pytest.approx(0.5)
+    same = compare_streams(reference, reference, [[restored]])
+    assert same.psnr_db == float("inf") and same.mace_px == 0.0 and same.within_fp32()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +276,7 @@ def test_int8_quantises_only_the_listed_modules_and_is_cached(monkeypatch) -> No
 
     torch.manual_seed(0)
     model = exercise_untrained(create_model("most-nss-tiny").eval())
-    build = cached_int8(model, size=(64, 96), sequences=2)
+    build = cached_int8(model, OpenVinoBackend, size=(64, 96), sequences=2)
     assert build.seconds > 0 and build.path.is_file() and build.path.with_suffix(".bin").is_file()
     consumers = [
         target.get_node()
@@ -262,7 +294,7 @@ def test_int8_quantises_only_the_listed_modules_and_is_cached(monkeypatch) -> No
     assert build.within_limits and build.parity["psnr_db"] >= 40, build.summary()
 
     monkeypatch.setattr(export.int8, "quantize", lambda *a, **k: pytest.fail("rebuilt although cached"))
-    again = cached_int8(model, size=(64, 96), sequences=2)
+    again = cached_int8(model, OpenVinoBackend, size=(64, 96), sequences=2)
     assert (again.path, again.parity, again.seconds) == (build.path, build.parity, 0.0)
 
 

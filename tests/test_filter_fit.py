@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.verify import as_stream
 from models.checkpoints import load_model, read_metadata, save_checkpoint
 from models.data.format import write_sequence
 from models.data.synth import SynthConfig, render_sequence
 from models.registry import create_model
+from models.streaming import as_stream
 from models.training.card import write_card
 from models.training.filter_fit import filter_fit_of
 from service.cli import main as vident

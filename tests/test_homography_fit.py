@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from export.verify import as_stream
 from models.checkpoints import load_model, read_metadata, save_checkpoint
 from models.data.format import read_sequence, write_sequence
 from models.data.synth import SynthConfig, render_sequence
 from models.layers import homography_to_offsets, offsets_to_homography
 from models.metrics import mace
 from models.registry import create_model
+from models.streaming import as_stream
 from models.training.card import write_card
 from models.training.homography_fit import readout_stream
 from service.cli import main as vident

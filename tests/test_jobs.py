@@ -21,8 +21,8 @@ from PIL import Image
 from test_process import nontrivial_model, reference
 from test_video import moving_frames, write_clip
 
+from export.runtime import Backend
 from models.checkpoints import load_model, save_checkpoint
-from service.backends.base import Backend
 from service.backends.factory import create_backend
 from service.backends.torch import TorchBackend
 from service.engine import InferenceEngine, Priority

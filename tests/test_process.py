@@ -15,8 +15,8 @@ from PIL import Image
 from test_video import moving_frames, write_clip
 from torch import nn
 
+from export.runtime import Backend
 from models import create_model
-from service.backends.base import Backend
 from service.backends.factory import create_backend
 from service.backends.torch import TorchBackend
 from service.cli import main

@@ -33,12 +33,12 @@ from models.data.scenes import (
     photo_path,
 )
 from models.data.synth import SynthConfig, real_content_sequence, render_sequence, sequence_seed
-from models.evaluation import EccHomography
 from models.layers import warp_by_homography
 from models.metrics import colour_aligned_psnr, mace, psnr
 from models.training.balancing import AdaptiveTaskBalancing
 from models.training.losses import mask_loss
 from service.cli import main
+from service.evaluation import EccHomography
 
 
 def _warp(image: np.ndarray, h: np.ndarray) -> np.ndarray:

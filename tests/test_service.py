@@ -22,7 +22,7 @@ from models import create_model
 from models.checkpoints import save_checkpoint
 from service import app as app_module
 from service.app import create_app
-from service.engine import EnginePool, resolve_runtime
+from service.engine import EnginePool
 from service.settings import Settings
 
 TINY = "most-nss-tiny"
@@ -153,9 +153,7 @@ def test_lazy_model_loading_and_readiness_without_preload() -> None:
         assert error["code"] == "unknown_model" and "not served here" in error["message"]
 
 
-def test_auto_backend_and_shared_pool() -> None:
-    backend, precision = resolve_runtime("torch", "cpu", "auto")
-    assert backend == "torch" and precision in ("auto", "fp32")  # "auto" passes through to a factory that knows it
+def test_shared_pool_loads_each_model_once() -> None:
     pool = EnginePool(backend="torch")
     try:
         first = pool.load(TINY)

@@ -18,8 +18,8 @@ from PIL import Image
 from starlette.websockets import WebSocketDisconnect
 
 from benchmarks.make_sample import synthetic_clip
+from export.runtime import Backend
 from service.app import create_app
-from service.backends.base import Backend
 from service.backends.factory import create_backend
 from service.pipeline import Geometry, Stream, run_streams
 from service.session import client_homography

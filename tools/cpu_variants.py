@@ -62,8 +62,8 @@ def openvino_variants(model_name: str, height: int, width: int, steps: int) -> N
 
     from export.onnx import cached_onnx
     from export.openvino import openvino_graph
+    from export.runtime import cpu_threads
     from models import create_model
-    from service.backends.onnxrt import cpu_threads
 
     torch.manual_seed(0)
     model = create_model(model_name).eval()

@@ -30,10 +30,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.verify import as_stream, stream_steps
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import crop_sequence
 from models.layers import apply_homography, image_corners
+from models.streaming import as_stream, stream_steps
 from tools.restoration_error import data_benchmark
 
 

@@ -21,9 +21,10 @@ import torch
 
 from export.int8 import CALIBRATION_FRAMES, CALIBRATION_SEED, calibration_feeds, quantize, synthetic_streams
 from export.onnx import cached_onnx
-from export.verify import as_stream, compare_streams
+from export.verify import compare_streams
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
+from models.streaming import as_stream
 from service.backends.openvino import OpenVinoBackend
 from service.backends.torch import TorchBackend
 

@@ -25,10 +25,10 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from export.verify import as_stream, stream_steps
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.metrics import psnr
+from models.streaming import as_stream, stream_steps
 from service.backends.torch import TorchBackend
 
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.checkpoints import most_config_of, read_metadata
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.checkpoints import CHECKPOINT_DIR, most_config_of, read_metadata
 from models.hardware import cpu_model
 from models.most import TASKS, Structure
+from models.training.filter_fit import filter_fit_of
+from models.training.trainer import recorded_prior
 
 METRIC_COLUMNS = (("psnr", "PSNR", "{:.2f}"), ("psnr_aligned", "PSNR c.a.", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
                   ("iou", "IoU", "{:.3f}"), ("mace", "MACE (px)", "{:.2f}"), ("ew", "E(W)", "{:.5f}"),
@@ -113,8 +118,6 @@ def write_card(
     noise = noise or extra.get("noise", "mixed")
     report = json.loads(Path(eval_json).read_text())
     seconds = float(meta.get("train_seconds", "nan"))
-    from models.training.trainer import recorded_prior
-
     prior = recorded_prior(meta)
     start = ""
     if prior:
@@ -252,11 +255,6 @@ def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None)
     Half the bytes in the repository; the model computes in float32 after loading, and the card's
     evaluation is measured on this very file, so the rounding is part of what is measured.
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from models.checkpoints import CHECKPOINT_DIR
-
     meta = read_metadata(run_weights)
     tensors = {
         k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
@@ -271,8 +269,6 @@ def ship_checkpoint(run_weights: Path, name: str, directory: Path | None = None)
 def filter_text(meta: dict[str, str], kernel: int) -> str:
     """How the restored frame's ``kernel`` x ``kernel`` input filter was made (0: none), for the
     card's layout line."""
-    from models.training.filter_fit import filter_fit_of
-
     if not kernel:
         return ""
     fit = filter_fit_of(meta)

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
+from tqdm import tqdm
 
-from export.verify import psnr_db
 from models.checkpoints import most_config_of, read_metadata, save_checkpoint
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import LabelledSequence
+from models.metrics import psnr
 from models.most import MostNet, Structure, filtered_restoration_state
 from models.registry import create_model
+from models.streaming import ModelRunner, as_stream, stream_steps
 
 DEFAULT_KERNEL = 5
 
@@ -85,18 +87,14 @@ def load_for_fit(weights: str | Path, kernel: int | None = None) -> tuple[MostNe
 @torch.no_grad()
 def scale1_head_stream(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per frame of a uint8 (T, H, W, 3) clip, streamed with the state carried (the project's stream
-    loop on ``TorchBackend``): what the scale-1 restoration head read, B^1 and the head's output,
+    loop on the network in fp32): what the scale-1 restoration head read, B^1 and the head's output,
     each (1, C, H, W) float32. The fit and ``tools/restoration_probe.py`` both start here."""
-    from export.verify import as_stream, stream_steps
-    from service.backends.torch import TorchBackend
-
     captured: list[tuple[Tensor, Tensor]] = []
     hook = model.restoration_heads["1"].register_forward_hook(
         lambda _m, args, out: captured.append((args[0].detach().float(), out.detach().float()))
     )
     try:
-        backend = TorchBackend(model).load()
-        feeds = [feed for feed, _ in stream_steps(backend, as_stream(frames))]
+        feeds = [feed for feed, _ in stream_steps(ModelRunner(model), as_stream(frames))]
         images = [torch.from_numpy(feed[model.spec.frame.name]).float() for feed in feeds]
     finally:
         hook.remove()
@@ -133,8 +131,6 @@ def fit_restoration_filter(
     """Solve the scale-1 filter in place; returns the fit's record. ``subsample``: every Nth pixel
     goes into the normal equations (neighbouring pixels add little and cost memory and time);
     ``ridge`` (relative to the mean diagonal) only guards against a singular system."""
-    from tqdm import tqdm
-
     kernel = model.cfg.restoration_filter
     paths = find_sequences(data)
     if len(paths) <= holdout:
@@ -158,19 +154,23 @@ def fit_restoration_filter(
         conv.weight.copy_(torch.from_numpy(solution[:-1].T.reshape(3, 3, kernel, kernel)).to(conv.weight))
         conv.bias.copy_(torch.from_numpy(solution[-1]).to(conv.bias))
 
-    def psnr(frames_: list[tuple[Tensor, Tensor, np.ndarray]]) -> tuple[float, float]:
+    def frame_psnr(restored: Tensor, target: np.ndarray) -> float:
+        """PSNR of one (1, 3, H, W) frame in [0, 1], clipped as the pipeline clips before uint8."""
+        return float(psnr(np.clip(restored[0].double().numpy(), 0, 1), target, data_range=1.0)[0])
+
+    def mean_psnr(frames_: list[tuple[Tensor, Tensor, np.ndarray]]) -> tuple[float, float]:
         """Mean per-frame PSNR without and with the fitted filter."""
         before, after = [], []
         for image, unfiltered, target in frames_:
             with torch.no_grad():
                 filtered = unfiltered + conv(image)
-            before.append(psnr_db(unfiltered[0].double().numpy(), target))
-            after.append(psnr_db(filtered[0].double().numpy(), target))
+            before.append(frame_psnr(unfiltered, target))
+            after.append(frame_psnr(filtered, target))
         return float(np.mean(before)), float(np.mean(after))
 
-    fit_before, fit_after = psnr(fit_frames)
+    fit_before, fit_after = mean_psnr(fit_frames)
     held = [f for path in holdout_paths for f in _stream(model, read_sequence(path, count=frames), frames)]
-    held_before, held_after = psnr(held) if held else (None, None)
+    held_before, held_after = mean_psnr(held) if held else (None, None)
     return FilterFit(
         kernel=kernel,
         data=str(data),

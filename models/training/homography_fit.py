@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from export.verify import as_stream
 from models.data.format import find_sequences, read_sequence, validate_sequence
 from models.layers import homography_to_offsets, rescale_homography
+from models.metrics import offsets_mace
 from models.most import MostNet
+from models.streaming import as_stream
 
 RIDGES = (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 IRLS_ITERATIONS = 5
@@ -101,10 +103,9 @@ def true_offsets(homographies: np.ndarray, scale: int, height: int, width: int) 
     return homography_to_offsets(h, height / factor, width / factor).numpy()
 
 
-def offsets_mace(pred: np.ndarray, true: np.ndarray, scale: int) -> np.ndarray:
-    """Per-pair mean corner error in full-resolution pixels (the DLT maps the corners exactly onto the
-    offsets, so this is ``models.metrics.mace`` of the homographies)."""
-    return 2.0 ** (scale - 1) * np.linalg.norm((pred - true).reshape(-1, 4, 2), axis=-1).mean(axis=-1)
+def scale_mace(pred: np.ndarray, true: np.ndarray, scale: int) -> np.ndarray:
+    """Per-pair MACE in full-resolution pixels of offsets in pixels of ``scale``."""
+    return 2.0 ** (scale - 1) * offsets_mace(pred, true)
 
 
 @dataclass
@@ -119,8 +120,6 @@ class _Pairs:
 
 
 def _collect(model: MostNet, paths: Sequence[Path], frames: int | None, progress: bool, desc: str) -> _Pairs:
-    from tqdm import tqdm
-
     scale = fitted_scale(model)
     pairs = _Pairs([], [], [], [])
     for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress)):
@@ -189,14 +188,14 @@ def fit_homography_readout(
         for k in range(folds):
             train = group % folds != k
             weight, bias = _solve(x[train], y[train], ridge)
-            errors.append(offsets_mace(x[~train] @ weight.T + bias, y[~train], scale))
+            errors.append(scale_mace(x[~train] @ weight.T + bias, y[~train], scale))
         cv[ridge] = float(np.concatenate(errors).mean())
     ridge = min(cv, key=cv.__getitem__)
     weight, bias = _solve(x, y, ridge)
     held: tuple[float | None, float | None, float | None] = (None, None, None)
     if holdout_paths:  # streamed before the readout changes, for its "before"
         hx, hbefore, hy, _ = _collect(model, holdout_paths, frames, progress, "held-out clips").arrays()
-        held = tuple(float(offsets_mace(p, hy, scale).mean()) for p in (0 * hy, hbefore, hx @ weight.T + bias))  # type: ignore[assignment]
+        held = tuple(float(scale_mace(p, hy, scale).mean()) for p in (0 * hy, hbefore, hx @ weight.T + bias))  # type: ignore[assignment]
     layer = model.homography_heads[str(scale)].offsets
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
@@ -211,9 +210,9 @@ def fit_homography_readout(
         pairs=len(x),
         ridge=ridge,
         cv_mace=cv[ridge],
-        fit_mace_identity=float(offsets_mace(0 * y, y, scale).mean()),
-        fit_mace_before=float(offsets_mace(before, y, scale).mean()),
-        fit_mace_after=float(offsets_mace(*fitted, scale).mean()),
+        fit_mace_identity=float(scale_mace(0 * y, y, scale).mean()),
+        fit_mace_before=float(scale_mace(before, y, scale).mean()),
+        fit_mace_after=float(scale_mace(*fitted, scale).mean()),
         holdout_mace_identity=held[0],
         holdout_mace_before=held[1],
         holdout_mace_after=held[2],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from models.layers import mean_corner_error, rescale_homography
@@ -82,8 +83,6 @@ class VGGPerceptual(nn.Module):
 
     def __init__(self, weights: str | Path) -> None:
         super().__init__()
-        from safetensors.torch import load_file
-
         layers: list[nn.Module] = []
         in_ch = 3
         for item in self.CONFIG:

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from models.checkpoints import most_config_of, read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16, cpu_model
@@ -120,8 +122,6 @@ class Trainer:
         kwargs = {"structure": cfg.structure} if cfg.structure is not None else {}
         self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
         if cfg.init_from is not None:
-            from safetensors.torch import load_file
-
             state, meta = load_file(str(cfg.init_from)), read_metadata(cfg.init_from)
             self.prior = prior_training(cfg.init_from, meta)
             if isinstance(self.model, MostNet):  # older layouts convert to the same function
@@ -249,8 +249,6 @@ class Trainer:
         return weights
 
     def load(self) -> None:
-        from safetensors.torch import load_file
-
         weights = self.cfg.out / "last.safetensors"
         if isinstance(self.model, MostNet):
             made = most_config_of(read_metadata(weights))
@@ -313,9 +311,7 @@ class Trainer:
         start = last_save = time.monotonic()
         deadline = None if minutes is None else start + 60 * minutes
         bar = None
-        if progress:  # tqdm only here: a run without a progress bar needs no tqdm installed
-            from tqdm import tqdm
-
+        if progress:
             bar = tqdm(total=self.cfg.steps, initial=self.step_index, dynamic_ncols=True)
         path = self.cfg.out / "last.safetensors"
         stop = self.cfg.steps if until is None else min(until, self.cfg.steps)

@@ -1,5 +1,2 @@
-"""Runtimes behind one interface; see :mod:`service.backends.base`."""
-
-from service.backends.base import Backend, BackendInfo, BackendUnavailable
-
-__all__ = ["Backend", "BackendInfo", "BackendUnavailable"]
+"""The runtimes in use, behind the one interface of :mod:`export.runtime`; :mod:`service.backends.factory` maps
+configuration strings to them."""

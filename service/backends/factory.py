@@ -4,7 +4,7 @@ Runtimes that read ONNX (onnxruntime, openvino, tensorrt) get the graph from the
 (:func:`export.onnx.cached_onnx`), so ``create_backend("most-nss", backend="openvino")`` exports
 on first use and only loads afterwards.
 
-``auto`` picks the CPU default by :func:`default_cpu_backend`: measured on the 2-core development
+``auto`` picks the CPU default by :func:`choose_cpu_backend`: measured on the 2-core development
 CPU (docs/performance.md), OpenVINO is the fastest CPU runtime for these graphs, then ONNX Runtime,
 then torch; bf16 is chosen only where the CPU has native bf16 *and* a short parity check of the
 actual model against torch fp32 passes, so a model whose outputs bf16 would spoil stays in fp32.
@@ -23,16 +23,21 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from export.int8 import cached_int8
+from export.onnx import cached_onnx, weights_hash
+from export.openvino import import_openvino
+from export.runtime import Backend, BackendUnavailable
+from export.trt import cached_engine, import_tensorrt
+from export.verify import ParityReport, compare_backends
 from models.checkpoints import load_model
 from models.hardware import cpu_has_bf16
-from service.backends.base import Backend, BackendUnavailable
-
-if TYPE_CHECKING:
-    from export.verify import ParityReport
+from service.backends.onnxrt import OrtBackend, import_onnxruntime, require_cuda_provider
+from service.backends.openvino import OpenVinoBackend
+from service.backends.tensorrt import TrtBackend
+from service.backends.torch import TorchBackend
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Fastest first, as measured for most-nss at 320x416 on the development CPU (docs/performance.md).
@@ -74,11 +79,6 @@ def default_backend(device: str = "cpu") -> str:
 
 def bf16_parity_ok(model: nn.Module) -> tuple[bool, str]:
     """A short OpenVINO bf16 vs torch fp32 stream on ``model``: PSNR, mask IoU and MACE within the limits."""
-    from export.onnx import cached_onnx
-    from export.verify import compare_backends
-    from service.backends.openvino import OpenVinoBackend
-    from service.backends.torch import TorchBackend
-
     with TorchBackend(model) as reference, OpenVinoBackend(model.spec, cached_onnx(model), precision="bf16") as bf16:  # type: ignore[arg-type]
         report = compare_backends(reference, bf16, 1, *BF16_CHECK_SIZE, frames=BF16_CHECK_FRAMES)
     return report.within_reduced(), report.summary()
@@ -97,9 +97,6 @@ def cuda_parity(
     :data:`CUDA_VARIANTS`) against torch fp32 on the CPU, the reference every runtime matches, over
     one moving stream with the state carried. ``network`` itself is the reference (it ends up on the
     CPU); a CUDA candidate runs its own copy."""
-    from export.verify import compare_backends
-    from service.backends.torch import TorchBackend
-
     reference = TorchBackend(network.cpu())
     with reference, TorchBackend(network, device, **torch_options) as candidate:  # type: ignore[arg-type]
         return compare_backends(reference, candidate, batch, height, width, frames)
@@ -111,8 +108,6 @@ _CUDA_CHOICES: dict[tuple[str, str], BackendChoice] = {}  # (weights hash, devic
 
 def choose_cpu_backend(network: nn.Module) -> BackendChoice:
     """Runtime and precision for this network on this CPU; the bf16 parity check runs once per weights."""
-    from export.onnx import weights_hash
-
     key = weights_hash(network)
     if key not in _CPU_CHOICES:
         _CPU_CHOICES[key] = _choose_cpu(network)
@@ -138,8 +133,6 @@ def _choose_cpu(network: nn.Module) -> BackendChoice:
 def choose_cuda_precision(network: nn.Module, device: str = "cuda") -> BackendChoice:
     """The torch fast path's precision for this network on this GPU: fp16 (CUDA graphs) where a short
     parity check against torch fp32 passes, else fp32. Checked once per weights and device."""
-    from export.onnx import weights_hash
-
     key = (weights_hash(network), device)
     if key not in _CUDA_CHOICES:
         report = cuda_parity(network, device, precision="fp16", cuda_graphs=True)
@@ -150,12 +143,6 @@ def choose_cuda_precision(network: nn.Module, device: str = "cuda") -> BackendCh
         _CUDA_CHOICES[key] = choice
         logger.info("GPU backend for %s: torch %s (%s)", network.spec.name, choice.precision, choice.reason)  # type: ignore[attr-defined]
     return _CUDA_CHOICES[key]
-
-
-def default_cpu_backend(model: str, checkpoint: str | Path | None = None) -> BackendChoice:
-    """Runtime and precision for a model name (or checkpoint) on this CPU; see :func:`choose_cpu_backend`."""
-    network, _ = load_model(model, checkpoint)
-    return choose_cpu_backend(network)
 
 
 def create_backend(
@@ -196,40 +183,23 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
     """An unloaded backend of kind ``backend`` for an in-memory network (exports through the cache)."""
     spec = network.spec  # type: ignore[attr-defined]
     if backend == "torch":
-        from service.backends.torch import TorchBackend
-
         return TorchBackend(network, device=device, precision=precision)
     if backend == "tensorrt":
-        from export.trt import cached_engine, import_tensorrt
-
         import_tensorrt()  # fail with the clear message before spending time on an export
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"tensorrt backend: precision must be fp16 or fp32, not {precision!r}")
-        from export.onnx import cached_onnx
-        from service.backends.tensorrt import TrtBackend
-
         build = cached_engine(cached_onnx(network), spec, fp16=precision == "fp16")
         return TrtBackend(spec, build.path, device=device if device.startswith("cuda") else "cuda", precision=precision)
     if backend == "onnxruntime":
-        from service.backends.onnxrt import OrtBackend, _import_onnxruntime, require_cuda_provider
-
-        _import_onnxruntime()  # fail with the clear message before spending time on an export
+        import_onnxruntime()  # fail with the clear message before spending time on an export
         if device.startswith("cuda"):
             require_cuda_provider()
-        from export.onnx import cached_onnx
-
         return OrtBackend(spec, cached_onnx(network), device=device, precision=precision)
     if backend == "openvino":
-        from service.backends.openvino import OpenVinoBackend, _import_openvino
-
-        _import_openvino()
-        from export.onnx import cached_onnx
-
+        import_openvino()  # fail with the clear message before spending time on an export
         if precision != "int8":
             return OpenVinoBackend(spec, cached_onnx(network), device=device, precision=precision)
-        from export.int8 import cached_int8
-
-        build = cached_int8(network)
+        build = cached_int8(network, OpenVinoBackend)
         log = logger.info if build.within_limits else logger.warning
         log("%s int8: %s%s", spec.name, build.summary(), "" if build.within_limits else " (outside the parity limits)")
         return OpenVinoBackend(spec, cached_onnx(network), device=device, precision="int8", int8_model=build.path)
@@ -237,5 +207,5 @@ def backend_for(network: nn.Module, backend: str, device: str = "cpu", precision
 
 
 __all__ = ["BACKENDS", "CUDA_VARIANTS", "BackendChoice", "BackendUnavailable", "backend_for", "create_backend",
-           "cuda_parity", "default_backend", "default_cpu_backend", "choose_cpu_backend",
+           "cuda_parity", "default_backend", "choose_cpu_backend",
            "choose_cuda_precision"]  # fmt: skip

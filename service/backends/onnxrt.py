@@ -7,46 +7,27 @@ Missing pieces (no onnxruntime, or no CUDA provider because only the CPU wheel i
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
+from export.runtime import Backend, BackendInfo, BackendUnavailable, cpu_threads, import_runtime
 from models.spec import ModelSpec
-from service.backends.base import Backend, BackendInfo, BackendUnavailable
 
 
-def import_runtime(module: str, backend: str, install: str):  # noqa: ANN201 - module object
-    """``import module`` or :class:`BackendUnavailable` saying which package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"{backend} backend: the '{install}' package is not installed (pip install {install})"
-        ) from exc
-
-
-def _import_onnxruntime():  # noqa: ANN202 - module object
+def import_onnxruntime() -> ModuleType:
     return import_runtime("onnxruntime", "onnxruntime", "onnxruntime")
 
 
 def require_cuda_provider() -> None:
     """Fails with the package to install when onnxruntime cannot run on CUDA (CPU-only wheel)."""
-    if "CUDAExecutionProvider" not in _import_onnxruntime().get_available_providers():
+    if "CUDAExecutionProvider" not in import_onnxruntime().get_available_providers():
         raise BackendUnavailable(
             "onnxruntime backend: device 'cuda' needs the CUDA execution provider; install "
             "'onnxruntime-gpu' (pip install 'vident[gpu]') on a machine with an NVIDIA GPU"
         )
-
-
-def cpu_threads() -> int:
-    """Cores this process may use (affinity-aware), the right intra-op thread count for latency."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class OrtBackend(Backend):
@@ -58,7 +39,7 @@ class OrtBackend(Backend):
         self.session = None
 
     def _load(self) -> None:
-        ort = _import_onnxruntime()
+        ort = import_onnxruntime()
         if self.info.device.startswith("cuda"):
             require_cuda_provider()
             device_id = int(self.info.device.split(":")[1]) if ":" in self.info.device else 0

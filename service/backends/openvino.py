@@ -23,29 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from export.openvino import import_openvino, inference_hint, openvino_graph, runtime_has_bf16
+from export.runtime import Backend, BackendInfo, BackendUnavailable, cpu_threads
 from models.spec import ModelSpec
-from service.backends.base import Backend, BackendInfo, BackendUnavailable
-from service.backends.onnxrt import cpu_threads, import_runtime
 
-_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
 PRECISIONS = ("fp32", "bf16", "int8")
-
-
-def _import_openvino():  # noqa: ANN202 - module object
-    return import_runtime("openvino", "openvino", "openvino")
-
-
-def inference_hint(core, precision: str) -> str:  # noqa: ANN001 - openvino Core
-    """``INFERENCE_PRECISION_HINT`` for a precision. int8: the precision of the layers left unquantised,
-    bf16 where the CPU has it (what export.int8's parity report measured), else f32."""
-    if precision == "int8":
-        return "bf16" if runtime_has_bf16(core) else "f32"
-    return _PRECISION_HINT[precision]
-
-
-def runtime_has_bf16(core) -> bool:  # noqa: ANN001 - openvino Core
-    """True when the OpenVINO CPU plugin reports native bf16 (AVX512-BF16 or AMX): the one place that asks."""
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoBackend(Backend):
@@ -76,7 +58,7 @@ class OpenVinoBackend(Backend):
         self._lock = threading.Lock()
 
     def _load(self) -> None:
-        ov = _import_openvino()
+        ov = import_openvino()
         self.core = ov.Core()
         if self.info.precision == "bf16" and not runtime_has_bf16(self.core):
             raise BackendUnavailable("openvino backend: bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
@@ -84,8 +66,6 @@ class OpenVinoBackend(Backend):
         if self.int8_model is not None:  # quantised from the rewritten graph already
             self.model = self.core.read_model(str(self.int8_model))
             return
-        from export.openvino import openvino_graph
-
         # MatMuls rewritten element-wise so the geometry stays fp32 under bf16 (see export.openvino).
         graph = openvino_graph(self.onnx_path) if self.rewrite_matmuls else self.onnx_path
         self.model = self.core.read_model(str(graph))

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from export.runtime import Backend, BackendInfo, BackendUnavailable
+from export.trt import import_tensorrt
 from models.spec import ModelSpec
-from service.backends.base import Backend, BackendInfo, BackendUnavailable
 
 
 class TrtBackend(Backend):
@@ -27,12 +29,7 @@ class TrtBackend(Backend):
         self._buffers: dict[str, object] = {}
 
     def _load(self) -> None:
-        from export.trt import import_tensorrt
-
         trt = import_tensorrt()
-        import torch
-
-        self.torch = torch
         self.device = torch.device(self.info.device)
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
@@ -53,7 +50,6 @@ class TrtBackend(Backend):
         key = tuple(feed[self.spec.frame.name].shape)
         if key == self._shape_key:
             return
-        torch = self.torch
         self._buffers = {}
         for name in self.spec.input_names:
             shape = tuple(np.shape(feed[name]))
@@ -68,7 +64,6 @@ class TrtBackend(Backend):
         self._shape_key = key
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
         self._bind(feed)
         with torch.cuda.stream(self.stream):
             for name in self.spec.input_names:

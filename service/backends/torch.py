@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.backends.base import Backend, BackendInfo, BackendUnavailable
+from export.runtime import Backend, BackendInfo, BackendUnavailable
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Eager steps on a side stream before a capture, as PyTorch's CUDA-graph notes do: kernel and

@@ -1,6 +1,6 @@
 """``vident bench``: steady-state streaming FPS, latency and memory of one or several backends.
 
-Thin: measuring is :mod:`benchmarks.fps`; this parses, prints one table and writes JSON/PNG.
+Thin: measuring is :mod:`service.benchmark`; this parses, prints one table and writes JSON/PNG.
 A missing runtime prints its one-line reason and exits 2 (with ``--compare`` the row says
 "unavailable" and the others still run; exit 2 only when none ran).
 """
@@ -76,8 +76,8 @@ def _profile_table(result, rows: int = 14) -> Table:  # result: BenchResult
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.fps import BenchResult, plot, report, run_benchmark
-    from service.backends.base import BackendUnavailable
+    from export.runtime import BackendUnavailable
+    from service.benchmark import BenchResult, plot, report, run_benchmark
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the whole table
     height, width = args.size

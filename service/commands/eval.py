@@ -1,7 +1,7 @@
 """``vident eval``: a model against the baseline and classical comparators on a labelled data set.
 
 Prints a table in the form of the dissertation's Table 6.4 and writes the numbers as JSON. The
-model runs through the same streaming pipeline as the service (``models.evaluation``).
+model runs through the same streaming pipeline as the service (``service.evaluation``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from models.data.format import DataFormatError
-    from models.evaluation import count_frames, evaluate
+    from service.evaluation import count_frames, evaluate
 
     console = Console()
     try:

@@ -112,7 +112,7 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.backends.base import BackendUnavailable
+    from export.runtime import BackendUnavailable
 
     handlers = {"onnx": _export_onnx, "tensorrt": _export_tensorrt, "triton": _export_triton}
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CHECKPOINT_DIR, read_metadata
-    from models.evaluation import evaluate
     from models.training.card import best_checkpoint_text, ship_checkpoint, write_card
     from service.commands.eval import write_report_json
+    from service.evaluation import evaluate
 
     weights = args.run / ("best.safetensors" if args.best else "last.safetensors")
     if not weights.is_file():

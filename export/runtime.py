@@ -4,15 +4,21 @@ A backend runs one model's streaming graph: ``infer`` takes the spec's input nam
 ``reset`` and every state tensor) as float32 numpy arrays and returns every output name (model
 outputs then next-state tensors). The same names everywhere make a parity check one loop over
 backends, and let the service batch sessions by concatenating feeds along axis 0.
+
+The interface lives here, below the service, because export checks the graphs it writes by running
+them (:mod:`export.verify`, :mod:`export.int8`): like Polygraphy's ``Comparator``, that code depends
+on runners, never on the service that implements them (``service/backends/``).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
+from types import ModuleType, TracebackType
 
 import numpy as np
 
@@ -27,7 +33,7 @@ class BackendUnavailable(RuntimeError):
 class BackendInfo:
     name: str  # torch | onnxruntime | openvino | tensorrt
     device: str  # cpu | cuda
-    precision: str  # fp32 | fp16 | bf16
+    precision: str  # fp32 | fp16 | bf16 | int8
     # Most frames one call should take from several sessions; 0 = 1 on the CPU, 8 elsewhere. On the CPU one
     # frame already fills the cores: most-nss at 320x416 on OpenVINO bf16 ran 2.16 FPS at batch 1 and 2.27 at
     # batch 4, for 4x the latency and +950 MB (docs/performance-service.md).
@@ -92,3 +98,27 @@ class Backend(ABC):
 
     def _close(self) -> None:  # most runtimes free themselves with the object
         return None
+
+
+def import_runtime(module: str, backend: str, install: str) -> ModuleType:
+    """``import module`` or :class:`BackendUnavailable` saying which package to install.
+
+    Runtimes are imported when first used, not at module import: a machine without one still runs
+    the others, and the message names the package instead of showing an ImportError traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"{backend} backend: the '{install}' package is not installed (pip install {install})"
+        ) from exc
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (affinity-aware), the right intra-op thread count for latency."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+__all__ = ["Backend", "BackendInfo", "BackendUnavailable", "cpu_threads", "import_runtime"]

@@ -1,8 +1,9 @@
 """``vident eval``'s logic: a model, a baseline and classical comparators on a labelled data set (Table 6.4's form).
 
-The model is run exactly as the service runs it: frame by frame through ``service.pipeline``
+The model is run exactly as the service runs it: frame by frame through :mod:`service.pipeline`
 (``Stream`` state, ``run_streams``, the backend from ``create_backend``), so the numbers measure
-what a user gets, padding and uint8 conversions included. Rows:
+what a user gets, padding and uint8 conversions included; that is why this lives in the service
+and not beside the metrics in ``models``. Rows:
 
 * ``BASELINE``: the input as the restored frame, the identity as the homography, every pixel teeth
   (section 6.3.3's blind baseline);
@@ -34,10 +35,14 @@ import cv2
 import numpy as np
 import torch
 
+from export.runtime import Backend
+from models.checkpoints import shipped_checkpoint
 from models.data.format import find_sequences, read_sequence, validate_sequence
 from models.data.synth import LabelledSequence
 from models.layers import warp_by_homography
 from models.metrics import colour_aligned_psnr, iou, mace, psnr, ssim, warping_error
+from service.backends.factory import create_backend
+from service.pipeline import Geometry, Stream, run_streams
 
 METRICS = ("psnr", "psnr_aligned", "ssim", "iou", "mace", "ew", "fps")
 _HALF = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # OpenCV pixel coords -> ours
@@ -164,14 +169,12 @@ def _restoration_and_ew(
 def evaluate_sequence(
     seq: LabelledSequence,
     rows: dict[str, Row],
-    backend: object,
+    backend: Backend,
     comparators: bool,
     on_frame: Callable[[], None] | None = None,
 ) -> None:
     """Adds one sequence's per-frame values to ``rows`` (created on first use)."""
-    from service.pipeline import Geometry, Stream, run_streams
-
-    spec = backend.spec  # type: ignore[attr-defined]
+    spec = backend.spec
     height, width = seq.size
     frames = seq.frames
     labelled = bool(seq.meta.get("has_mask", True))
@@ -195,7 +198,7 @@ def evaluate_sequence(
     restored, denoised = [], []
     for t in range(frames):
         start = time.perf_counter()
-        result = run_streams(backend, [stream], [seq.input[t]])[0]  # type: ignore[arg-type]
+        result = run_streams(backend, [stream], [seq.input[t]])[0]
         model_row.seconds += time.perf_counter() - start
         model_row.timed_frames += 1
         restored.append(result.restored)
@@ -283,9 +286,6 @@ def evaluate(
     on_frame: Callable[[], None] | None = None,
 ) -> EvalReport:
     """Runs every row over every sequence under ``data`` (all folders validated before anything runs)."""
-    from models.checkpoints import shipped_checkpoint
-    from service.backends.factory import create_backend
-
     folders = find_sequences(data)[:max_sequences]
     infos = [validate_sequence(f) for f in folders]
     is_path = Path(model).suffix == ".safetensors"
