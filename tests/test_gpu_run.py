@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Installed here, absent on the GPU machine (torch, numpy, safetensors, onnx, onnxruntime, OpenCV, Triton and
-# prometheus-client only): the script must not import any of them, not even through the project's modules.
+# Installed here, absent or not relied on on the GPU machine (it has torch, numpy, safetensors, onnx, onnxruntime,
+# OpenCV, Triton, tqdm and prometheus-client): the script must not import any of them, not even through the
+# project's modules; the training falls back where scikit-learn or PyAV is missing.
 ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "av", "websockets", "multipart",
-          "openvino", "nncf", "onnxscript", "tensorrt", "PIL", "tqdm", "rich", "httpx", "sklearn", "matplotlib",
+          "openvino", "nncf", "onnxscript", "tensorrt", "PIL", "rich", "httpx", "sklearn", "matplotlib",
           "mahotas", "skimage", "scipy", "selenium", "pytest")  # fmt: skip
 
 # The path finder, blind to those packages: `import x` fails and find_spec("x") is None, as on a machine
@@ -63,12 +64,17 @@ def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) ->
 
     train = report["train"]
     assert train["model"] == "most-nss-tiny" and train["steps"] >= 1
+    # sklearn and PyAV are hidden: the mix drops the photographs and the degradations fall back, saying so
+    assert train["mix"] == "dental=0.55,dead-leaves=0.25" and train["degradation"] == "recipe"
+    assert any("scikit-learn" in n for n in report["notes"]) and any("PyAV" in n for n in report["notes"])
     assert {"wall_seconds", "steps_per_second", "validation_before", "validation_after", "checkpoint"} <= set(train)
     weights = out / train["checkpoint"]
     assert weights.is_file() and weights.stat().st_size < 16 * 2**20
     from models.checkpoints import load_model, read_metadata
 
-    assert read_metadata(weights)["dtype"] == "float16" and int(read_metadata(weights)["steps"]) == train["steps"]
+    meta = read_metadata(weights)
+    assert meta["dtype"] == "float16" and int(meta["steps"]) == train["steps"]
+    assert json.loads(meta["train_config"])["extra"]["content_mix"] == train["mix"]  # the card reads it
     load_model(str(weights))  # a returned checkpoint loads (and --train-from takes it)
 
     tables = (out / "gpu_run.md").read_text()

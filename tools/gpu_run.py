@@ -25,8 +25,9 @@ runs out of time is recorded as skipped):
    (``TorchBackend.infer_tensors``) and every step is synchronised, as a live stream's would be:
    FPS, wall latency p50/p99, GPU time per step (CUDA events), achieved TFLOP/s (FLOPs counted by
    models.complexity on the GPU) beside the GPU's dense peak, peak allocated memory;
-3. train: ``vident train``'s Trainer on CUDA (bf16 autocast, channels_last) on synthetic clips for
-   ``--train-minutes``, from the shipped weights by default, validated before and after.
+3. train: ``vident train``'s Trainer on CUDA (bf16 autocast, channels_last) on synthetic clips of the
+   real-world mix (``--train-mix``, ``--train-degradation``) for ``--train-minutes``, from the
+   shipped weights by default, validated before and after.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ VARIANTS = ("fp32-eager", "fp16-eager", "fp16-graphs", "fp16-compiled")
 PEAK_DENSE_TFLOPS = {"H200": {"fp16": 989.0, "bf16": 989.0, "tf32": 494.0, "fp32": 67.0}}
 PARITY_SHAPE, PARITY_FRAMES = (2, 96, 128), 10  # as tests/test_gpu.py
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_training.py", "tests/test_backends.py")
+TRAIN_MIX = "dental=0.55,dead-leaves=0.25,photos=0.2"  # the real-world mix of docs/training.md
 TRAIN_RESERVE_S = 30  # training's start (workers, first batches), validation twice and the final save
 COMPILE_MIN_LEFT_S = 90  # a compiled configuration starts only with this much bench time left
 MAX_RETURNED_BYTES = 16 * 2**20  # the device machine returns files up to 16 MiB
@@ -430,6 +432,7 @@ def run_train(run: Run, args: argparse.Namespace) -> None:
     import torch
 
     from models.checkpoints import read_metadata, shipped_checkpoint
+    from models.data.dataset import ContentMix
     from models.training.card import ship_checkpoint
     from models.training.run import training_batches, validate
     from models.training.trainer import TrainConfig, Trainer
@@ -445,23 +448,34 @@ def run_train(run: Run, args: argparse.Namespace) -> None:
     else:
         init_from = None if args.train_from == "none" else Path(args.train_from)
     height, width = args.train_size
+    mix = ContentMix.parse(args.train_mix)
+    if importlib.util.find_spec("sklearn") is None and any(name == "photos" for name, _ in mix.weights):
+        kept = tuple((name, w) for name, w in mix.weights if name != "photos")
+        run.note("scikit-learn (the training photographs) is missing: the mix leaves photos out")
+        mix = ContentMix(kept or (("dental", 1.0),))
+    degradation = args.train_degradation
+    if degradation != "recipe" and importlib.util.find_spec("av") is None:
+        run.note(f"PyAV is missing, so the {degradation} degradations (which draw H.264) fall back to the recipe's")
+        degradation = "recipe"
     work = Path(tempfile.mkdtemp(prefix="vident-gpu-train-"))
     cfg = TrainConfig(model=args.train_model, out=work, steps=args.train_steps, batch=args.train_batch,
                       clip_length=args.clip_length, height=height, width=width, lr=args.train_lr,
                       device="cuda" if cuda else "cpu", amp="bf16" if cuda else "auto", checkpoint_every=10**9,
-                      log_every=10, init_from=init_from)  # fmt: skip
+                      log_every=10, init_from=init_from,
+                      extra={"data": "synthetic", "content_mix": str(mix), "degradation": degradation})  # fmt: skip
     trainer = Trainer(cfg, iter(()))
     workers = loader_workers(run, args, cfg)
     section.update(model=args.train_model, device=cfg.device, amp=str(trainer.amp_dtype), channels_last=True,
                    batch=cfg.batch, clip_length=cfg.clip_length, height=height, width=width, lr=cfg.lr,
-                   schedule_steps=cfg.steps, minutes=round(minutes, 3), workers=workers,
+                   schedule_steps=cfg.steps, minutes=round(minutes, 3), workers=workers, mix=str(mix),
+                   degradation=degradation,
                    init_from=str(init_from.relative_to(ROOT) if init_from and init_from.is_relative_to(ROOT)
                                  else init_from))  # fmt: skip
     run.log(f"train: {args.train_model} on {cfg.device}, {minutes:.2f} min, batch {cfg.batch} x {cfg.clip_length} "
             f"frames at {height}x{width}, from {section['init_from']}")  # fmt: skip
     sequences = 1 if args.dry_run else 2
     section["validation_before"] = validate(trainer.model, cfg, sequences)
-    trainer.batches = training_batches(cfg, workers=workers)
+    trainer.batches = training_batches(cfg, workers=workers, mix=mix, degradation=degradation)
     weights_out = run.out / f"train-{args.train_model}.safetensors"
 
     def copy_out(path: Path) -> None:
@@ -588,6 +602,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="weights to start from: 'shipped' (the model's shipped checkpoint, default), 'none' "
                    "(random), or a .safetensors such as a train-<model>.safetensors this script returned")
     p.add_argument("--train-size", type=size_text, default=(320, 416))
+    p.add_argument("--train-mix", default=TRAIN_MIX,
+                   help=f"content per clip as `vident train --mix` (default {TRAIN_MIX})")
+    p.add_argument("--train-degradation", default="mixed", choices=("recipe", "wide", "mixed"),
+                   help="as `vident train --degradation` (default mixed; recipe where PyAV is missing, since the "
+                   "wide draws include H.264)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--clip-length", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=2000, help="learning-rate schedule length (default 2000)")
