@@ -1,6 +1,7 @@
-# vident streaming service on an NVIDIA GPU: CUDA + TensorRT runtime, the project with its [gpu] extra.
+# vident streaming service on an NVIDIA GPU: CUDA + TensorRT runtime, the project with its [gpu] and [queue] extras.
 #   docker build -t vident .
 #   docker run --gpus all -p 8000:8000 -v vident-cache:/var/lib/vident/cache vident
+# The same image runs batch-job workers: `vident worker` (command override; docker-compose.yml, profile scaleout).
 # TensorRT engines are built on first start (minutes) and cached in the /var/lib/vident/cache volume,
 # keyed by model, TensorRT version, GPU and precision; later starts only deserialize them.
 # The NGC image brings CUDA, cuDNN, TensorRT and its Python bindings (tensorrt 10.x, Python 3.12).
@@ -32,10 +33,11 @@ COPY service ./service
 COPY export ./export
 COPY benchmarks ./benchmarks
 # onnxruntime (CPU, a base dependency) and onnxruntime-gpu install the same module: keep only the GPU one.
-RUN python3 -m pip install ".[gpu]" \
+# [queue]: Redis client and Dramatiq, used only with VIDENT_JOBS_BROKER (API replicas) and by `vident worker`.
+RUN python3 -m pip install ".[gpu,queue]" \
     && python3 -m pip uninstall -y onnxruntime \
     && python3 -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18,<2" \
-    && python3 -c "import torch, tensorrt, onnxruntime, service.app; print('torch', torch.__version__, 'tensorrt', tensorrt.__version__)"
+    && python3 -c "import torch, tensorrt, onnxruntime, service.app, service.jobs_queue; print('torch', torch.__version__, 'tensorrt', tensorrt.__version__)"
 
 RUN useradd --system --create-home --home-dir /home/vident vident \
     && mkdir -p /var/lib/vident/cache /var/lib/vident/jobs \

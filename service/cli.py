@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.fit_homography",
     "service.commands.ship",
     "service.commands.serve",
+    "service.commands.worker",
     "service.commands.stream",
     "service.commands.export",
     "service.commands.bench",

@@ -8,18 +8,21 @@ when it finishes one, and - since it takes that frame before sending the previou
 drops a frame of a client that waits for a result before sending another one.
 
 :func:`stream_source` streams a video file (PyAV), a folder of frames, or a camera (OpenCV) and
-saves restored frames, masks and homographies.
+saves restored frames, masks and homographies. When the server goes away mid-stream (behind a load
+balancer: its replica died or restarted) it connects again with back-off (:class:`Reconnect`), starts a
+new stream on whichever replica it reaches, and counts the frames that were lost with the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -28,6 +31,8 @@ import numpy as np
 import websockets
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Refusals worth another try, perhaps on another replica: the server is full (close code 1013).
+RETRYABLE_CODES = frozenset({"too_many_sessions"})
 _SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 
 
@@ -97,6 +102,7 @@ class StreamClient:
         if outputs is not None:
             self.options["outputs"] = outputs
         self.hello: dict[str, object] = {}
+        self.served_by: str | None = None  # the X-Served-By header a load balancer adds (deploy/haproxy.cfg)
         self.sent = 0
         self._sent_at: dict[int, float] = {}
         self._ws: websockets.ClientConnection | None = None
@@ -104,6 +110,8 @@ class StreamClient:
     async def __aenter__(self) -> StreamClient:
         headers = {"X-API-Key": self.api_key} if self.api_key else None
         self._ws = await websockets.connect(self.url, additional_headers=headers, max_size=None, open_timeout=120)
+        if self._ws.response is not None:
+            self.served_by = self._ws.response.headers.get("X-Served-By")
         self.hello = await self._control_reply("hello")
         await self.configure(**self.options)
         return self
@@ -248,6 +256,38 @@ def _camera(index: int, fps: float | None) -> Source:
 # --- streaming a source to a folder ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reconnect:
+    """What :func:`stream_source` does when the connection breaks mid-stream or a connect fails: wait
+    ``first_delay_s``, doubling up to ``max_delay_s``, at most ``attempts`` times in a row, then give up.
+    Behind a load balancer the next connection reaches a live replica, where a new stream starts (a new
+    session: the model's state starts over, as after a ``reset``)."""
+
+    attempts: int = 8
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first_delay_s
+        for _ in range(self.attempts):
+            yield delay
+            delay = min(2 * delay, self.max_delay_s)
+
+
+@dataclass
+class ConnectionSummary:
+    """One connection (one session on one server) of a stream."""
+
+    server: str | None  # X-Served-By of the load balancer, if any
+    session: object = None  # the server's session id
+    sent: int = 0
+    processed: int = 0
+    dropped: int = 0
+    errors: int = 0  # errors about single frames
+    lost: int = 0  # sent, then the connection broke before the server answered for them
+    ended: str = "open"  # bye | broken | fatal error
+
+
 @dataclass
 class StreamSummary:
     sent: int = 0
@@ -256,6 +296,9 @@ class StreamSummary:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    reconnects: int = 0
+    lost: int = 0
+    connections: list[ConnectionSummary] = field(default_factory=list)
 
     @property
     def fps(self) -> float:
@@ -269,10 +312,13 @@ class StreamSummary:
             "sent": self.sent,
             "processed": self.processed,
             "dropped": self.dropped,
+            "lost": self.lost,
+            "reconnects": self.reconnects,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
             "fps": round(self.fps, 3),
             "latency_ms": {f"p{q}": self.latency_percentile(q) for q in (50, 95, 99)},
+            "connections": [asdict(c) for c in self.connections],
         }
 
 
@@ -285,84 +331,198 @@ async def stream_source(
     max_frames: int | None = None,
     frame_format: str = "jpeg",
     progress: bool = True,
+    reconnect: Reconnect | None = Reconnect(),
     **client_options: object,
 ) -> StreamSummary:
     """Streams ``source`` and saves results under ``out_dir`` (restored/, teeth_mask/, homographies.json).
 
     ``realtime``: send at the source's frame rate whatever comes back (the server drops stale frames);
-    otherwise as fast as possible with at most ``in_flight`` frames unanswered.
+    otherwise as fast as possible with at most ``in_flight`` frames unanswered. ``reconnect``: what to do
+    when the server goes away (None: fail). Frames are numbered across connections, so saved files and
+    homographies keep the source's order; the first frame on a new connection starts a new stream.
     """
     summary = StreamSummary()
     homographies: list[dict[str, object]] = []
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    async with StreamClient(url, **client_options) as client:  # type: ignore[arg-type]
-        answered = asyncio.Condition()
-        done_count = 0  # results + errors about frames + frames the server reported dropped
-
-        async def receive() -> None:
-            nonlocal done_count
-            frame_errors = 0
-            async for message in client.messages():
-                if isinstance(message, Result):
-                    summary.processed += 1
-                    summary.dropped = int(message.header["dropped"])  # type: ignore[arg-type]
-                    if message.latency_s is not None:
-                        summary.latencies_ms.append(message.latency_s * 1e3)
-                    if out_dir is not None:
-                        _save(out_dir, message, homographies)
-                elif isinstance(message, ServerError):
-                    summary.errors.append(str(message))
-                    frame_errors += message.seq is not None
-                    if message.fatal:
-                        break
-                elif message.get("type") == "bye":
-                    break
-                async with answered:
-                    done_count = summary.processed + summary.dropped + frame_errors
-                    answered.notify_all()
-            async with answered:
-                done_count = 1 << 62  # the socket is gone: release the sender
-                answered.notify_all()
-
-        receiver = asyncio.create_task(receive())
-        start = time.perf_counter()
-        last_print = start
-        frames = itertools.islice(source.frames, max_frames)
-        interval = 1.0 / source.fps if realtime else 0.0
+    frames = itertools.islice(source.frames, max_frames)
+    pace = _Pace(1.0 / source.fps if realtime else 0.0)
+    hello: dict[str, object] = {}
+    unsent: list[bytes | np.ndarray] = []  # a frame whose send failed goes first on the next connection
+    while True:
+        client = await _connect(url, client_options, reconnect, progress)
+        hello = client.hello
+        connection = ConnectionSummary(client.served_by, client.hello.get("session"))
+        summary.connections.append(connection)
         try:
-            while (frame := await asyncio.to_thread(next, frames, None)) is not None and not receiver.done():
-                if realtime:
-                    await asyncio.sleep(max(0.0, start + summary.sent * interval - time.perf_counter()))
-                else:
-                    async with answered:
-                        await answered.wait_for(lambda: client.sent - done_count < in_flight)
-                await client.send_frame(frame, frame_format)
-                summary.sent += 1
-                if progress and time.perf_counter() - last_print >= 1.0:
-                    last_print = time.perf_counter()
-                    _print_progress(summary, last_print - start)
-            if not receiver.done():
-                await client.close()
-            await asyncio.wait_for(receiver, timeout=120)
+            finished = await _stream_connection(
+                client, connection, frames, unsent, summary, homographies, out_dir, pace, in_flight, frame_format,
+                progress,
+            )  # fmt: skip
         finally:
-            receiver.cancel()
-        summary.seconds = time.perf_counter() - start
+            await client.__aexit__(None, None, None)
+        if finished or reconnect is None:
+            break
+        summary.reconnects += 1
+        pace.restart(summary.sent)
+        if progress:
+            print(f"\nconnection lost ({connection.lost} frame(s) unanswered); reconnecting", file=sys.stderr)
+    summary.seconds = time.perf_counter() - pace.start
     if progress:
         _print_progress(summary, summary.seconds, end="\n")
     if out_dir is not None:
         (out_dir / "homographies.json").write_text(json.dumps(homographies, indent=1))
-        (out_dir / "summary.json").write_text(json.dumps({**summary.as_dict(), "server": client.hello}, indent=1))
+        (out_dir / "summary.json").write_text(json.dumps({**summary.as_dict(), "server": hello}, indent=1))
     return summary
 
 
-def _save(out_dir: Path, result: Result, homographies: list[dict[str, object]]) -> None:
+class _Pace:
+    """Real-time pacing: frame n leaves at ``start + n * interval``; after a reconnection the clock restarts
+    from the next frame, so the frames of the outage are not sent in a burst."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.start = time.perf_counter()
+        self._origin = self.start
+
+    def restart(self, sent: int) -> None:
+        self._origin = time.perf_counter() - sent * self.interval
+
+    async def wait(self, sent: int) -> None:
+        if self.interval:
+            await asyncio.sleep(max(0.0, self._origin + sent * self.interval - time.perf_counter()))
+
+
+async def _connect(
+    url: str, options: dict[str, object], reconnect: Reconnect | None, progress: bool
+) -> StreamClient:
+    """A connected client, trying again with back-off when the server is unreachable, refuses the handshake
+    (a balancer with no live replica answers 503) or is full. Raises ConnectionError or ServerError."""
+    delays = reconnect.delays() if reconnect is not None else iter(())
+    while True:
+        client = StreamClient(url, **options)  # type: ignore[arg-type]
+        try:
+            return await client.__aenter__()
+        except ServerError as exc:
+            await client.__aexit__(None, None, None)
+            if exc.code not in RETRYABLE_CODES:
+                raise
+            problem: Exception = exc
+        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed) as exc:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+            problem = exc
+        delay = next(delays, None)
+        if delay is None:
+            if isinstance(problem, ServerError):
+                raise problem
+            raise ConnectionError(f"could not stream to {url}: {problem}") from problem
+        if progress:
+            print(f"\n{url}: {problem}; trying again in {delay:g} s", file=sys.stderr)
+        await asyncio.sleep(delay)
+
+
+async def _stream_connection(
+    client: StreamClient,
+    connection: ConnectionSummary,
+    frames: Iterator[bytes | np.ndarray],
+    unsent: list[bytes | np.ndarray],
+    summary: StreamSummary,
+    homographies: list[dict[str, object]],
+    out_dir: Path | None,
+    pace: _Pace,
+    in_flight: int,
+    frame_format: str,
+    progress: bool,
+) -> bool:
+    """Streams frames over one connection; True when the stream is over (the source ended and the server
+    said bye, or a fatal error), False when the connection broke with frames left to send."""
+    offset = summary.sent  # frames before this connection: seq + offset numbers frames across connections
+    dropped_before = summary.dropped
+    answered = asyncio.Condition()
+    done_count = 0  # results + errors about frames + frames the server reported dropped
+    outcome = "broken"
+
+    async def receive() -> None:
+        nonlocal done_count, outcome
+        async for message in client.messages():
+            if isinstance(message, Result):
+                summary.processed += 1
+                connection.processed += 1
+                connection.dropped = int(message.header["dropped"])  # type: ignore[arg-type]
+                summary.dropped = dropped_before + connection.dropped
+                if message.latency_s is not None:
+                    summary.latencies_ms.append(message.latency_s * 1e3)
+                if out_dir is not None:
+                    _save(out_dir, message, homographies, offset)
+            elif isinstance(message, ServerError):
+                summary.errors.append(str(message))
+                connection.errors += message.seq is not None
+                if message.fatal:
+                    outcome = "fatal error"
+                    break
+            elif message.get("type") == "bye":
+                outcome = "bye"
+                break
+            async with answered:
+                done_count = connection.processed + connection.dropped + connection.errors
+                answered.notify_all()
+        async with answered:
+            done_count = 1 << 62  # the socket is gone: release the sender
+            answered.notify_all()
+
+    receiver = asyncio.create_task(receive())
+    last_print = time.perf_counter()
+    source_ended = False
+    try:
+        while not receiver.done():
+            frame = unsent.pop() if unsent else await asyncio.to_thread(next, frames, None)
+            if frame is None:
+                source_ended = True
+                break
+            if pace.interval:
+                await pace.wait(summary.sent)
+            else:
+                async with answered:
+                    await answered.wait_for(lambda: client.sent - done_count < in_flight)
+            try:
+                await client.send_frame(frame, frame_format)
+            except websockets.ConnectionClosed:
+                unsent.append(frame)
+                break
+            summary.sent += 1
+            connection.sent += 1
+            if progress and time.perf_counter() - last_print >= 1.0:
+                last_print = time.perf_counter()
+                _print_progress(summary, last_print - pace.start)
+        if source_ended and not receiver.done():
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await client.close()
+        await asyncio.wait_for(receiver, timeout=120)
+    finally:
+        receiver.cancel()
+    connection.ended = outcome
+    if outcome != "bye":
+        connection.lost = max(0, connection.sent - connection.processed - connection.dropped - connection.errors)
+        summary.lost += connection.lost
+    # Over: the server said bye, a fatal error (reconnecting would repeat it), or nothing is left to send.
+    return outcome != "broken" or (source_ended and not unsent)
+
+
+def _save(out_dir: Path, result: Result, homographies: list[dict[str, object]], offset: int = 0) -> None:
+    """Files and homographies numbered by the frame's place in the source (``seq`` + frames sent on earlier
+    connections), so a stream that reconnected still saves one numbered sequence."""
+    number = result.seq + offset
     for part in result.header["parts"]:  # type: ignore[union-attr]
         folder = out_dir / part["name"]
         folder.mkdir(exist_ok=True)
-        (folder / f"{result.seq:06d}{_SUFFIX[part['format']]}").write_bytes(result.images[part["name"]])
+        (folder / f"{number:06d}{_SUFFIX[part['format']]}").write_bytes(result.images[part["name"]])
     h = result.header
-    homographies.append({key: h[key] for key in ("seq", "index", "prev_seq", "homography")})
+    prev_seq = h["prev_seq"]
+    homographies.append(
+        {"seq": number, "index": h["index"], "prev_seq": None if prev_seq is None else prev_seq + offset,  # type: ignore[operator]
+         "homography": h["homography"]}
+    )  # fmt: skip
 
 
 def _print_progress(summary: StreamSummary, seconds: float, end: str = "\r") -> None:
@@ -370,5 +530,7 @@ def _print_progress(summary: StreamSummary, seconds: float, end: str = "\r") -> 
     p50 = summary.latency_percentile(50)
     latency = f"{p50:.0f} ms" if p50 is not None else "-"
     counts = f"sent {summary.sent}  processed {summary.processed}  dropped {summary.dropped}"
+    if summary.lost:
+        counts += f"  lost {summary.lost}"
     line = f"{counts}  {fps:.1f} FPS  latency p50 {latency}"
     print(line.ljust(78), end=end, file=sys.stderr, flush=True)

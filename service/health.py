@@ -1,4 +1,5 @@
-"""Probes and introspection: ``/healthz`` (alive), ``/readyz`` (default model loaded), ``/metrics``, ``/v1/models``.
+"""Probes and introspection: ``/healthz`` (alive), ``/readyz`` (model loaded, room for a session), ``/metrics``,
+``/v1/models``.
 
 Probes and metrics stay open without the API key (orchestrators and Prometheus scrape them);
 ``/v1/models`` needs it like every other ``/v1`` route.
@@ -28,11 +29,16 @@ def healthz(request: Request) -> dict[str, object]:
 
 @router.get("/readyz", tags=["probes"])
 def readyz(request: Request) -> JSONResponse:
-    """200 once the default model is loaded (or loads lazily), 503 while it loads or after it failed."""
+    """200 once the default model is loaded (or loads lazily), 503 while it loads, after it failed, or while
+    ``max_sessions`` sessions are open (``status: "full"``): a load balancer that checks this probe sends new
+    sessions to other replicas and leaves the open ones where they are (deploy/haproxy.cfg)."""
     state = request.app.state
     body = {"ready": state.readiness == "ready", "status": state.readiness, "model": state.settings.model}
     if state.readiness_error:
         body["error"] = state.readiness_error
+    sessions = state.sessions
+    if body["ready"] and sessions.count >= sessions.max_sessions:
+        body.update(ready=False, status="full", sessions=sessions.count, max_sessions=sessions.max_sessions)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 

@@ -11,6 +11,10 @@ that live sessions use, so a long job never delays a display client. Job ids com
 ``secrets.token_urlsafe`` and are checked against :data:`JOB_ID` before they touch the filesystem;
 result names are checked against the job's own list of produced files.
 
+Across machines (``VIDENT_JOBS_BROKER=redis://...``): records live in Redis and a shared queue feeds
+``vident worker`` processes on any node; :mod:`service.jobs_queue` implements that mode behind the same
+API (:func:`make_manager` picks one), and the single-machine path needs neither Redis nor its client.
+
 ``service.app.create_app`` mounts :data:`router` and enters :func:`lifespan` (jobs then use the app's
 engine pool). Any other FastAPI app can use :func:`mount_jobs` and call ``start()`` / ``stop()`` from its
 lifespan; ``uvicorn --factory service.jobs:create_standalone_app`` serves the jobs API alone.
@@ -31,14 +35,16 @@ import sqlite3
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
-from pydantic import Field
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from prometheus_client.registry import Collector
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
@@ -81,6 +87,26 @@ class JobSettings(BaseSettings):
     device: str = "cpu"
     precision: str = "fp32"
     engine_max_batch: int = Field(8, ge=1)
+    # Across machines (service.jobs_queue); unset, everything above runs in this one process:
+    broker: str | None = Field(
+        None, description="redis://host:6379/0: records and the queue live there and `vident worker` processes run "
+        "the jobs; unset: embedded SQLite and in-process workers",
+    )  # fmt: skip
+    heartbeat_timeout_s: float = Field(
+        15.0, gt=0, description="a worker silent this long counts as dead: its job is delivered to another worker"
+    )
+    worker_name: str = Field("", description="this worker's name in records and metrics; empty: host-pid")
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker_url(cls, value: object) -> object:
+        if value in ("", None):
+            return None  # VIDENT_JOBS_BROKER= (empty) in a compose file: no broker
+        scheme, sep, _ = str(value).partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix"):  # the message shows no more than the scheme: a
+            shown = f"a URL starting {scheme}://" if sep else "no URL"  # URL may carry a password
+            raise ValueError(f"the job broker must be a URL like redis://HOST:6379/0 (rediss://, unix://), got {shown}")
+        return value
 
 
 def _default_data_dir() -> Path:
@@ -111,6 +137,7 @@ class Job:
     error: str | None = None
     warnings: list[str] | None = None
     files: list[str] | None = None
+    worker: str | None = None  # the worker that runs or ran the job (distributed mode; None on one machine)
 
     def public(self, retention_s: float, now: float | None = None) -> dict[str, Any]:
         """The API view: progress, rate and ETA are derived here, not stored."""
@@ -123,7 +150,7 @@ class Job:
         progress = 1.0 if self.state == "done" else 0.0
         if self.state != "done" and self.frames_total:
             progress = min(1.0, self.frames_done / self.frames_total)
-        return {
+        view = {
             "id": self.id,
             "state": self.state,
             "model": self.model,
@@ -145,6 +172,9 @@ class Job:
             "files": self.files or [],
             "expires_at": self.finished_at + retention_s if self.finished_at else None,
         }
+        if self.worker is not None:
+            view["worker"] = self.worker
+        return view
 
 
 class JobStore:
@@ -289,8 +319,7 @@ class JobManager:
         self.settings = settings or JobSettings()
         self.root = self.settings.data_dir.resolve()
         self._get_engine = get_engine
-        self._own_engines: dict[str, InferenceEngine] = {}
-        self._engine_lock = threading.Lock()
+        self._own_engines = OwnEngines(self.settings)
         self._wake: queue.Queue[str | None] = queue.Queue()
         self._cancels: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
@@ -330,16 +359,18 @@ class JobManager:
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
-        for engine in self._own_engines.values():
-            engine.close()
-            engine.backend.close()
-        self._own_engines.clear()
+        self._own_engines.close()
         if self.store is not None:
             self.store.close()
             self.store = None
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file releases the lock (a crash releases it too)
             self._lock_file = None
+
+    def metrics_collector(self) -> Collector | None:
+        """A Prometheus collector for the app's ``/metrics``, or None: on one machine the queue is in-process
+        and the job records say everything (the distributed manager returns one for the shared queue)."""
+        return None
 
     @property
     def db(self) -> JobStore:
@@ -422,49 +453,20 @@ class JobManager:
         folder = self.job_dir(job_id)
         out_dir = folder / "out"
         shutil.rmtree(out_dir, ignore_errors=True)  # a restarted job starts from the beginning
-        last_write = 0.0
-
-        def on_progress(progress: Progress) -> None:
-            nonlocal last_write
-            now = time.monotonic()
-            if now - last_write >= _PROGRESS_EVERY_S or progress.frames_done == progress.frames_total:
-                last_write = now
-                if not self.db.progress(job_id, progress.frames_done, progress.frames_total):
-                    cancel.set()  # deleted, possibly by another process sharing the data dir
-
-        options = ProcessOptions(
-            frames=job.frames,
-            max_frames=job.max_frames,
-            frame_limit=self.settings.max_frames,
-            duration_limit_s=self.settings.max_duration_s,
-            pixel_limit=self.settings.max_frame_pixels,
-            priority=Priority.BATCH,
-        )
+        # False once the record is gone (deleted, possibly by another process sharing the data dir)
+        on_progress = progress_writer(lambda done, total: self.db.progress(job_id, done, total), cancel)
         log.info("job %s: %s on %s (attempt %d)", job_id, job.model, job.input_name, job.attempts)
         try:
-            engine = self._engine(job.model)
-            report = process_video(folder / job.input_file, out_dir, engine, options, on_progress, cancel, job.model)
-            files = [*report["outputs"], "report.json"]
-            if job.frames:
-                _zip_folder(out_dir / "frames", out_dir / "frames.zip")
-                files.append("frames.zip")
+            result = run_job(job, folder, out_dir, self._engine(job.model), self.settings, on_progress, cancel)
             (folder / job.input_file).unlink(missing_ok=True)  # done: the upload is no longer needed
-            finished = self.db.finish(
-                job_id, "done", time.time(), files=files, warnings=report["warnings"],
-                frames_done=report["frames"], frames_total=report["frames"],
-            )  # fmt: skip
+            finished = self.db.finish(job_id, "done", time.time(), **result)
         except Cancelled:
             if self._stopping.is_set() and self.db.get(job_id) is not None:
                 self.db.stopped(job_id)
                 return  # server shutdown: the record stays 'running' and the next start restarts it
             finished = False
-        except (VideoError, ValueError, KeyError, RuntimeError) as exc:
-            # messages name the stored file (input.mp4); the user knows the file by the name they sent
-            error = _message(exc).replace(job.input_file, job.input_name)
-            finished = self.db.finish(job_id, "failed", time.time(), error=error)
         except Exception as exc:  # noqa: BLE001 - any job error is the job's, never the server's
-            log.exception("job %s failed", job_id)
-            finished = self.db.finish(job_id, "failed", time.time(), error=f"internal error: {_message(exc)}")
+            finished = self.db.finish(job_id, "failed", time.time(), error=job_error(job, exc))
         if not finished:  # the record was deleted while the job ran
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -474,14 +476,7 @@ class JobManager:
                 return self._get_engine(model)
             except KeyError as exc:
                 raise ValueError(f"model {model!r} is not available on this server ({_message(exc)})") from None
-        with self._engine_lock:
-            if model not in self._own_engines:
-                from service.backends.factory import create_backend
-
-                s = self.settings
-                backend = create_backend(model, s.backend, s.device, s.precision, s.checkpoints.get(model))
-                self._own_engines[model] = InferenceEngine(backend, max_batch=s.engine_max_batch)
-            return self._own_engines[model]
+        return self._own_engines.get(model)
 
     # retention -------------------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
@@ -513,6 +508,92 @@ class JobManager:
 
 class DataDirBusy(RuntimeError):
     pass
+
+
+class JobsUnavailable(RuntimeError):
+    """The shared job store cannot be reached (distributed mode): answered with 503, like jobs that are off."""
+
+
+class OwnEngines:
+    """Engines loaded from :class:`JobSettings` (backend, device, precision, checkpoints), one per model, for
+    job runners without the streaming app's pool: the standalone jobs app and ``vident worker``."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        self._engines: dict[str, InferenceEngine] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> InferenceEngine:
+        with self._lock:
+            if model not in self._engines:
+                from service.backends.factory import create_backend
+
+                s = self.settings
+                backend = create_backend(model, s.backend, s.device, s.precision, s.checkpoints.get(model))
+                self._engines[model] = InferenceEngine(backend, max_batch=s.engine_max_batch)
+            return self._engines[model]
+
+    def close(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+                engine.backend.close()
+            self._engines.clear()
+
+
+def run_job(
+    job: Job,
+    folder: Path,
+    out_dir: Path,
+    engine: InferenceEngine,
+    settings: JobSettings,
+    on_progress: Callable[[Progress], None],
+    cancel: threading.Event,
+) -> dict[str, Any]:
+    """Processes the job's input into ``out_dir`` and returns the record fields of a finished job. Raises
+    :class:`~service.process.Cancelled` when ``cancel`` is set, or the job's own error (see :func:`job_error`)."""
+    options = ProcessOptions(
+        frames=job.frames,
+        max_frames=job.max_frames,
+        frame_limit=settings.max_frames,
+        duration_limit_s=settings.max_duration_s,
+        pixel_limit=settings.max_frame_pixels,
+        priority=Priority.BATCH,
+    )
+    report = process_video(folder / job.input_file, out_dir, engine, options, on_progress, cancel, job.model)
+    files = [*report["outputs"], "report.json"]
+    if job.frames:
+        _zip_folder(out_dir / "frames", out_dir / "frames.zip")
+        files.append("frames.zip")
+    return {"files": files, "warnings": report["warnings"], "frames_done": report["frames"],
+            "frames_total": report["frames"]}  # fmt: skip
+
+
+def progress_writer(
+    write: Callable[[int, int | None], bool], cancel: threading.Event
+) -> Callable[[Progress], None]:
+    """``process_video``'s progress callback: writes (frames done, total) at most every 0.5 s and at the
+    end; sets ``cancel`` when ``write`` answers False (the record is gone or no longer this run's)."""
+    last_write = 0.0
+
+    def on_progress(progress: Progress) -> None:
+        nonlocal last_write
+        now = time.monotonic()
+        if now - last_write >= _PROGRESS_EVERY_S or progress.frames_done == progress.frames_total:
+            last_write = now
+            if not write(progress.frames_done, progress.frames_total):
+                cancel.set()
+
+    return on_progress
+
+
+def job_error(job: Job, exc: BaseException) -> str:
+    """The ``error`` of a job that raised ``exc``: input and model problems say what is wrong in the user's
+    terms (the name they uploaded, not the stored ``input.mp4``); anything else is an internal error, logged."""
+    if isinstance(exc, (VideoError, ValueError, KeyError, RuntimeError)):
+        return _message(exc).replace(job.input_file, job.input_name)
+    log.error("job %s failed", job.id, exc_info=exc)
+    return f"internal error: {_message(exc)}"
 
 
 def _lock_exclusively(path: Path) -> IO[bytes]:
@@ -652,6 +733,22 @@ def _input_suffix(filename: str) -> str:
 
 
 # HTTP API ---------------------------------------------------------------------------------------------
+class _JobsRoute(APIRoute):
+    """Answers 503 with the reason when the shared job store (distributed mode) cannot be reached, as for jobs
+    that are off, instead of a bare 500: an API replica keeps serving streams while Redis is away."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except JobsUnavailable as exc:
+                return JSONResponse({"detail": f"batch jobs are unavailable: {exc}"}, status_code=503)
+
+        return answer
+
+
 def get_jobs(request: Request) -> JobManager:
     manager: JobManager = request.app.state.jobs
     if manager.store is None:
@@ -670,7 +767,7 @@ def _job_or_404(jobs: JobManager, job_id: str) -> Job:
 
 
 def create_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=_JobsRoute)
 
     @router.post("", status_code=202)
     async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
@@ -753,11 +850,21 @@ def create_router() -> APIRouter:
     return router
 
 
+def make_manager(settings: JobSettings, get_engine: Callable[[str], InferenceEngine] | None = None) -> JobManager:
+    """The single-machine :class:`JobManager`, or with ``settings.broker`` the one that only enqueues (records
+    in Redis, jobs run by ``vident worker`` processes); imported only then, so one machine needs no Redis."""
+    if settings.broker:
+        from service.jobs_queue import QueuedJobManager
+
+        return QueuedJobManager(settings)
+    return JobManager(settings, get_engine)
+
+
 def mount_jobs(
     app: FastAPI, settings: JobSettings | None = None, get_engine: Callable[[str], InferenceEngine] | None = None
 ) -> JobManager:
     """Adds ``/v1/jobs`` to ``app``; the caller's lifespan must call ``start()`` and ``stop()`` on the result."""
-    manager = JobManager(settings, get_engine)
+    manager = make_manager(settings or JobSettings(), get_engine)
     app.state.jobs = manager
     app.include_router(router)
     return manager
@@ -771,13 +878,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The streaming app's hook (``service.app`` mounts :data:`router` and enters this): jobs share the
     app's engine pool, so batch frames and live frames go through one engine per model, live first.
 
-    Job settings come from ``VIDENT_JOBS_*``; unless set there, the default model and the models jobs
-    may use follow the app's ``VIDENT_MODEL`` and ``VIDENT_ALLOWED_MODELS``.
+    Job settings come from ``VIDENT_JOBS_*`` (or ``app.state.job_settings``, which ``vident serve`` sets from
+    its flags); unless set there, the default model and the models jobs may use follow the app's
+    ``VIDENT_MODEL`` and ``VIDENT_ALLOWED_MODELS``. With a broker, ``/metrics`` also shows the shared queue.
     """
     manager = getattr(app.state, "jobs", None)
     if manager is None:
         app_settings = app.state.settings
-        settings = JobSettings()
+        settings = getattr(app.state, "job_settings", None) or JobSettings()
         follow = {}
         if "default_model" not in settings.model_fields_set:
             follow["default_model"] = app_settings.model
@@ -786,16 +894,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if "max_frame_pixels" not in settings.model_fields_set:
             follow["max_frame_pixels"] = app_settings.max_frame_pixels
         pool = app.state.pool
-        manager = JobManager(settings.model_copy(update=follow), lambda name: pool.load(name).engine)
+        manager = make_manager(settings.model_copy(update=follow), lambda name: pool.load(name).engine)
         app.state.jobs = manager
     try:
         await asyncio.to_thread(manager.start)
-    except (DataDirBusy, OSError, sqlite3.Error) as exc:  # the streaming service stays up; /v1/jobs says why
+    except (DataDirBusy, JobsUnavailable, OSError, sqlite3.Error) as exc:  # streaming stays up; /v1/jobs says why
         log.error("batch jobs disabled: %s", exc)
         manager.unavailable = str(exc)
+    metrics = getattr(app.state, "metrics", None)
+    collector = manager.metrics_collector() if metrics is not None and manager.store is not None else None
+    if collector is not None:
+        metrics.registry.register(collector)
     try:
         yield
     finally:
+        if collector is not None:
+            metrics.registry.unregister(collector)
         await asyncio.to_thread(manager.stop)  # before the app closes the engines
 
 

@@ -7,7 +7,9 @@ Flags override ``VIDENT_*`` environment variables, which override the defaults i
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
+
+from service.commands.common import add_settings_flags, configure_logging, invalid_settings, settings_overrides
 
 # flag -> Settings field; a flag left out keeps the environment's (or the default) value
 _FLAGS = {
@@ -32,14 +34,23 @@ _FLAGS = {
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
+    from service.jobs import JobSettings
     from service.settings import Settings
 
-    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(**settings_overrides(args, _FLAGS))
+    # VIDENT_JOBS_* read here, not in the app's start-up, so that a wrong value (a broker URL that is not one)
+    # stops the command with its reason; --jobs-broker sends batch jobs to the shared queue (docs/jobs.md).
+    try:
+        job_settings = JobSettings(**({"broker": args.jobs_broker} if args.jobs_broker else {}))
+    except ValidationError as exc:
+        print(f"vident serve: {invalid_settings(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     app = create_app(settings)
+    app.state.job_settings = job_settings
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"vident: model {settings.model} ({settings.backend}, {settings.device})\n"
@@ -60,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the streaming service: browser demo at /, WebSocket /v1/stream")
-    for name, kind in _FLAGS.items():
-        flag = "--" + name.replace("_", "-").removesuffix("-s")
-        p.add_argument(flag, dest=name, type=kind, default=None, help=f"(env VIDENT_{name.upper()})")
+    add_settings_flags(p, _FLAGS, "VIDENT_")
+    p.add_argument(
+        "--jobs-broker", default=None, metavar="URL",
+        help="redis://HOST:6379/0: enqueue batch jobs for `vident worker` processes (env VIDENT_JOBS_BROKER)",
+    )  # fmt: skip
     p.set_defaults(func=run)

@@ -1,7 +1,9 @@
 """``vident stream SOURCE --url ws://HOST:PORT/v1/stream --out DIR``: a client for the streaming service.
 
 SOURCE is a video file, a folder of PNG/JPEG frames or a camera index (0, 1, ...). Results go to
-DIR: restored/, teeth_mask/ (models with masks), homographies.json and summary.json.
+DIR: restored/, teeth_mask/ (models with masks), homographies.json and summary.json. When the server goes
+away mid-stream (behind a load balancer: its replica died), the client reconnects with back-off, starts a new
+stream on the replica it reaches, and reports the frames lost with the old one (``lost``, ``reconnects``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import ServerError, open_source, stream_source
+    from service.client import Reconnect, ServerError, open_source, stream_source
 
     try:
         source = open_source(args.source, args.fps)
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
                 api_key=args.api_key,
                 output_format=args.format,
                 jpeg_quality=args.quality,
+                reconnect=_reconnect(args.reconnect, Reconnect),
             )
         )
     except (OSError, ServerError) as exc:
@@ -42,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(summary.as_dict()))
     return 0 if not summary.errors else 1
+
+
+def _reconnect(attempts: int | None, policy: type) -> object:
+    if attempts is None:
+        return policy()
+    return policy(attempts=attempts) if attempts > 0 else None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,4 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("jpeg", "png"), default="png", help="restored frame format (default png)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of restored frames")
     p.add_argument("--send-format", choices=("jpeg", "png"), default="jpeg", help="how decoded frames are sent")
+    p.add_argument(
+        "--reconnect", type=int, default=None, metavar="N",
+        help="when the server goes away, connect again up to N times in a row with back-off "
+        "(default: service.client.Reconnect's; 0: stop at the first break)",
+    )  # fmt: skip
     p.set_defaults(func=run)

@@ -1,10 +1,15 @@
 // vident live demo: streams a sample clip, a local video file or the webcam over WS /v1/stream
 // (protocol: docs/protocol.md) and shows input, restored frame, mask overlay and the previous input
 // warped by the predicted homography. Plain JS, no build step, nothing fetched from the internet.
+// When the server goes away mid-stream (behind a load balancer: its replica died), the page connects
+// again with back-off, starts a new stream on the replica it reaches and counts the frames lost.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const MAX_IN_FLIGHT = 2; // two frames unanswered keep the server busy without making it drop any
+const RECONNECT = { attempts: 8, firstDelayMs: 500, maxDelayMs: 8000 }; // as service.client.Reconnect
+const REFUSED_FOR_GOOD = new Set([1008, 4404, 4500]); // key or origin, unknown model, model failed: no retry
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // ---- geometry ---------------------------------------------------------------------------------------------------
 
@@ -91,10 +96,15 @@ function maskOverlay(restored, mask) {
 
 const session = {
   ws: null, running: false, timer: null, source: null,
-  sent: 0, processed: 0, dropped: 0, frameErrors: 0, errors: 0, skipped: 0,
+  sent: 0, processed: 0, dropped: 0, frameErrors: 0, errors: 0, skipped: 0, lost: 0, reconnects: 0,
+  conn: null, // this connection's counts: its seq numbers start at 0 and its server counts its drops
   sentAt: new Map(), inputs: new Map(), pending: null, doneTimes: [], latencies: [],
   randomWeights: false,
 };
+
+function newConnection() {
+  return { sent: 0, processed: 0, dropped: 0, frameErrors: 0, droppedBefore: session.dropped };
+}
 
 function log(text) {
   $("log").textContent = (text + "\n" + $("log").textContent).slice(0, 4000);
@@ -103,12 +113,18 @@ function log(text) {
 function setStatus(text) { $("status").textContent = text; }
 
 function resetCounters() {
-  Object.assign(session, { sent: 0, processed: 0, dropped: 0, frameErrors: 0, errors: 0, skipped: 0 });
+  Object.assign(session, {
+    sent: 0, processed: 0, dropped: 0, frameErrors: 0, errors: 0, skipped: 0, lost: 0, reconnects: 0,
+  });
+  session.conn = newConnection();
   session.sentAt.clear(); session.inputs.clear(); session.doneTimes = []; session.latencies = [];
   session.pending = null;
 }
 
-function inFlight() { return session.sent - session.processed - session.dropped - session.frameErrors; }
+function inFlight() {
+  const c = session.conn;
+  return c ? c.sent - c.processed - c.dropped - c.frameErrors : 0;
+}
 
 function socketUrl(model) {
   const params = new URLSearchParams({ model });
@@ -135,9 +151,46 @@ function connect(model) {
     ws.onclose = (event) => {
       if (event.code !== 1000) log(`connection closed: ${event.code} ${event.reason}`);
       reject(new Error(`closed ${event.code} ${event.reason}`));
-      stop(`closed (${event.code}${event.reason ? " " + event.reason : ""})`);
+      if (ws !== session.ws) return; // a connect that failed: its caller tries again or gives up
+      if (session.running && !REFUSED_FOR_GOOD.has(event.code)) connectionLost();
+      else stop(`closed (${event.code}${event.reason ? " " + event.reason : ""})`);
     };
   });
+}
+
+// The server went away mid-stream: the frames it had not answered are lost; connect again (a new session,
+// so a new stream: the model's state starts over) while the source keeps running.
+function connectionLost() {
+  session.lost += inFlight();
+  session.ws = null;
+  session.conn = null;
+  session.sentAt.clear(); session.inputs.clear(); session.pending = null;
+  $("lost").textContent = session.lost;
+  reconnect(0);
+}
+
+async function reconnect(attempt) {
+  if (!session.running) return;
+  if (attempt >= RECONNECT.attempts) {
+    stop(`the server went away; gave up after ${RECONNECT.attempts} tries`);
+    return;
+  }
+  const delay = Math.min(RECONNECT.firstDelayMs * 2 ** attempt, RECONNECT.maxDelayMs);
+  setStatus(`connection lost: reconnecting in ${(delay / 1000).toFixed(1)} s (try ${attempt + 1} of ${RECONNECT.attempts})`);
+  await sleep(delay);
+  if (!session.running) return;
+  try {
+    const conn = newConnection();
+    session.ws = await connect($("model").value);
+    session.conn = conn;
+    session.reconnects++;
+    $("reconnects").textContent = session.reconnects;
+    setStatus(`reconnected: a new stream (${session.lost} frames lost so far)`);
+  } catch (error) {
+    session.ws = null;
+    log(`reconnect failed: ${error.message}`);
+    reconnect(attempt + 1);
+  }
 }
 
 function onMessage(message) {
@@ -146,7 +199,10 @@ function onMessage(message) {
     if (message.parts.length === 0) finishResult();
   } else if (message.type === "error") {
     session.errors++;
-    if (message.seq !== null) session.frameErrors++;
+    if (message.seq !== null) {
+      session.frameErrors++;
+      if (session.conn) session.conn.frameErrors++;
+    }
     $("errors").textContent = session.errors;
     log(`error ${message.code}: ${message.message}`);
   } else if (message.type === "bye") {
@@ -164,7 +220,11 @@ async function finishResult() {
   const { header, parts } = session.pending;
   session.pending = null;
   session.processed++;
-  session.dropped = header.dropped;
+  if (session.conn) {
+    session.conn.processed++;
+    session.conn.dropped = header.dropped; // the server counts the drops of its own session
+    session.dropped = session.conn.droppedBefore + header.dropped;
+  }
   const now = performance.now();
   const sentAt = session.sentAt.get(header.seq);
   if (sentAt !== undefined) session.latencies.push(now - sentAt);
@@ -208,6 +268,8 @@ function showStats(header) {
   $("server-ms").textContent = header.timings_ms.total.toFixed(0);
   $("dropped").textContent = session.dropped;
   $("skipped").textContent = session.skipped;
+  $("lost").textContent = session.lost;
+  $("reconnects").textContent = session.reconnects;
 }
 
 // ---- sources: each gives {fps, next() -> {bytes, pixels, restart}} ----------------------------------------------
@@ -272,7 +334,7 @@ async function videoSource(kind) {
 }
 
 async function tick() {
-  if (!session.running || session.ticking) return;
+  if (!session.running || session.ticking || !session.conn) return; // !conn: reconnecting
   if (inFlight() >= MAX_IN_FLIGHT) {
     session.skipped++; // newest frame wins on this side too: the server is busy, skip this one
     return;
@@ -280,11 +342,13 @@ async function tick() {
   session.ticking = true; // a slow capture must not overlap the next tick
   try {
     const frame = await session.source.next();
-    if (!session.running) return;
-    if (frame.restart && session.sent > 0) session.ws.send(JSON.stringify({ type: "reset" }));
-    session.inputs.set(session.sent, frame.pixels);
-    session.sentAt.set(session.sent, performance.now());
+    const conn = session.conn;
+    if (!session.running || !conn) return;
+    if (frame.restart && conn.sent > 0) session.ws.send(JSON.stringify({ type: "reset" }));
+    session.inputs.set(conn.sent, frame.pixels); // keyed by this connection's seq
+    session.sentAt.set(conn.sent, performance.now());
     session.ws.send(frame.bytes);
+    conn.sent++;
     session.sent++;
   } finally {
     session.ticking = false;
@@ -334,10 +398,11 @@ async function init() {
   const key = new URLSearchParams(location.search).get("api_key");
   const headers = key ? { "X-API-Key": key } : {};
   // The server loads and warms its default model before /readyz turns 200: wait, so the model line
-  // and the random-weights warning below describe the model that will answer.
+  // and the random-weights warning below describe the model that will answer. "full" (every session
+  // taken) has the model loaded: the page initialises, and a stream started meanwhile is refused.
   for (;;) {
     const ready = await fetch("/readyz").then((r) => r.json()).catch(() => ({ status: "unreachable" }));
-    if (ready.ready || ready.status === "failed") break;
+    if (ready.ready || ready.status === "failed" || ready.status === "full") break;
     setStatus(`waiting for the server (${ready.status})`);
     await new Promise((resolve) => setTimeout(resolve, 500));
   }
