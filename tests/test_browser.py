@@ -18,6 +18,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 from PIL import Image
+from real_servers import one_torch_thread  # noqa: F401  (autouse: the page times its frames)
 
 from models.layers import warp_by_homography
 from service.app import create_app, serve_in_thread
