@@ -1,26 +1,35 @@
-"""Load test of the streaming service on loopback: N concurrent clients for a bounded time.
+"""Load and soak test of the streaming service on loopback: N concurrent clients for a bounded time.
 
 Starts ``vident serve`` as a subprocess (so its memory is measured alone), measures the backend's raw
 streaming FPS in this process first (same model, backend and frames, ``run_streams`` at batch 1),
-then runs N clients that each keep two frames in flight for ``--seconds``, then connects and drops
-``--churn`` sessions (half of them mid-stream) ``--churn-rounds`` times. Reports aggregate FPS, per-session latency
-p50/p95/p99 (client-measured round trip), drops, and the server's RSS idle / after load / after churn.
+then runs N clients that each keep two frames in flight for ``--seconds`` (or ``--minutes``), then
+connects and drops ``--churn`` sessions (half of them mid-stream) ``--churn-rounds`` times. Reports
+aggregate FPS, per-session latency p50/p95/p99 (client-measured round trip), drops, errors, the
+server's RSS idle / after load / after churn, its RSS sampled every ``--sample-every`` seconds during
+the load (start, peak, end, and the kernel's high-water mark), and what ``/metrics`` says at the end
+(sessions still open = leaked, sessions opened, frames processed, errors by code).
 
     python -m benchmarks.stream_load --model most-nss-tiny --clients 4 --seconds 10 --size 240x320
+    python -m benchmarks.stream_load --model most-nss --backend auto --clients 8 --minutes 3 --raw-seconds 0 --churn 0
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +39,65 @@ from benchmarks.make_sample import synthetic_clip
 from service.client import Result, ServerError, StreamClient, encode_frame
 
 
+def _status_mib(pid: int, field_name: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field_name} for pid {pid}")
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (Linux /proc), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return _status_mib(pid, "VmRSS")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's resident-memory high-water mark since it started (VmHWM, kept by the kernel), MiB:
+    the peak between two samples is not missed."""
+    return _status_mib(pid, "VmHWM")
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds on a thread: ``with RssSampler(pid) as s: ...``."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.samples.append((round(time.monotonic() - self._start, 1), round(rss_mib(self.pid), 1)))
+        except (OSError, RuntimeError):  # the process has gone
+            pass
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def summary(self) -> dict[str, object]:
+        values = [mib for _, mib in self.samples]
+        return {
+            "interval_s": self.interval,
+            "samples": len(values),
+            "start": values[0] if values else None,
+            "peak": max(values) if values else None,
+            "end": values[-1] if values else None,
+        }
 
 
 def free_port() -> int:
@@ -107,7 +169,7 @@ async def one_client(url: str, frames: list[bytes], seconds: float, in_flight: i
                 continue
             await client.send_frame(frames[client.sent % len(frames)])
         await client.close()
-        await asyncio.wait_for(receiver, timeout=120)
+        await asyncio.wait_for(receiver, timeout=600)
     return stats
 
 
@@ -152,6 +214,46 @@ def wait_until(predicate, timeout: float, what: str, process: subprocess.Popen |
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+@contextmanager
+def served(settings: dict[str, str], timeout: float = 600.0) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``vident serve`` in a subprocess on a free port, configured through ``VIDENT_*`` variables
+    (``settings``: field name -> value, e.g. ``{"MODEL": "most-nss"}``); yields the process and
+    ``http://127.0.0.1:PORT`` once ``/readyz`` says the default model is loaded. Batch jobs keep their
+    data in a temporary folder, so the benchmark never shares the user's (a folder is locked by the
+    server using it)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="vident-bench-jobs-") as jobs_dir:
+        env = {**os.environ, "VIDENT_LOG_LEVEL": "warning", "VIDENT_JOBS_DATA_DIR": jobs_dir}
+        env.update({f"VIDENT_{k}": v for k, v in settings.items()})
+        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: get_json(base + "/readyz")["ready"], timeout, "the server to load the model", server)
+            yield server, base
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def server_metrics(base: str) -> dict[str, float]:
+    """``/metrics`` as ``{"name{label=value,...}": value}`` (labels sorted), for the report."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None}
@@ -165,13 +267,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    duration = parser.add_mutually_exclusive_group()
+    duration.add_argument("--seconds", type=float, default=10.0, help="length of the load")
+    duration.add_argument("--minutes", type=float, default=None, help="length of the load (a soak)")
     parser.add_argument("--size", default="240x320", help="HxW of the streamed frames")
     parser.add_argument("--churn", type=int, default=50, help="sessions that connect and drop after the load")
     parser.add_argument("--churn-rounds", type=int, default=3, help="rounds of --churn sessions")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="time for the raw backend FPS baseline")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples during the load")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    seconds = args.minutes * 60 if args.minutes is not None else args.seconds
     height, width = (int(v) for v in args.size.split("x"))
     clip = synthetic_clip(24, height, width, seed=5)
     jpegs = [encode_frame(f, "jpeg", 90) for f in clip]
@@ -180,24 +286,23 @@ def main() -> None:
     raw = None
     if args.raw_seconds > 0:
         raw = raw_fps(args.model, args.backend, args.device, args.precision, clip, args.raw_seconds)
-    port = free_port()
-    # the app factory under uvicorn, configured like `vident serve` through VIDENT_* variables
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
     settings = {"MODEL": args.model, "BACKEND": args.backend, "DEVICE": args.device, "PRECISION": args.precision}
     settings["MAX_SESSIONS"] = str(max(args.clients, 8))
     from service.pipeline import Geometry
 
     padded_h, padded_w = Geometry(height, width).padded
     settings["WARMUP_SIZE"] = f"{padded_h}x{padded_w}"  # warm up at the size the clients will send
-    env = {**os.environ, **{f"VIDENT_{k}": v for k, v in settings.items()}}
-    server = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, env=env)
-    base, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/stream"
-    try:
-        wait_until(lambda: get_json(base + "/readyz")["ready"], 300, "the server to load the model", server)
+    with served(settings) as (server, base):
+        ws_url = base.replace("http://", "ws://") + "/v1/stream"
         rss_idle = rss_mib(server.pid)
         start = time.perf_counter()
-        sessions = asyncio.run(_load(ws_url, jpegs, args.clients, args.seconds))
+        with RssSampler(server.pid, args.sample_every) as sampler:
+            sessions = asyncio.run(_load(ws_url, jpegs, args.clients, seconds))
         elapsed = time.perf_counter() - start
+        # every session has closed on the client side; a session the server still counts has leaked
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: get_json(base + "/healthz")["sessions"] == 0, 60, "every session to close")
+        metrics_after_load = server_metrics(base)
         rss_loaded = rss_mib(server.pid)
         churned, rss_churn = 0, []
         for _ in range(args.churn_rounds if args.churn else 0):  # a leak grows every round; an allocator plateaus
@@ -205,9 +310,8 @@ def main() -> None:
             wait_until(lambda: get_json(base + "/healthz")["sessions"] == 0, 60, "every session to close")
             time.sleep(1.0)
             rss_churn.append(round(rss_mib(server.pid), 1))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        metrics_end = server_metrics(base)
+        rss_high_water = peak_rss_mib(server.pid)
 
     processed = sum(s.processed for s in sessions)
     report = {
@@ -217,8 +321,10 @@ def main() -> None:
         "size": f"{height}x{width}",
         "clients": args.clients,
         "seconds": round(elapsed, 2),
+        "frames_processed": processed,
         "aggregate_fps": round(processed / elapsed, 2),
         "per_session_fps": [round(s.processed / elapsed, 2) for s in sessions],
+        "per_session_processed": [s.processed for s in sessions],
         "latency_ms_per_session": [percentiles(s.latencies_ms) for s in sessions],
         "latency_ms_all": percentiles([v for s in sessions for v in s.latencies_ms]),
         "dropped": sum(s.dropped for s in sessions),
@@ -228,9 +334,21 @@ def main() -> None:
         "churn_sessions": churned,
         "server_rss_mib": {
             "idle": round(rss_idle, 1),
+            "during_load": sampler.summary(),
             "after_load": round(rss_loaded, 1),
             "after_each_churn_round": rss_churn,
+            "high_water_mark": round(rss_high_water, 1),
         },
+        "server_metrics": {
+            "sessions_open_after_load": _sum(metrics_after_load, "vident_sessions"),
+            "sessions_open_at_end": _sum(metrics_end, "vident_sessions"),  # leaked sessions
+            "sessions_opened": _sum(metrics_end, "vident_sessions_opened_total"),
+            "frames_received": _sum(metrics_end, "vident_frames_received_total"),
+            "frames_processed": _sum(metrics_end, "vident_frames_processed_total"),
+            "errors": {k: v for k, v in metrics_end.items() if k.startswith("vident_errors_total")},
+            "send_timeouts": _sum(metrics_end, "vident_send_timeouts_total"),
+        },
+        "rss_samples_mib": sampler.samples,
         "host": {
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
@@ -239,9 +357,14 @@ def main() -> None:
         },
         "command": " ".join(["python -m benchmarks.stream_load", *sys.argv[1:]]),
     }
-    print(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples_mib"}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _sum(metrics: dict[str, float], name: str) -> float:
+    """One sample of :func:`server_metrics` summed over its labels."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 async def _load(url: str, frames: list[bytes], clients: int, seconds: float) -> list[SessionStats]:

@@ -88,12 +88,19 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
+def open_sessions_metric(client: TestClient) -> float:
+    """``vident_sessions`` summed over models: the open sessions monitoring sees on ``/metrics``."""
+    return sum(sample.value for family in client.app.state.metrics.sessions.collect() for sample in family.samples)
+
+
 def wait_sessions_closed(client: TestClient, timeout: float = 10.0) -> None:
-    """The server side finishes a session just after the client's socket closes: wait for it."""
+    """The server side finishes a session just after the client's socket closes: wait for it, in the
+    session manager and on ``/metrics`` (the gauge falls a moment after the manager lets go)."""
     deadline = time.monotonic() + timeout
-    while client.app.state.sessions.count and time.monotonic() < deadline:
+    while (client.app.state.sessions.count or open_sessions_metric(client)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert client.app.state.sessions.count == 0, "a session leaked"
+    assert open_sessions_metric(client) == 0, "vident_sessions on /metrics did not return to 0"
 
 
 def receive_result(ws) -> tuple[dict, dict[str, bytes]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import struct
 import time
@@ -249,9 +250,8 @@ def test_a_client_that_stops_reading_loses_its_session() -> None:
             time.sleep(0.02)
         sock.close()
         assert app.state.sessions.count == 0, "a client that stopped reading still holds its session"
-        metrics = app.state.metrics.render().decode()
-        assert "vident_send_timeouts_total 1.0" in metrics
-        assert 'vident_sessions{model="most-nss-tiny"} 0.0' in metrics
+        wait_sessions_closed(TestClient(app))  # the vident_sessions gauge too
+        assert "vident_send_timeouts_total 1.0" in app.state.metrics.render().decode()
         assert httpx.get(f"{base}/healthz", timeout=10).json()["sessions"] == 0  # the server carries on
         with connect(base.replace("http://", "ws://") + "/v1/stream", open_timeout=30) as ws:
             assert json.loads(ws.recv(timeout=30))["type"] == "hello"
@@ -276,3 +276,99 @@ def test_invalid_utf8_text_closes_with_1007() -> None:
         sock.close()
         assert protocol.close_rcvd.code == 1007
         wait_sessions_closed(TestClient(app))
+
+
+# Control messages whose JSON is valid but whose values have the wrong type or range: each is refused
+# on its own and leaves the session's configuration as it was (docs/protocol.md, 3.2 and 4.3).
+WRONG_TYPES = {
+    "quality as a string": ({"type": "config", "jpeg_quality": "90"}, "bad_config"),
+    "quality as a boolean": ({"type": "config", "jpeg_quality": True}, "bad_config"),
+    "quality as a float": ({"type": "config", "jpeg_quality": 90.0}, "bad_config"),
+    "output format as a list": ({"type": "config", "output_format": ["png"]}, "bad_config"),
+    "outputs as a string": ({"type": "config", "outputs": "restored"}, "bad_config"),
+    "outputs holding a list": ({"type": "config", "outputs": [["restored"]]}, "bad_config"),
+    "width 10**30": ({"type": "config", "input_format": "rgb24", "width": 10**30, "height": H}, "bad_config"),
+    "negative width": ({"type": "config", "input_format": "rgb24", "width": -W, "height": H}, "bad_config"),
+    "type as a number": ({"type": 5}, "unknown_type"),
+    "type as a list": ({"type": ["config"]}, "unknown_type"),
+    "a JSON string": ("config", "unknown_type"),
+    "NaN": (float("nan"), "unknown_type"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_control_values_of_the_wrong_type_change_nothing(client: TestClient, case: str) -> None:
+    """The session answers the next control message with its configuration unchanged: frames would be
+    served as before (no frame is streamed here, to keep the twelve cases cheap)."""
+    message, code = WRONG_TYPES[case]
+    with client.websocket_connect("/v1/stream") as ws:
+        hello = ws.receive_json()
+        ws.send_text(json.dumps(message))
+        error = ws.receive_json()
+        assert (error["type"], error["code"], error["seq"], error["fatal"]) == ("error", code, None, False), error
+        ws.send_text(json.dumps({"type": "config"}))  # no fields: reports the configuration in force
+        assert ws.receive_json() == {"type": "config_ok", "config": hello["config"]}
+    assert client.get("/healthz").json()["status"] == "ok"
+    wait_sessions_closed(client)
+
+
+def _other_format(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((H, W, 3), 120, np.uint8)).save(buffer, kind)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["GIF", "BMP", "empty"])
+def test_images_that_are_not_jpeg_or_png_are_refused(client: TestClient, frames: list[np.ndarray], kind: str) -> None:
+    """Only the two documented formats reach a decoder: a GIF or BMP, which Pillow would happily open,
+    and an empty binary message get ``bad_image`` without being parsed."""
+    data = b"" if kind == "empty" else _other_format(kind)
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_bytes(data)
+        error = ws.receive_json()
+        assert (error["code"], error["seq"], error["fatal"]) == ("bad_image", 0, False), error
+        assert "not a JPEG or PNG" in error["message"]
+        still_serves(client, ws, frames[0])
+    wait_sessions_closed(client)
+
+
+def test_a_frame_sent_before_hello_is_read_is_answered_after_hello(
+    client: TestClient, frames: list[np.ndarray]
+) -> None:
+    """A client that sends at once, without waiting for ``hello``: hello still comes first (section 4.1)
+    and the frame is the session's seq 0."""
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_bytes(png(frames[0]))
+        assert ws.receive_json()["type"] == "hello"
+        header, parts = receive_result(ws)
+        assert (header["seq"], header["index"], header["received"]) == (0, 0, 1)
+        assert decode(parts["restored"]).shape == frames[0].shape
+        still_serves(client, ws, frames[1])
+    wait_sessions_closed(client)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "null",  # sandboxed frames and file:// pages
+        "https://display.example.evil.example",  # an allowed origin as a prefix of another host
+        "http://display.example@evil.example",  # user info that looks like the allowed host
+        "http://[::1",  # not a URL at all
+    ],
+)
+def test_look_alike_origins_are_refused(client: TestClient, origin: str) -> None:
+    before = refused(client, "origin_not_allowed")
+    with client.websocket_connect("/v1/stream", headers={"Origin": origin}) as ws:
+        error = expect_close(ws, 1008)
+    assert error["code"] == "origin_not_allowed"
+    wait_sessions_closed(client)
+    assert client.get("/healthz").status_code == 200
+    assert refused(client, "origin_not_allowed") == before + 1
+
+
+def refused(client: TestClient, reason: str) -> float:
+    """``vident_sessions_refused_total`` for ``reason`` on ``/metrics`` (0 before the first refusal)."""
+    pattern = rf'^vident_sessions_refused_total{{reason="{reason}"}} (\S+)$'
+    found = re.search(pattern, client.get("/metrics").text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
