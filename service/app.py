@@ -9,7 +9,7 @@ State on ``app.state`` (what other routers may use):
 * ``engines``: ``pool.engines``, the ``name -> InferenceEngine`` dict of loaded models;
 * ``sessions``: :class:`~service.session.SessionManager`; ``metrics``: :class:`~service.metrics.Metrics`.
 
-Extension hook (batch jobs): if the module ``service.jobs`` exists, ``create_app`` mounts
+Extension hook (batch jobs): if the module ``service.jobs.routes`` exists, ``create_app`` mounts
 its ``router`` (an ``APIRouter``; every route then requires the API key when one is configured) and,
 if it defines ``lifespan(app)`` (an async context manager factory), enters it after the app state
 exists and exits it before the engines close. Other routers can be listed in :data:`EXTRA_ROUTER_MODULES`.
@@ -35,17 +35,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service import health, ws
+from service import health
 from service.engine import BackendFactory, EnginePool
+from service.memory import limit_malloc_arenas
 from service.metrics import Metrics
-from service.session import SessionManager, limit_malloc_arenas
+from service.session import SessionManager
 from service.settings import Settings, require_api_key
+from service.ws import endpoint
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Modules mounted when importable: each may define `router` and `lifespan(app)` (see the module docstring).
-EXTRA_ROUTER_MODULES: list[str] = ["service.jobs"]
+EXTRA_ROUTER_MODULES: list[str] = ["service.jobs.routes"]
 
 
 # A query parameter in a logged URL: (separator, name, value).
@@ -128,7 +130,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         device=settings.device,
         precision=settings.precision,
         max_batch=settings.max_batch,
-        checkpoints={settings.model: settings.checkpoint} if settings.checkpoint else None,
+        checkpoints=settings.checkpoints,
         backend_factory=backend_factory,
         on_batch=metrics.batch_hook,
         warmup_size=settings.warmup_hw,
@@ -171,7 +173,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
             allow_headers=["*"],
         )
     app.include_router(health.router)
-    app.include_router(ws.router)
+    app.include_router(endpoint.router)
     for module in extras:
         if hasattr(module, "router"):
             app.include_router(module.router, dependencies=[Depends(require_api_key)])

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -25,8 +25,8 @@ import numpy as np
 from export.runtime import Backend, BackendInfo
 from models.checkpoints import shipped_checkpoint
 from service.backends.factory import create_backend
+from service.memory import release_free_memory
 from service.pipeline import FrameResult, Geometry, Stream, run_streams
-from service.session import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class EnginePool:
         device: str = "cpu",
         precision: str = "auto",
         max_batch: int = 8,
-        checkpoints: dict[str, str] | None = None,
+        checkpoints: Mapping[str, str | Path] | None = None,
         backend_factory: BackendFactory | None = None,
         on_batch: Callable[[str], Callable[[int, float], None]] | None = None,
         warmup_size: tuple[int, int] | None = None,

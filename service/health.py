@@ -58,7 +58,7 @@ def _model_entry(name: str, pool: EnginePool, settings: Settings) -> dict[str, o
     entry: dict[str, object] = {
         "name": name,
         "default": name == settings.model,
-        "allowed": not settings.allowed_models or name in settings.allowed_models or name == settings.model,
+        "allowed": settings.serves(name),
         "loaded": loaded is not None,
     }
     if loaded is None:

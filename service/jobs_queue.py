@@ -44,18 +44,10 @@ from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.jobs import (
-    JOB_ID,
-    Job,
-    JobManager,
-    JobSettings,
-    JobsUnavailable,
-    OwnEngines,
-    job_error,
-    progress_writer,
-    run_job,
-)
+from service.jobs.manager import JobManager, job_error, own_engines, progress_writer, run_job
+from service.jobs.store import JOB_ID, Job, JobsUnavailable
 from service.process import Cancelled
+from service.settings import Settings
 
 log = logging.getLogger("vident.jobs")
 
@@ -331,18 +323,19 @@ class QueuedJobManager(JobManager):
 
     store: RedisJobStore | None  # type: ignore[assignment]
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.queue: JobQueue | None = None
 
     def start(self) -> None:
-        if not self.settings.broker:
-            raise ValueError("QueuedJobManager needs settings.broker")
+        broker = self.settings.jobs.broker
+        if not broker:
+            raise ValueError("QueuedJobManager needs settings.jobs.broker")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.store = RedisJobStore(connect(self.settings.broker), self.settings.broker)
-        self.queue = JobQueue(self.settings.broker, self.settings.heartbeat_timeout_s)
+        self.store = RedisJobStore(connect(broker), broker)
+        self.queue = JobQueue(broker, self.settings.jobs.heartbeat_timeout_s)
         try:
-            with _reachable(self.settings.broker):
+            with _reachable(broker):
                 self.store.client.ping()
         except JobsUnavailable as exc:  # Redis may start after us (compose, Kubernetes): requests answer 503 until then
             log.warning("%s; /v1/jobs answers 503 until it is", exc)
@@ -461,22 +454,24 @@ class _Run:
 
 
 class JobWorker:
-    """``vident worker``: runs jobs from the shared queue with engines of its own (``VIDENT_JOBS_BACKEND``,
-    ``_DEVICE``, ...), ``concurrent_jobs`` at a time, and never holds more messages than it runs.
+    """``vident worker``: runs jobs from the shared queue with engines of its own (``VIDENT_BACKEND``,
+    ``VIDENT_DEVICE``, ...), ``concurrent_jobs`` at a time, and never holds more messages than it runs.
 
     ``stop()`` (SIGTERM, Ctrl-C) cancels running jobs after their in-flight frames, counts the interruption
     as a stop (not a crash) and puts each job back on the queue for another worker.
     """
 
-    def __init__(self, settings: JobSettings) -> None:
-        if not settings.broker:
+    def __init__(self, settings: Settings) -> None:
+        broker = settings.jobs.broker
+        if not broker:
             raise ValueError("a worker needs a broker URL (--broker or VIDENT_JOBS_BROKER)")
         self.settings = settings
-        self.name = settings.worker_name or default_worker_name()
-        self.root = settings.data_dir.resolve()
-        self.engines = OwnEngines(settings)
-        self.store = RedisJobStore(connect(settings.broker), settings.broker)
-        self.queue = JobQueue(settings.broker, settings.heartbeat_timeout_s, self.handle)
+        self.broker = broker
+        self.name = settings.jobs.worker_name or default_worker_name()
+        self.root = settings.jobs.data_dir.resolve()
+        self.engines = own_engines(settings)
+        self.store = RedisJobStore(connect(broker), broker)
+        self.queue = JobQueue(broker, settings.jobs.heartbeat_timeout_s, self.handle)
         self.finished = {"done": 0, "failed": 0}
         self._runs: dict[str, _Run] = {}
         self._runs_lock = threading.Lock()
@@ -488,15 +483,15 @@ class JobWorker:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with _reachable(self.settings.broker):
+        with _reachable(self.broker):
             self._beat()  # registered (and a broker that does not answer said so) before any message is taken
         self._heartbeat = threading.Thread(target=self._beat_loop, name="jobs-heartbeat", daemon=True)
         self._heartbeat.start()
-        threads = self.settings.concurrent_jobs
+        threads = self.settings.jobs.concurrent_jobs
         self._worker = dramatiq.Worker(self.queue.broker, worker_threads=threads, worker_timeout=_WORKER_TIMEOUT_MS)
         self._worker.queue_prefetch = threads  # a busy worker must not sit on jobs another worker could run
         self._worker.start()
-        log.info("worker %s: taking jobs from %s, data in %s", self.name, _safe_url(self.settings.broker), self.root)
+        log.info("worker %s: taking jobs from %s, data in %s", self.name, _safe_url(self.broker), self.root)
 
     def stop(self, timeout: float = 60.0) -> None:
         self._stopping.set()
@@ -526,13 +521,15 @@ class JobWorker:
         status = {"name": self.name, "started_at": self.started_at, "running": running, "finished": self.finished}
         pipe = self.store.client.pipeline()
         pipe.set(
-            self.store.alive_prefix + self.name, json.dumps(status), px=int(self.settings.heartbeat_timeout_s * 1000)
+            self.store.alive_prefix + self.name,
+            json.dumps(status),
+            px=int(self.settings.jobs.heartbeat_timeout_s * 1000),
         )
         pipe.sadd(f"{PREFIX}:workers", self.name)
         pipe.execute()
 
     def _beat_loop(self) -> None:
-        interval = min(1.0, self.settings.heartbeat_timeout_s / 4)
+        interval = min(1.0, self.settings.jobs.heartbeat_timeout_s / 4)
         while not self._stopped.wait(interval):
             try:
                 self._beat()
@@ -551,7 +548,7 @@ class JobWorker:
             if self._stopping.is_set():  # taken while stopping: leave it to another worker
                 self.queue.send(job_id)
                 return
-            claim = self.store.claim(job_id, self.name, time.time(), self.settings.max_attempts)
+            claim = self.store.claim(job_id, self.name, time.time(), self.settings.jobs.max_attempts)
             if claim.outcome == "claimed":
                 attempt = claim.number
                 self._run(job_id, attempt)
@@ -619,7 +616,7 @@ class JobWorker:
         state = None
         try:
             result = run_job(
-                job, folder, staging, self.engines.get(job.model), self.settings,
+                job, folder, staging, self.engines.load(job.model).engine, self.settings,
                 progress_writer(write, run.cancel), run.cancel,
             )  # fmt: skip
             publish(staging, folder / "out")

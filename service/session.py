@@ -1,7 +1,7 @@
 """Streaming sessions: one WebSocket connection = one :class:`Session` with its own recurrent state.
 
 The :class:`SessionManager` owns every open session and enforces the caps (how many at once, how
-long idle); the WebSocket handler (:mod:`service.ws`) only moves messages. A session holds at most
+long idle); the WebSocket endpoint (:mod:`service.ws.endpoint`) only moves messages. A session holds at most
 one frame waiting for inference (:class:`FrameSlot`): when a newer frame arrives first, the older
 one is dropped and counted, so a client that sends faster than the model runs sees bounded latency
 and no queue ever grows (Holoscan's "newest wins" queue policy).
@@ -14,10 +14,6 @@ pixels of the frame the client sent (see docs/protocol.md, "Frame sizes").
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import functools
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -27,11 +23,11 @@ import cv2
 import numpy as np
 
 from models.spec import ModelSpec
+from service.memory import release_free_memory
 from service.pipeline import FrameResult, Geometry, Stream
 
 ImageFormat = Literal["jpeg", "png"]
 InputFormat = Literal["encoded", "rgb24"]
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
 class SessionLimitReached(RuntimeError):
@@ -256,41 +252,3 @@ class SessionManager:
         session.stream = None
         if self._sessions.pop(session.id, None) is not None and not self._sessions:
             release_free_memory()
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """Looked up once: ``find_library`` runs ``ldconfig`` (about 1.3 ms), and ``release_free_memory``
-    runs on the event loop whenever the last session closes."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Caps glibc's malloc arenas (``mallopt(M_ARENA_MAX)``); returns whether the cap was set.
-
-    glibc gives threads their own arenas (up to 8 per core); decode/encode threads, the inference
-    worker and runtime threads each keep freed pages in theirs, which ``malloc_trim`` does not always
-    return, so RSS crept up with every burst of sessions (docs/performance-service.md). With a
-    couple of arenas it stays flat. An explicit ``MALLOC_ARENA_MAX`` in the environment wins.
-    """
-    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, arenas))
-
-
-def release_free_memory() -> None:
-    """Hands freed heap pages back to the OS (glibc ``malloc_trim``) once the last session is gone.
-
-    Batched inference of many sessions allocates large transient buffers; glibc keeps the freed
-    pages, so without this the server's RSS stays at its peak after a burst of sessions although
-    nothing is leaked. A no-op where glibc is absent.
-    """
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)

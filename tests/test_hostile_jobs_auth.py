@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 from benchmarks.memory import mjpeg_video
 from service.app import create_app, serve_in_thread
-from service.jobs import JOB_ID
+from service.jobs.store import JOB_ID
 from service.settings import Settings
 
 KEY = "k3y-for-hostile-tests"
@@ -67,7 +67,7 @@ def assert_healthy(client: TestClient) -> None:
     """The server answers, no session is open and no folder is left of a refused upload."""
     assert client.get("/healthz").json()["status"] == "ok"
     wait_sessions_closed(client)
-    data_dir = client.app.state.jobs.settings.data_dir
+    data_dir = client.app.state.jobs.settings.jobs.data_dir
     stored = {job["id"] for job in client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]}
     folders = {p.name for p in data_dir.iterdir() if JOB_ID.fullmatch(p.name)}
     assert folders <= stored, f"folders of refused uploads: {folders - stored}"

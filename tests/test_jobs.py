@@ -26,13 +26,16 @@ from models.checkpoints import load_model, save_checkpoint
 from service.backends.factory import create_backend
 from service.backends.torch import TorchBackend
 from service.engine import InferenceEngine, Priority
-from service.jobs import JOB_ID, Job, JobManager, JobSettings, JobStore, mount_jobs
+from service.jobs.manager import JobManager
+from service.jobs.routes import mount_jobs
+from service.jobs.store import JOB_ID, Job, JobStore
+from service.settings import JobsSettings, Settings
 from service.video import read_video_frames
 
 MODEL = "most-nss-tiny"
 
 
-def make_app(settings: JobSettings, get_engine: Any = None) -> FastAPI:
+def make_app(settings: Settings, get_engine: Any = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.jobs.start()
@@ -44,8 +47,11 @@ def make_app(settings: JobSettings, get_engine: Any = None) -> FastAPI:
     return app
 
 
-def settings_for(tmp_path: Path, **overrides: Any) -> JobSettings:
-    return JobSettings(data_dir=tmp_path / "data", default_model=MODEL, sweep_interval_s=3600, **overrides)
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    """The service's settings for jobs on MODEL (torch, fp32); ``overrides`` name fields of either level."""
+    jobs = {name: overrides.pop(name) for name in list(overrides) if name in JobsSettings.model_fields}
+    jobs = {"data_dir": tmp_path / "data", "sweep_interval_s": 3600, **jobs}
+    return Settings(**{"model": MODEL, "backend": "torch", **overrides}, jobs=jobs, _env_file=None)
 
 
 @pytest.fixture
@@ -216,15 +222,15 @@ def test_retention_sweep(client: TestClient, tmp_path: Path) -> None:
 def test_interrupted_jobs_restart_on_start(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(6))
-    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    store = JobStore(settings.jobs.data_dir / "jobs.sqlite3")
     for job_id, state in (("r" * 22, "running"), ("q" * 22, "queued")):
-        (settings.data_dir / job_id).mkdir()
-        (settings.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
+        (settings.jobs.data_dir / job_id).mkdir()
+        (settings.jobs.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
         store.insert(Job(job_id, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
         if state == "running":  # a process claimed it, wrote partial results, then died
             assert store.claim(job_id, time.time())
-            (settings.data_dir / job_id / "out").mkdir()
-            (settings.data_dir / job_id / "out" / "stale.mp4").write_bytes(b"partial")
+            (settings.jobs.data_dir / job_id / "out").mkdir()
+            (settings.jobs.data_dir / job_id / "out" / "stale.mp4").write_bytes(b"partial")
     store.close()
     with TestClient(make_app(settings)) as client:
         restarted, queued = wait(client, "r" * 22), wait(client, "q" * 22)
@@ -232,7 +238,7 @@ def test_interrupted_jobs_restart_on_start(tmp_path: Path) -> None:
         "done", True, 2, 6
     )  # fmt: skip
     assert (queued["state"], queued["restarted"], queued["attempts"]) == ("done", False, 1)
-    assert not (settings.data_dir / ("r" * 22) / "out" / "stale.mp4").exists()
+    assert not (settings.jobs.data_dir / ("r" * 22) / "out" / "stale.mp4").exists()
 
 
 def test_jobs_use_the_shared_engine_at_batch_priority(tmp_path: Path) -> None:
@@ -265,7 +271,7 @@ def test_graceful_stop_leaves_running_jobs_to_restart(tmp_path: Path) -> None:
     with TestClient(make_app(settings)) as client:
         job_id = post(client, clip).json()["id"]
         wait(client, job_id, ("running",))
-    store = JobStore(settings.data_dir / "jobs.sqlite3")  # the app has stopped: read the record directly
+    store = JobStore(settings.jobs.data_dir / "jobs.sqlite3")  # the app has stopped: read the record directly
     stopped = store.get(job_id)
     store.close()
     assert stopped is not None and stopped.state == "running" and stopped.frames_done < 60
@@ -289,9 +295,9 @@ def test_frames_over_the_pixel_budget_are_refused_before_decoding(tmp_path: Path
         assert wait(client, job_id)["state"] == "done"
     # a job accepted under a larger budget that the server has since lowered: checked again when it runs
     settings = settings_for(tmp_path, max_frame_pixels=1000)
-    store = JobStore(settings.data_dir / "jobs.sqlite3")
-    (settings.data_dir / ("p" * 22)).mkdir()
-    (settings.data_dir / ("p" * 22) / "input.mp4").write_bytes(clip.read_bytes())
+    store = JobStore(settings.jobs.data_dir / "jobs.sqlite3")
+    (settings.jobs.data_dir / ("p" * 22)).mkdir()
+    (settings.jobs.data_dir / ("p" * 22) / "input.mp4").write_bytes(clip.read_bytes())
     store.insert(Job("p" * 22, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
     store.close()
     with TestClient(make_app(settings)) as client:
@@ -322,10 +328,10 @@ def crash_under(store: JobStore, job_ids: list[str], times: int, max_attempts: i
 def test_a_job_that_keeps_killing_the_server_fails_instead_of_crash_looping(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)  # max_attempts 3 by default
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(4))
-    store = JobStore(settings.data_dir / "jobs.sqlite3")
+    store = JobStore(settings.jobs.data_dir / "jobs.sqlite3")
     for job_id in ("x" * 22, "s" * 22, "q" * 22):
-        (settings.data_dir / job_id).mkdir()
-        (settings.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
+        (settings.jobs.data_dir / job_id).mkdir()
+        (settings.jobs.data_dir / job_id / "input.mp4").write_bytes(clip.read_bytes())
         store.insert(Job(job_id, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
     # x is the poison job: the server died in all three of its runs; s ran three times too, but one
     # of its runs ended in a graceful stop, which is not the job's doing
@@ -345,9 +351,9 @@ def test_a_job_that_keeps_killing_the_server_fails_instead_of_crash_looping(tmp_
 def test_max_attempts_is_a_setting(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, max_attempts=1)
     clip = write_clip(tmp_path / "clip.mp4", moving_frames(2))
-    store = JobStore(settings.data_dir / "jobs.sqlite3")
-    (settings.data_dir / ("x" * 22)).mkdir()
-    (settings.data_dir / ("x" * 22) / "input.mp4").write_bytes(clip.read_bytes())
+    store = JobStore(settings.jobs.data_dir / "jobs.sqlite3")
+    (settings.jobs.data_dir / ("x" * 22)).mkdir()
+    (settings.jobs.data_dir / ("x" * 22) / "input.mp4").write_bytes(clip.read_bytes())
     store.insert(Job("x" * 22, "queued", MODEL, None, False, "clip.mp4", "input.mp4", 1, time.time()))
     crash_under(store, ["x" * 22], 1, max_attempts=1)
     store.close()

@@ -12,8 +12,9 @@ from test_jobs import MODEL, post, wait
 from test_video import moving_frames, write_clip
 
 from service.app import create_app
-from service.jobs import JobManager, JobSettings, running
-from service.settings import Settings
+from service.jobs.manager import JobManager
+from service.jobs.routes import running
+from service.settings import JobsSettings, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ def test_jobs_share_the_apps_engines_and_api_key(tmp_path: Path) -> None:
 
 
 def test_busy_data_dir_disables_jobs_not_the_server(tmp_path: Path) -> None:
-    with running(JobManager(JobSettings(data_dir=tmp_path / "jobs"))):  # another server holds the folder
+    with running(JobManager(Settings(jobs=JobsSettings(data_dir=tmp_path / "jobs"), _env_file=None))):  # busy
         with TestClient(create_app(Settings(model=MODEL, backend="torch", preload=False, _env_file=None))) as client:
             response = client.get("/v1/jobs")
             assert response.status_code == 503 and "in use by another vident server" in response.json()["detail"]

@@ -38,11 +38,12 @@ def start_server(data_dir: Path, weights: Path) -> tuple[subprocess.Popen[bytes]
     env = {
         **os.environ,
         "VIDENT_JOBS_DATA_DIR": str(data_dir),
-        "VIDENT_JOBS_CHECKPOINTS": json.dumps({MODEL: str(weights)}),
-        "VIDENT_JOBS_DEFAULT_MODEL": MODEL,
+        "VIDENT_CHECKPOINTS": json.dumps({MODEL: str(weights)}),
+        "VIDENT_MODEL": MODEL,
+        "VIDENT_BACKEND": "torch",
         "OMP_NUM_THREADS": "2",  # the test's own reference runs with 2 torch threads too
     }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.jobs:create_standalone_app"]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "service.jobs.routes:create_standalone_app"]
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env,

@@ -21,8 +21,8 @@ from test_video import moving_frames, write_clip
 from benchmarks.cluster import Process, free_port, vident, wait_for
 from service.app import create_app, serve_in_thread
 from service.cli import main
-from service.jobs import Job
-from service.settings import Settings
+from service.jobs.store import Job
+from service.settings import JobsSettings, Settings
 from service.video import read_video_frames
 
 FRAMES = 24
@@ -71,10 +71,10 @@ def test_claims_count_crashes_fence_old_runs_and_end_crash_loops(redis_url: str)
 
 
 def test_a_worker_without_the_shared_folder_fails_the_job_and_says_why(redis_url: str, tmp_path: Path) -> None:
-    from service.jobs import JobSettings
     from service.jobs_queue import JobWorker
 
-    worker = JobWorker(JobSettings(broker=redis_url, data_dir=tmp_path / "elsewhere", worker_name="w9"))
+    jobs = JobsSettings(broker=redis_url, data_dir=tmp_path / "elsewhere", worker_name="w9")
+    worker = JobWorker(Settings(jobs=jobs, _env_file=None))
     job_id = "d" * 22
     worker.store.insert(new_job(job_id))
     attempt = worker.store.claim(job_id, worker.name, time.time(), 3).number
@@ -116,6 +116,7 @@ def test_api_replicas_share_records_and_answer_503_without_redis(
         assert one.get(f"/v1/jobs/{job_id}").status_code == 404
         assert not (tmp_path / "jobs" / job_id).exists()
     monkeypatch.setenv("VIDENT_JOBS_BROKER", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    settings = Settings(model=TINY, backend="torch", preload=False, _env_file=None)  # the environment is read here
     with TestClient(create_app(settings)) as away:
         response = away.get("/v1/jobs")
         assert response.status_code == 503 and "unreachable" in response.json()["detail"]
@@ -144,7 +145,7 @@ def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, tmp_path: Path, m
         "VIDENT_JOBS_DATA_DIR": str(data_dir),
         "VIDENT_JOBS_BROKER": redis_url,
         "VIDENT_JOBS_HEARTBEAT_TIMEOUT_S": "3",  # production default 15 s; short here to keep the test short
-        "VIDENT_JOBS_BACKEND": "torch",
+        "VIDENT_BACKEND": "torch",
     }
     for name, value in env.items():  # the API replica runs in this process (uvicorn on a thread), workers apart
         monkeypatch.setenv(name, value)

@@ -195,7 +195,7 @@ def test_jobs_module_hook_mounts_router_and_lifespan(monkeypatch: pytest.MonkeyP
 
 def test_models_names_the_checkpoint_file_not_its_path(tmp_path: Path) -> None:
     weights = save_checkpoint(create_model(TINY), tmp_path / "secret-folder" / "tiny.safetensors")
-    with TestClient(create_app(settings(checkpoint=str(weights)))) as c:
+    with TestClient(create_app(settings(checkpoints={TINY: weights}))) as c:
         wait_ready(c)
         tiny = {m["name"]: m for m in c.get("/v1/models").json()["models"]}[TINY]
     assert (tiny["checkpoint"], tiny["random_weights"]) == ("tiny.safetensors", False)

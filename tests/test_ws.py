@@ -467,12 +467,12 @@ def test_frames_of_several_sessions_are_batched(frames: list[np.ndarray]) -> Non
 def test_a_server_bug_closes_only_that_session(
     client: TestClient, frames: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.ws
+    import service.ws.endpoint
 
     def broken(*args: object) -> list:
         raise ZeroDivisionError("injected encoder bug")
 
-    monkeypatch.setattr(service.ws, "encode_result", broken)
+    monkeypatch.setattr(service.ws.endpoint, "encode_result", broken)
     with client.websocket_connect("/v1/stream") as ws:
         ws.receive_json()
         ws.send_bytes(png(frames[0]))

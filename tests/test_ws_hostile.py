@@ -30,7 +30,7 @@ from service.app import create_app, serve_in_thread
 from service.backends.factory import create_backend
 from service.pipeline import MIN_NETWORK_SIDE, Geometry, Stream, run_streams
 from service.settings import Settings
-from service.ws import CLOSE_SEND_TIMEOUT, MAX_CONTROL_BYTES, MAX_CONTROL_DEPTH
+from service.ws.protocol import CLOSE_SEND_TIMEOUT, MAX_CONTROL_BYTES, MAX_CONTROL_DEPTH
 
 H, W = 64, 96
 

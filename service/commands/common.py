@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+_SECTIONS = ("jobs",)  # nested sections of service.settings.Settings
 
 
 def frame_size(text: str) -> tuple[int, int]:
@@ -29,6 +36,33 @@ def settings_overrides(args: argparse.Namespace, flags: dict[str, type]) -> dict
     return {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
 
 
+def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", action="append", type=checkpoint, default=[], metavar="[MODEL=]PATH",
+        help="weights for MODEL, or for the default model without MODEL= (repeatable; env VIDENT_CHECKPOINTS as "
+        "JSON: {\"most-nss\": \"/w/most-nss.safetensors\"})",
+    )  # fmt: skip
+
+
+def checkpoint(text: str) -> tuple[str | None, Path]:
+    """``MODEL=PATH`` or ``PATH`` (weights for the default model, which is only known once settings are read).
+    A name holds no ``/``, so ``/runs/lr=3/w.safetensors`` is a path, not a model."""
+    model, sep, path = text.partition("=")
+    if not sep or "/" in model or "\\" in model:
+        return None, Path(text)
+    if not model or not path:
+        raise argparse.ArgumentTypeError(f"expected MODEL=PATH or PATH, got {text!r}")
+    return model, Path(path)
+
+
+def checkpoint_overrides(settings: Settings, checkpoints: list[tuple[str | None, Path]]) -> Settings:
+    """``settings`` with the ``--checkpoint`` flags added to ``checkpoints`` (a flag wins over the environment)."""
+    if not checkpoints:
+        return settings
+    given = {model or settings.model: path for model, path in checkpoints}
+    return settings.model_copy(update={"checkpoints": {**settings.checkpoints, **given}})
+
+
 def configure_logging(level: str) -> None:
     """The log format of the long-running commands (``serve``, ``worker``)."""
     import logging
@@ -43,6 +77,9 @@ def invalid_settings(exc: Exception) -> str:
         return str(exc)
     parts = []
     for error in errors():
-        field = ".".join(map(str, error["loc"])) or "settings"
+        loc = error["loc"]
+        if len(loc) > 1 and loc[0] in _SECTIONS:
+            loc = loc[1:]  # a section's fields are named as their flags are: ``broker``, not ``jobs.broker``
+        field = ".".join(map(str, loc)) or "settings"
         parts.append(f"{field}: {error['msg'].removeprefix('Value error, ')}")  # pydantic's prefix says nothing
     return "; ".join(parts)

@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.commands.common import add_settings_flags, configure_logging, invalid_settings, settings_overrides
+from service.commands.common import (
+    add_checkpoint_flag,
+    add_settings_flags,
+    checkpoint_overrides,
+    configure_logging,
+    invalid_settings,
+    settings_overrides,
+)
 
 # flag -> Settings field; a flag left out keeps the environment's (or the default) value
 _FLAGS = {
     "host": str,
     "port": int,
     "model": str,
-    "checkpoint": str,
     "backend": str,
     "device": str,
     "precision": str,
@@ -37,20 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.app import create_app
-    from service.jobs import JobSettings
     from service.settings import Settings
 
-    settings = Settings(**settings_overrides(args, _FLAGS))
-    # VIDENT_JOBS_* read here, not in the app's start-up, so that a wrong value (a broker URL that is not one)
-    # stops the command with its reason; --jobs-broker sends batch jobs to the shared queue (docs/jobs.md).
+    # Every VIDENT_* variable, VIDENT_JOBS_* included, is read here, so that a wrong value (a broker URL that
+    # is not one) stops the command with its reason before anything loads; --jobs-broker sends batch jobs to
+    # the shared queue (docs/jobs.md).
     try:
-        job_settings = JobSettings(**({"broker": args.jobs_broker} if args.jobs_broker else {}))
+        settings = Settings(
+            **settings_overrides(args, _FLAGS), **({"jobs": {"broker": args.jobs_broker}} if args.jobs_broker else {})
+        )
+        settings = checkpoint_overrides(settings, args.checkpoint)
     except ValidationError as exc:
         print(f"vident serve: {invalid_settings(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     app = create_app(settings)
-    app.state.job_settings = job_settings
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(
         f"vident: model {settings.model} ({settings.backend}, {settings.device})\n"
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the streaming service: browser demo at /, WebSocket /v1/stream")
     add_settings_flags(p, _FLAGS, "VIDENT_")
+    add_checkpoint_flag(p)
     p.add_argument(
         "--jobs-broker", default=None, metavar="URL",
         help="redis://HOST:6379/0: enqueue batch jobs for `vident worker` processes (env VIDENT_JOBS_BROKER)",

@@ -1,4 +1,4 @@
-"""``WS /v1/stream``: the live streaming protocol (docs/protocol.md is its specification).
+"""``WS /v1/stream``: the route and the lifecycle of one live session (docs/protocol.md is the protocol).
 
 A session runs three tasks that share nothing but the :class:`~service.session.Session`:
 
@@ -18,236 +18,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
+import enum
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-import cv2
-import numpy as np
 from fastapi import APIRouter, WebSocket
-from PIL import Image, UnidentifiedImageError
 
 from models import list_models
 from service.engine import LoadedModel, Priority
 from service.metrics import Metrics
-from service.session import ClientResult, PendingFrame, Session, SessionConfig, SessionLimitReached, resize
+from service.session import ClientResult, PendingFrame, Session, SessionConfig, SessionLimitReached
 from service.settings import Settings, presented_key
+from service.ws.codec import decode_frame, encode_result
+from service.ws.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_IDLE,
+    CLOSE_INTERNAL,
+    CLOSE_MODEL_FAILED,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_SEND_TIMEOUT,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_LATER,
+    CLOSE_UNKNOWN_MODEL,
+    ProtocolError,
+    apply_config,
+    hello_message,
+    parse_control,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-PROTOCOL_VERSION = 1
 
-# WebSocket close codes (RFC 6455 section 7.4; 4000-4999 are ours). docs/protocol.md lists them.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008  # missing or wrong API key, or an Origin not in cors_origins
-CLOSE_TOO_BIG = 1009  # message larger than max_message_bytes
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_LATER = 1013  # max_sessions reached
-CLOSE_UNKNOWN_MODEL = 4404
-CLOSE_IDLE = 4408  # no message for idle_timeout_s
-CLOSE_SEND_TIMEOUT = 4429  # the client did not take a message for send_timeout_s (it stopped reading)
-CLOSE_MODEL_FAILED = 4500  # the model could not be loaded
+class Received(enum.Enum):
+    """How a session's receive loop ended, which decides how the session ends."""
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-_PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr")  # what converts to RGB without guessing
-_CONFIG_KEYS = ("output_format", "jpeg_quality", "outputs", "input_format", "width", "height")
-# Control messages are a few hundred bytes; these bounds hold before json.loads, whose C parser
-# recurses once per nesting level (``[`` x 100000 would end in a RecursionError, not a JSON error).
-MAX_CONTROL_BYTES = 65536
-MAX_CONTROL_DEPTH = 32
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_A_BRACKET = re.compile(r"[^\[\]{}]")
-
-
-class ProtocolError(Exception):
-    """A problem with what the client sent; ``code`` is the machine-readable name in the error message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-# --- frames in and out -------------------------------------------------------------------------------------------
-
-
-def check_frame_size(width: int, height: int, max_side: int, max_pixels: int) -> None:
-    """ProtocolError('frame_too_large') for a size over the limits; called with header sizes, before
-    any pixel is decoded, because a few KB of PNG or JPEG can declare gigabytes of pixels."""
-    if width > max_side or height > max_side:
-        raise ProtocolError("frame_too_large", f"{width}x{height} exceeds max_frame_side {max_side}")
-    if width * height > max_pixels:
-        raise ProtocolError(
-            "frame_too_large", f"{width}x{height} = {width * height} pixels exceeds max_frame_pixels {max_pixels}"
-        )
-
-
-def decode_frame(data: bytes, config: SessionConfig, max_side: int, max_pixels: int) -> np.ndarray:
-    """A binary frame message -> uint8 (h, w, 3) RGB, or ProtocolError naming what is wrong."""
-    if config.input_format == "rgb24":
-        assert config.width is not None and config.height is not None
-        expected = config.width * config.height * 3
-        if len(data) != expected:
-            raise ProtocolError(
-                "bad_raw_size",
-                f"raw RGB24 frame must be {config.width}x{config.height}x3 = {expected} bytes, got {len(data)}",
-            )
-        return np.frombuffer(data, np.uint8).reshape(config.height, config.width, 3).copy()
-    if not (data.startswith(PNG_SIGNATURE) or data.startswith(JPEG_SIGNATURE)):
-        raise ProtocolError("bad_image", f"not a JPEG or PNG image (starts with {data[:8].hex() or 'nothing'})")
-    kind = "PNG" if data.startswith(PNG_SIGNATURE) else "JPEG"
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as image:  # reads the header only
-            check_frame_size(image.width, image.height, max_side, max_pixels)
-            if image.mode not in _PIL_MODES:
-                raise ProtocolError("bad_image", f"unsupported {image.format} pixel mode {image.mode}; send 8-bit RGB")
-            if kind == "PNG":
-                return _decode_png(data)
-            image.load()  # decodes; a truncated or corrupt file raises here
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8).copy()
-    except ProtocolError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a header beyond Pillow's limit
-        raise ProtocolError("frame_too_large", f"{exc}; max_frame_pixels is {max_pixels}") from None
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
-        raise ProtocolError("bad_image", f"truncated or corrupt {kind}: {exc}") from None
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    """PNG pixels through libpng (OpenCV), which refuses image data that ends before the last row.
-    Pillow's PNG decoder accepts a complete file whose compressed data stops early and leaves the
-    missing rows black, so a frame cut short by a client would come back partly black."""
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # palette, grey, alpha -> BGR, as sent
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if pixels is None:
-        raise ProtocolError("bad_image", "truncated or corrupt PNG: its image data is incomplete or damaged")
-    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
-
-
-def parse_control(text: str) -> object:
-    """A control message's JSON value, or ProtocolError; size and nesting are bounded before parsing."""
-    if len(text) > MAX_CONTROL_BYTES or len(text.encode()) > MAX_CONTROL_BYTES:  # characters <= bytes
-        raise ProtocolError("control_too_large", f"control messages are at most {MAX_CONTROL_BYTES} bytes of UTF-8")
-    depth = deepest = 0
-    for bracket in _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)):  # brackets outside strings
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-        if deepest > MAX_CONTROL_DEPTH:
-            raise ProtocolError(
-                "control_too_large", f"control messages may nest at most {MAX_CONTROL_DEPTH} levels deep"
-            )
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise ProtocolError("not_json", f"text messages must be JSON control messages; got {text[:40]!r}") from None
-
-
-def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
-    """uint8 RGB (h, w, 3) or grey (h, w) -> JPEG or PNG bytes (PNG: fast, lossless)."""
-    pixels = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    if image_format == "jpeg":
-        ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    else:
-        ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError(f"could not encode a {image.shape} image as {image_format}")
-    return buf.tobytes()
-
-
-@dataclass
-class EncodedPart:
-    name: str
-    format: str
-    data: bytes
-    height: int
-    width: int
-    channels: int
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "format": self.format,
-            "bytes": len(self.data),
-            "width": self.width,
-            "height": self.height,
-            "channels": self.channels,
-        }
-
-
-def encode_result(result: ClientResult, config: SessionConfig) -> list[EncodedPart]:
-    """The images a client asked for, at the size it sent, in ``config.outputs`` order (masks always PNG)."""
-    parts = []
-    height, width = result.size
-    for name in config.outputs:
-        image = result.images.get(name)
-        if image is None:
-            continue
-        image = resize(image, height, width)
-        image_format = "png" if image.ndim == 2 else config.image_format
-        data = encode_image(image, image_format, config.jpeg_quality)
-        parts.append(EncodedPart(name, image_format, data, height, width, 1 if image.ndim == 2 else 3))
-    return parts
-
-
-def _choice(message: dict[str, object], key: str, choices: tuple[str, ...]) -> str:
-    value = message[key]
-    if value not in choices:
-        raise ProtocolError("bad_config", f"{key} must be one of {list(choices)}, not {value!r}")
-    return str(value)
-
-
-def _integer(message: dict[str, object], key: str, largest: int) -> int:
-    value = message[key]
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest:
-        raise ProtocolError("bad_config", f"{key} must be an integer 1..{largest}, not {value!r}")
-    return value
-
-
-def apply_config(
-    config: SessionConfig, message: dict[str, object], image_outputs: tuple[str, ...], settings: Settings
-) -> SessionConfig:
-    """A new SessionConfig with the message's fields applied, or ProtocolError('bad_config', ...)."""
-    unknown = sorted(set(message) - {"type", *_CONFIG_KEYS})
-    if unknown:
-        raise ProtocolError("bad_config", f"unknown config field(s) {unknown}; known: {list(_CONFIG_KEYS)}")
-    new = replace(config)
-    if "output_format" in message:
-        new.image_format = _choice(message, "output_format", ("jpeg", "png"))  # type: ignore[assignment]
-    if "jpeg_quality" in message:
-        new.jpeg_quality = _integer(message, "jpeg_quality", 100)
-    if "outputs" in message:
-        outputs = message["outputs"]
-        if not isinstance(outputs, list) or any(o not in image_outputs for o in outputs) or "restored" not in outputs:
-            raise ProtocolError(
-                "bad_config", f"outputs must be a list from {list(image_outputs)} including 'restored', not {outputs!r}"
-            )
-        new.outputs = tuple(dict.fromkeys(outputs))
-    for key in ("width", "height"):
-        if key in message:
-            setattr(new, key, None if message[key] is None else _integer(message, key, settings.max_frame_side))
-    if "input_format" in message:
-        new.input_format = _choice(message, "input_format", ("encoded", "rgb24"))  # type: ignore[assignment]
-    if new.input_format == "rgb24":
-        if new.width is None or new.height is None:
-            raise ProtocolError("bad_config", "input_format 'rgb24' needs width and height")
-        if new.width * new.height * 3 > settings.max_message_bytes:
-            limit = settings.max_message_bytes
-            raise ProtocolError("bad_config", f"{new.width}x{new.height} RGB24 frames exceed max_message_bytes {limit}")
-        if new.width * new.height > settings.max_frame_pixels:
-            limit = settings.max_frame_pixels
-            raise ProtocolError("bad_config", f"{new.width}x{new.height} RGB24 frames exceed max_frame_pixels {limit}")
-    return new
-
-
-# --- the session -------------------------------------------------------------------------------------------------
+    DISCONNECTED = "disconnected"  # the client went away: nothing more to send
+    CLOSE = "close"  # the client sent ``close``: finish the frames in flight, send ``bye``, close with 1000
+    ENDED = "ended"  # the server ended the session (idle, oversize message, a reply it could not send)
 
 
 class Connection:
@@ -317,7 +128,7 @@ class SessionRunner:
         workers = [asyncio.create_task(self._infer()), asyncio.create_task(self._send())]
         try:
             done, _ = await asyncio.wait([receiver, *workers], return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done and receiver.result() == "close":
+            if receiver in done and receiver.result() is Received.CLOSE:
                 self.session.slot.close()  # finish the frame in flight and the pending one, then say goodbye
                 await asyncio.gather(*workers)
                 s = self.session
@@ -336,8 +147,8 @@ class SessionRunner:
                 task.cancel()
             await asyncio.gather(receiver, *workers, return_exceptions=True)
 
-    async def _receive(self) -> str:
-        """Reads until the client leaves ('disconnected'), asks to close ('close') or the session ends ('ended')."""
+    async def _receive(self) -> Received:
+        """Reads messages until the client leaves, asks to close or the session ends; says which."""
         ws = self.conn.websocket
         idle = self.settings.idle_timeout_s
         receiving: asyncio.Future[dict] | None = None
@@ -353,18 +164,18 @@ class SessionRunner:
                     if time.monotonic() - self.session.last_activity < idle:
                         continue
                     await self.conn.refuse("idle_timeout", f"nothing received or sent for {idle:g} s", CLOSE_IDLE)
-                    return "ended"
+                    return Received.ENDED
                 message, receiving = receiving.result(), None
                 if message["type"] == "websocket.disconnect":
-                    return "disconnected"
+                    return Received.DISCONNECTED
                 self.session.touch()
                 if message.get("bytes") is not None:
                     if not await self._frame(message["bytes"]):
-                        return "ended"
-                elif await self._control(message.get("text") or "") == "close":
-                    return "close"
+                        return Received.ENDED
+                elif await self._control(message.get("text") or "") is Received.CLOSE:
+                    return Received.CLOSE
                 if self.conn.closed:  # a reply could not be sent (send_timeout): the session is over
-                    return "ended"
+                    return Received.ENDED
         finally:
             if receiving is not None:
                 receiving.cancel()
@@ -397,7 +208,8 @@ class SessionRunner:
             self.metrics.frames_dropped.labels(session.model).inc()
         return True
 
-    async def _control(self, text: str) -> str | None:
+    async def _control(self, text: str) -> Received | None:
+        """Answers one control message: :attr:`Received.CLOSE` when it was ``close``, else None (go on)."""
         session = self.session
         try:
             message = parse_control(text)
@@ -418,7 +230,7 @@ class SessionRunner:
         elif kind == "ping":
             await self.conn.send({"type": "pong", "data": message.get("data")})
         elif kind == "close":
-            return "close"
+            return Received.CLOSE
         else:
             known = "config, reset, ping, close"
             await self._error("unknown_type", f"unknown control message type {kind!r}; known: {known}")
@@ -514,9 +326,9 @@ def model_problem(name: str, settings: Settings) -> str | None:
     registered = list_models(include_tiny=True)
     if name not in registered:
         return f"unknown model {name!r}; registered: {', '.join(registered)}"
-    allowed = settings.allowed_models
-    if allowed and name not in allowed and name != settings.model:
-        return f"model {name!r} is not served here; allowed: {', '.join(sorted({*allowed, settings.model}))}"
+    if not settings.serves(name):
+        allowed = ", ".join(sorted({*settings.allowed_models, settings.model}))
+        return f"model {name!r} is not served here; allowed: {allowed}"
     return None
 
 
@@ -574,27 +386,3 @@ async def stream_socket(websocket: WebSocket) -> None:
             "session %s closed: %d received, %d processed, %d dropped, %d errors",
             session.id, session.received, session.processed, session.dropped, session.errors,
         )  # fmt: skip
-
-
-def hello_message(session: Session, loaded: LoadedModel, settings: Settings) -> dict[str, object]:
-    spec = loaded.engine.backend.spec
-    return {
-        "type": "hello",
-        "protocol": PROTOCOL_VERSION,
-        "session": session.id,
-        "model": session.model,
-        "backend": {"name": loaded.info.name, "device": loaded.info.device, "precision": loaded.info.precision},
-        "random_weights": loaded.random_weights,
-        "image_outputs": [o.name for o in spec.outputs if o.kind == "map"],
-        "homography": any(o.kind == "homography" for o in spec.outputs),
-        "config": session.config.as_dict(),
-        "limits": {
-            "max_message_bytes": settings.max_message_bytes,
-            "max_frame_side": settings.max_frame_side,
-            "max_frame_pixels": settings.max_frame_pixels,
-            "idle_timeout_s": settings.idle_timeout_s,
-            "send_timeout_s": settings.send_timeout_s,
-            "fps_cap": settings.fps_cap,
-            "max_sessions": settings.max_sessions,
-        },
-    }
