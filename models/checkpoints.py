@@ -1,9 +1,11 @@
 """Shipped and trained weights: ``.safetensors`` with the metadata needed to rebuild the network.
 
 Loading never unpickles. The metadata (all strings, as safetensors requires) holds the registered
-model name and, for the MOST family, the scales-to-tasks structure, the homography pooling and
-whether the restoration heads read the input and filter it, so a checkpoint rebuilds the heads it was trained
-with (a structure found by NSS, or a layout older than a change of the network).
+model name and the network's layout (``layout_metadata()``: a ``layout_version`` and, for the MOST
+family, the scales-to-tasks structure and the layout options). Each family's checkpoint filter (timm's
+``checkpoint_filter_fn``, registered with its names) reads that back, converting checkpoints of older
+layout versions, so a checkpoint rebuilds the network it was trained as (a structure found by NSS, or a
+layout older than a change of the network).
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
-from models.most import MostNet, Structure
-from models.registry import create_model
+from models.registry import checkpoint_filter, create_model
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -23,12 +24,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model.spec.name, **(metadata or {})}  # type: ignore[attr-defined]
-    if isinstance(model, MostNet):
-        meta["structure"] = model.structure.to_json()
-        meta["homography_pool"] = model.cfg.homography_pool
-        meta["restoration_input"] = str(int(model.cfg.restoration_input))
-        meta["restoration_filter"] = str(model.cfg.restoration_filter)
+    # The model's own layout last: metadata copied from another checkpoint must not describe this one.
+    meta = {"model": model.spec.name, **(metadata or {}), **model.layout_metadata()}  # type: ignore[attr-defined,operator]
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Written aside and renamed: a run killed mid-write keeps its previous last/best weights whole.
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
@@ -42,14 +39,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def most_config_of(meta: dict[str, str]) -> dict[str, object]:
-    """The MostConfig fields a checkpoint's metadata fixes; metadata older than a key means the
-    network as it was before that option existed (global pooling, heads without the input or its filter)."""
-    return {
-        "homography_pool": meta.get("homography_pool", "global"),
-        "restoration_input": meta.get("restoration_input", "0") == "1",
-        "restoration_filter": int(meta.get("restoration_filter", "0")),
-    }
+def read_checkpoint(
+    path: str | Path, name: str | None = None, into: object | None = None
+) -> tuple[dict[str, object], dict[str, Tensor]]:
+    """A checkpoint through its family's filter: the ``create_model`` kwargs that rebuild its layout and its
+    weights for them. ``name``: the registered model whose family reads it (default: the one it records);
+    ``into``: a config of that family to convert the weights to instead (see the family's filter)."""
+    meta = read_metadata(path)
+    name = name or meta.get("model")
+    if name is None:
+        raise ValueError(f"{path}: no model name in its metadata")
+    return checkpoint_filter(name)(load_file(str(path)), meta, into)
+
+
+def checkpoint_config(meta: dict[str, str]) -> dict[str, object]:
+    """The ``create_model`` kwargs a checkpoint's metadata fixes (its family's filter, without weights)."""
+    return checkpoint_filter(meta["model"])({}, meta)[0]
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -72,17 +77,20 @@ def load_model(name_or_path: str, checkpoint: str | Path | None = None) -> tuple
         checkpoint = shipped_checkpoint(name_or_path)
     if checkpoint is None:
         return create_model(name_or_path).eval(), None
-    meta = read_metadata(checkpoint)
-    name = meta.get("model") or name_or_path
-    kwargs: dict[str, object] = {}
-    if "structure" in meta:  # the MOST family; checkpoints older than the keys are rebuilt as they were made
-        kwargs = {"structure": Structure.from_json(meta["structure"]), **most_config_of(meta)}
+    name = read_metadata(checkpoint).get("model") or name_or_path
+    kwargs, state = read_checkpoint(checkpoint, name)
     model = create_model(name, **kwargs)
-    state = load_file(str(checkpoint))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{checkpoint}: does not match {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), Path(checkpoint)
 
 
-__all__ = ["load_model", "save_checkpoint", "read_metadata", "most_config_of", "shipped_checkpoint"]
+__all__ = [
+    "checkpoint_config",
+    "load_model",
+    "read_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+    "shipped_checkpoint",
+]

@@ -17,7 +17,9 @@ previous homography-head features h_{t-1}^s. ``reset = 1`` makes the frame its o
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -322,9 +324,13 @@ class HomographyHead(nn.Module):
         gated = decoded * torch.sigmoid(mask_logits)
         return torch.cat((F.relu(self.gate_conv(gated)), F.relu(self.restored_conv(restored))), dim=1)
 
+    def pooled(self, h_current: Tensor, h_previous_warped: Tensor) -> Tensor:
+        """(b, F) features the linear readout ``offsets`` reads (what ``vident fit-homography`` fits it on)."""
+        return self.regressor(torch.cat((h_current, h_previous_warped), dim=1))
+
     def forward(self, h_current: Tensor, h_previous_warped: Tensor) -> Tensor:
         """(b, 8) corner offsets."""
-        return self.offsets(self.regressor(torch.cat((h_current, h_previous_warped), dim=1)))
+        return self.offsets(self.pooled(h_current, h_previous_warped))
 
 
 @dataclass
@@ -407,6 +413,17 @@ class MostNet(nn.Module):
     def structure(self) -> Structure:
         return self.cfg.structure
 
+    def layout_metadata(self) -> dict[str, str]:
+        """The layout a checkpoint records (strings, as safetensors metadata); :func:`checkpoint_filter_fn`
+        reads it back."""
+        return {
+            "layout_version": str(LAYOUT_VERSION),
+            "structure": self.structure.to_json(),
+            "homography_pool": self.cfg.homography_pool,
+            "restoration_input": str(int(self.cfg.restoration_input)),
+            "restoration_filter": str(self.cfg.restoration_filter),
+        }
+
     def step(
         self, frame: Tensor, reset: Tensor, state: dict[str, Tensor], scales: tuple[int, ...] | None = None
     ) -> tuple[MostStep, dict[str, Tensor]]:
@@ -417,6 +434,24 @@ class MostNet(nn.Module):
         what those scales output does not depend on the finer ones, so a fit that reads only the coarse
         homography head skips the full-resolution decoder, about half of a step's time. The state
         returned then holds only those scales."""
+        step, new_state, _ = self.forward_intermediates(frame, reset, state, scales)
+        return step, new_state
+
+    def forward_intermediates(
+        self, frame: Tensor, reset: Tensor, state: dict[str, Tensor], scales: tuple[int, ...] | None = None
+    ) -> tuple[MostStep, dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`step` that also returns named intermediate features (timm's ``forward_intermediates``),
+        so fits and probes read inside the network without hooking its modules. Per decoded scale s:
+
+        - ``head_features_s{s}`` (b, C, h, w): what the dense heads read, the decoded features and the
+          upsampled coarser restoration and mask probability (the restoration head also reads B^s when
+          ``cfg.restoration_input``);
+        - ``restoration_residual_s{s}`` (b, 3, h, w): the restoration head's output, added to B^s (the
+          input filter's term comes on top);
+        - ``homography_pooled_s{s}`` (b, F): the pooled features the homography readout
+          (``HomographyHead.offsets``) reads.
+
+        Only the heads a scale has give their entries."""
         if scales is not None and tuple(scales) != self.decoded_scales[: len(scales)]:
             raise ValueError(f"scales must be a leading run of {self.decoded_scales}, not {scales}")
         st = self.structure
@@ -425,6 +460,7 @@ class MostNet(nn.Module):
         encoded = self.encoder(frame)  # [f^1, f^2, f^3]
         images = {1: frame, 2: F.avg_pool2d(frame, 2), 3: F.avg_pool2d(frame, 4)}
         new_state: dict[str, Tensor] = {}
+        intermediates: dict[str, Tensor] = {}
         restored: dict[int, Tensor] = {}
         mask_logits: dict[int, Tensor] = {}
         homography: dict[int, Tensor] = {}
@@ -450,9 +486,12 @@ class MostNet(nn.Module):
                     torch.sigmoid(resize_to(latest_mask[1], latest_mask[0], s)),
                 ]
             head_in = torch.cat((decoded, *lower), dim=1)
+            intermediates[f"head_features_s{s}"] = head_in
             if st.has("restoration", s):
                 restoration_in = torch.cat((head_in, images[s]), dim=1) if self.cfg.restoration_input else head_in
-                restored[s] = images[s] + self.restoration_heads[str(s)](restoration_in)
+                correction = self.restoration_heads[str(s)](restoration_in)
+                intermediates[f"restoration_residual_s{s}"] = correction
+                restored[s] = images[s] + correction
                 if self.cfg.restoration_filter:
                     restored[s] = restored[s] + self.restoration_filters[str(s)](images[s])
             if st.has("segmentation", s):
@@ -473,7 +512,9 @@ class MostNet(nn.Module):
                 h_t = head.features(decoded, m_s, r_s)
                 h_prev = reset * h_t + keep * state[f"prev_motion_s{s}"]
                 new_state[f"prev_motion_s{s}"] = h_t
-                offsets = head(h_t, warp_by_homography(h_prev, h_current))
+                pooled = head.pooled(h_t, warp_by_homography(h_prev, h_current))
+                intermediates[f"homography_pooled_s{s}"] = pooled
+                offsets = head.offsets(pooled)
                 factor = 2 ** (s - 1)  # scale s has (H / factor) x (W / factor) pixels
                 with torch.autocast(frame.device.type, enabled=False):  # homography algebra in float32
                     size_h = size_tensor(height, h_current) / factor
@@ -491,7 +532,7 @@ class MostNet(nn.Module):
             final_mask_logits=resize_to(latest_mask[1], latest_mask[0], 1),
             final_homography=final_h,
         )
-        return step, new_state
+        return step, new_state, intermediates
 
     def forward(self, frame: Tensor, reset: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         """Streaming form: (restored, teeth_mask, homography, *next_state) in spec order."""
@@ -502,33 +543,123 @@ class MostNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checkpoint layouts
+# ----------------------------------------------------------------------------------------------
+
+# Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
+# ``layout_version`` existed are version 0.
+LAYOUT_VERSION = 1
+# Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
+# made with: the network from before the option, and how its string reads). Before version 1 each key
+# appeared with its option.
+LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
+    "homography_pool": (1, "global", str),
+    "restoration_input": (1, "0", lambda text: text == "1"),
+    "restoration_filter": (1, "0", int),
+}
+
+
+def checkpoint_filter_fn(
+    state_dict: dict[str, Tensor], metadata: dict[str, str], into: MostConfig | None = None
+) -> tuple[dict[str, object], dict[str, Tensor]]:
+    """A MOST checkpoint's layout as ``create_model`` kwargs and its weights for that layout (timm's
+    ``checkpoint_filter_fn``, keyed by the metadata's ``layout_version``).
+
+    ``into``: the weights converted to that config's layout instead (``vident train --init-from``), where a
+    conversion computes the same function: global to corner pooling (``corner_pooled_state``), heads
+    that read B^s (``input_fed_restoration_state``), input filters added, resized or removed while they
+    are zero (``filtered_restoration_state``). Other changes, and another structure, raise."""
+    version = int(metadata.get("layout_version", "0"))
+    if version > LAYOUT_VERSION:
+        raise ValueError(f"layout version {version} is newer than this code reads ({LAYOUT_VERSION})")
+    if "structure" not in metadata:
+        raise ValueError("not a MOST checkpoint: its metadata has no scales-to-tasks structure")
+    made: dict[str, object] = {"structure": Structure.from_json(metadata["structure"])}
+    for key, (since, before, parse) in LAYOUT_OPTIONS.items():
+        if key not in metadata and version >= since:
+            raise ValueError(f"layout version {version} metadata without {key}")
+        made[key] = parse(metadata.get(key, before))
+    state = dict(state_dict)
+    if into is None:
+        return made, state
+    wanted: dict[str, object] = {key: getattr(into, key) for key in made}
+
+    def unconvertible(key: str) -> ValueError:
+        return ValueError(f"weights made with {key}={made[key]!r} do not convert to {key}={wanted[key]!r}")
+
+    if made["structure"] != wanted["structure"]:
+        raise unconvertible("structure")
+    if made["homography_pool"] != wanted["homography_pool"]:
+        if (made["homography_pool"], wanted["homography_pool"]) != ("global", "corners"):
+            raise unconvertible("homography_pool")
+        state = corner_pooled_state(state)  # the corners then learn apart
+    if made["restoration_input"] != wanted["restoration_input"]:
+        if made["restoration_input"]:
+            raise unconvertible("restoration_input")
+        state = input_fed_restoration_state(state)  # the heads then learn to read B^s
+    if made["restoration_filter"] != wanted["restoration_filter"]:
+        filters = [key for key in state if key.startswith("restoration_filters.")]
+        trained = [key for key in filters if state[key].any()]
+        if trained:
+            side = wanted["restoration_filter"]
+            raise ValueError(f"{', '.join(trained)} not zero: the filters would be lost by making them "
+                             f"{f'{side}x{side}' if side else 'none'}")  # fmt: skip
+        state = {key: value for key, value in state.items() if key not in filters}
+        if wanted["restoration_filter"]:
+            state = filtered_restoration_state(state, wanted["restoration_filter"])  # type: ignore[arg-type]
+    return wanted, state
+
+
+# ----------------------------------------------------------------------------------------------
 # Registered variants
 # ----------------------------------------------------------------------------------------------
 
 TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1, "decoder_blocks": 1}
 
+# The layout each registered name builds is the one its shipped checkpoint has
+# (models/checkpoints/<name>.safetensors), so ``create_model(name)`` loads it strictly and ``vident info``
+# counts what users run; tiny variants follow their big siblings. most-net ships weights made before corner
+# pooling, input-fed heads and input filters; most-nss has the pooling and the filter, not the input.
+MOST_NET = MostConfig(
+    structure=MOST_NET_STRUCTURE, homography_pool="global", restoration_input=False, restoration_filter=0
+)
+MOST_NSS = MostConfig(
+    structure=MOST_NSS_STRUCTURE, homography_pool="corners", restoration_input=False, restoration_filter=5
+)
+VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
+    {
+        "most-net": MOST_NET,
+        "most-nss": MOST_NSS,
+        "most-net-tiny": replace(MOST_NET, **TINY),  # type: ignore[arg-type]
+        "most-nss-tiny": replace(MOST_NSS, **TINY),  # type: ignore[arg-type]
+    }
+)
+
 
 def build_most(name: str, structure: Structure | None = None, **overrides: object) -> MostNet:
-    return MostNet(MostConfig(structure=structure or MOST_NET_STRUCTURE, **overrides), name=name)  # type: ignore[arg-type]
+    """The registered layout of ``name`` with ``overrides`` (``MostConfig`` fields) on top."""
+    if structure is not None:
+        overrides["structure"] = structure
+    return MostNet(replace(VARIANTS[name], **overrides), name=name)  # type: ignore[arg-type]
 
 
-@register_model("most-net")
+@register_model("most-net", checkpoint_filter=checkpoint_filter_fn)
 def most_net(structure: Structure | None = None, **overrides: object) -> MostNet:
     """MOST-NET++: every task at every scale."""
-    return build_most("most-net", structure or MOST_NET_STRUCTURE, **overrides)
+    return build_most("most-net", structure, **overrides)
 
 
-@register_model("most-nss")
+@register_model("most-nss", checkpoint_filter=checkpoint_filter_fn)
 def most_nss(structure: Structure | None = None, **overrides: object) -> MostNet:
     """MOST-NSS++: the scales-to-tasks structure NSS found in the dissertation (Fig. 6.6)."""
-    return build_most("most-nss", structure or MOST_NSS_STRUCTURE, **overrides)
+    return build_most("most-nss", structure, **overrides)
 
 
-@register_model("most-net-tiny")
+@register_model("most-net-tiny", checkpoint_filter=checkpoint_filter_fn)
 def most_net_tiny(structure: Structure | None = None, **overrides: object) -> MostNet:
-    return build_most("most-net-tiny", structure or MOST_NET_STRUCTURE, **{**TINY, **overrides})
+    return build_most("most-net-tiny", structure, **overrides)
 
 
-@register_model("most-nss-tiny")
+@register_model("most-nss-tiny", checkpoint_filter=checkpoint_filter_fn)
 def most_nss_tiny(structure: Structure | None = None, **overrides: object) -> MostNet:
-    return build_most("most-nss-tiny", structure or MOST_NSS_STRUCTURE, **{**TINY, **overrides})
+    return build_most("most-nss-tiny", structure, **overrides)

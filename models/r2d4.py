@@ -124,6 +124,10 @@ class R2D4(nn.Module):
             ),
         )
 
+    def layout_metadata(self) -> dict[str, str]:
+        """What a checkpoint records of the layout (the name fixes the rest); see :func:`checkpoint_filter_fn`."""
+        return {"layout_version": str(LAYOUT_VERSION)}
+
     def step(
         self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -156,18 +160,33 @@ class R2D4(nn.Module):
         )
 
 
-@register_model("r2-d4")
+# Version 1 records ``layout_version``; version 0 (checkpoints written before it) has the same weights.
+LAYOUT_VERSION = 1
+
+
+def checkpoint_filter_fn(
+    state_dict: dict[str, Tensor], metadata: dict[str, str], into: R2D4Config | None = None
+) -> tuple[dict[str, object], dict[str, Tensor]]:
+    """An R2-D4 checkpoint's ``create_model`` kwargs and weights (timm's ``checkpoint_filter_fn``). No layout
+    option has changed yet: every version loads as it is, and ``into`` converts nothing."""
+    version = int(metadata.get("layout_version", "0"))
+    if version > LAYOUT_VERSION:
+        raise ValueError(f"layout version {version} is newer than this code reads ({LAYOUT_VERSION})")
+    return {}, dict(state_dict)
+
+
+@register_model("r2-d4", checkpoint_filter=checkpoint_filter_fn)
 def r2_d4() -> R2D4:
     return R2D4(R2D4Config(), name="r2-d4")
 
 
-@register_model("r2-d3")
+@register_model("r2-d3", checkpoint_filter=checkpoint_filter_fn)
 def r2_d3() -> R2D4:
     """The one-decoder ablation of 3.3.2."""
     return R2D4(R2D4Config(two_stage=False), name="r2-d3")
 
 
-@register_model("r2-d4-tiny")
+@register_model("r2-d4-tiny", checkpoint_filter=checkpoint_filter_fn)
 def r2_d4_tiny() -> R2D4:
     return R2D4(
         R2D4Config(

@@ -5,17 +5,19 @@ and feeds each step's next-state outputs back as the following step's state inpu
 deployment does; drift that accumulates through the state therefore shows up in whatever reads the
 steps. The loop runs anything with a spec and ``infer(feed) -> outputs`` (numpy in and out, names
 from the spec): every runtime backend (:class:`export.runtime.Backend`), and :class:`ModelRunner`,
-the network itself, for code in ``models`` (fits, probes) that must not depend on the runtimes.
+the network itself, for code in ``models`` that must not depend on the runtimes.
+:func:`stream_intermediates` is the same loop on a network's own ``forward_intermediates``, for fits and
+probes that read features inside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models.spec import ModelSpec
 
@@ -32,8 +34,8 @@ class ModelRunner:
     """A network as a :class:`Runner`: its streaming ``forward`` in fp32, eagerly, on the CPU.
 
     The same arithmetic as the torch backend's CPU reference (``service/backends/torch.py``), without
-    its GPU machinery, so code below the service can stream a network (and hook its modules) through
-    the same loop as every runtime."""
+    its GPU machinery, so code below the service can stream a network through the same loop as every
+    runtime."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
@@ -70,9 +72,26 @@ def run_stream(runner: Runner, frames: Iterable[np.ndarray]) -> list[dict[str, n
     return [outputs for _, outputs in stream_steps(runner, frames)]
 
 
+@torch.no_grad()
+def stream_intermediates(
+    model: nn.Module, frames: np.ndarray, scales: tuple[int, ...] | None = None
+) -> Iterator[tuple[Tensor, Any, dict[str, Tensor]]]:
+    """Per frame of a uint8 (T, H, W, 3) clip: the (1, 3, H, W) float32 frame and what the network's
+    ``forward_intermediates(frame, reset, state, scales)`` returns for it but the state, which is carried
+    (reset on the first frame) as :func:`stream_steps` carries it. The network runs as it is (eval mode
+    and dtype are the caller's); ``scales`` decodes only the coarsest scales, whose state alone moves on."""
+    state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, *frames.shape[1:3]).items()}  # type: ignore[operator]
+    for t, array in enumerate(as_stream(frames)):
+        frame = torch.from_numpy(array)
+        reset = torch.full((1, 1, 1, 1), float(t == 0))
+        outputs, new_state, intermediates = model.forward_intermediates(frame, reset, state, scales)  # type: ignore[operator]
+        state = {**state, **new_state}
+        yield frame, outputs, intermediates
+
+
 def as_stream(frames: np.ndarray) -> list[np.ndarray]:
     """uint8 (T, H, W, 3) frames, as data sets hold them -> the (1, 3, H, W) floats in [0, 1] a stream feeds."""
     return [np.ascontiguousarray(f.transpose(2, 0, 1)[None], np.float32) / 255 for f in frames]
 
 
-__all__ = ["ModelRunner", "Runner", "as_stream", "run_stream", "stream_steps"]
+__all__ = ["ModelRunner", "Runner", "as_stream", "run_stream", "stream_intermediates", "stream_steps"]

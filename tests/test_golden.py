@@ -37,6 +37,13 @@ from models.streaming import ModelRunner, stream_steps
 GOLDEN_DIR = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("VIDENT_REGEN_GOLDEN") == "1"
 TINY = ("most-nss-tiny", "most-net-tiny", "r2-d4-tiny")  # one per registered family and structure
+# The MOST goldens were made with every layout option on (corner pooling, heads reading B^s, 5x5 input
+# filters), before the tiny variants took their big siblings' shipped layouts; that layout covers every
+# path, so they keep it.
+TINY_LAYOUT: dict[str, dict[str, object]] = {
+    name: {"homography_pool": "corners", "restoration_input": True, "restoration_filter": 5}
+    for name in ("most-nss-tiny", "most-net-tiny")
+}
 SHIPPED = tuple(sorted(p.stem for p in CHECKPOINT_DIR.glob("*.safetensors")))
 HEIGHT, WIDTH, FRAMES = 32, 48, 3
 SAMPLES = 32
@@ -116,7 +123,8 @@ def check_against_golden(name: str, measured: dict[str, object], identity: dict[
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_network_matches_its_golden(name: str) -> None:
     torch.manual_seed(0)
-    model = exercise_untrained(create_model(name).eval(), seed=0)  # masks and homographies not constant
+    model = create_model(name, **TINY_LAYOUT.get(name, {})).eval()
+    model = exercise_untrained(model, seed=0)  # masks and homographies not constant
     check_against_golden(name, summarise(model))
 
 

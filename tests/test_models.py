@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from models import create_model, list_models
 from models.complexity import count_parameters
+from models.layers import offsets_to_homography
 from models.most import (
     MOST_NSS_STRUCTURE,
     CornerPool,
@@ -22,14 +23,15 @@ from models.r2d4 import R2D4
 FULL = ("most-net", "most-nss", "r2-d4", "r2-d3")
 TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 
-# Pinned so that an accidental architecture change shows; docs/models.md explains each figure.
+# Pinned so that an accidental architecture change shows; docs/models.md explains each figure. Each name
+# counts the layout it ships (most-net: global pooling, no input filters; most-nss: 5x5 filters).
 PARAMETERS = {
-    "most-net": 9_212_854,
-    "most-nss": 5_861_358,
+    "most-net": 9_187_690,
+    "most-nss": 5_857_038,
     "r2-d4": 4_532_132,
     "r2-d3": 3_744_113,
-    "most-net-tiny": 241_946,
-    "most-nss-tiny": 176_798,
+    "most-net-tiny": 237_446,
+    "most-nss-tiny": 175_718,
     "r2-d4-tiny": 94_444,
 }
 
@@ -66,9 +68,7 @@ def test_parameter_counts_are_pinned(name: str) -> None:
     assert count_parameters(create_model(name)) == PARAMETERS[name]
 
 
-@pytest.mark.parametrize(
-    ("name", "size"), [(n, (64, 96)) for n in FULL + TINY] + [(n, (320, 416)) for n in FULL]
-)
+@pytest.mark.parametrize(("name", "size"), [(n, (64, 96)) for n in FULL + TINY] + [(n, (320, 416)) for n in FULL])
 @torch.no_grad()
 def test_output_shapes_and_dtypes(name: str, size: tuple[int, int]) -> None:
     model = create_model(name).eval()
@@ -229,8 +229,11 @@ def test_nss_structure_removes_heads() -> None:
 @torch.no_grad()
 def test_structure_without_full_resolution_heads_skips_decoding_there() -> None:
     coarse = Structure(restoration=(2, 3), segmentation=(3,), homography=(3,))
-    model = MostNet(create_model("most-nss-tiny").cfg.__class__(structure=coarse, width=8,
-                    regressor_widths=(8, 16, 32, 32, 32), encoder_blocks=1, decoder_blocks=1)).eval()
+    model = MostNet(
+        create_model("most-nss-tiny").cfg.__class__(
+            structure=coarse, width=8, regressor_widths=(8, 16, 32, 32, 32), encoder_blocks=1, decoder_blocks=1
+        )
+    ).eval()
     assert "1" not in model.decoder and "1" not in model.alignment
     outputs, _ = _step(model, torch.rand(1, 3, 64, 96), torch.ones(1, 1, 1, 1), _state(model, 1, 64, 96))
     assert outputs[0].shape == (1, 3, 64, 96)  # upsampled from scale 2
@@ -265,8 +268,7 @@ def test_corner_pooled_state_computes_what_the_global_head_did() -> None:
     old = create_model("most-net-tiny", homography_pool="global").eval()
     for head in old.homography_heads.values():
         head.offsets.weight.normal_(0, 0.5)  # zero-initialised otherwise: every head would say identity
-    new = create_model("most-net-tiny").eval()
-    assert new.cfg.homography_pool == "corners"
+    new = create_model("most-net-tiny", homography_pool="corners").eval()
     new.load_state_dict(corner_pooled_state(old.state_dict()))
     clip = torch.rand(2, 1, 3, 64, 64)
     (a, b) = (_stream(m, clip)[-1] for m in (old, new))
@@ -284,8 +286,7 @@ def test_input_fed_restoration_state_computes_what_the_old_heads_did() -> None:
     frame's: the mask does not read them."""
     torch.manual_seed(0)
     old = create_model("most-net-tiny", restoration_input=False).eval()
-    new = create_model("most-net-tiny").eval()
-    assert new.cfg.restoration_input
+    new = create_model("most-net-tiny", restoration_input=True).eval()
     new.load_state_dict(input_fed_restoration_state(old.state_dict()))
     for s, head in new.restoration_heads.items():
         assert head.body[0].in_channels == old.restoration_heads[s].body[0].in_channels + 3
@@ -307,7 +308,7 @@ def test_filtered_restoration_state_computes_the_same_and_filters_only_the_resto
     leaves the mask and the homography alone (scale 1 feeds nothing else)."""
     torch.manual_seed(0)
     old = create_model("most-net-tiny", restoration_filter=0).eval()
-    new = create_model("most-net-tiny").eval()
+    new = create_model("most-net-tiny", restoration_filter=5).eval()
     assert not old.restoration_filters and set(new.restoration_filters) == {"1", "2", "3"}
     new.load_state_dict(filtered_restoration_state(old.state_dict(), new.cfg.restoration_filter))
     clip = torch.rand(3, 2, 3, 32, 48)
@@ -329,3 +330,34 @@ def test_homography_pool_is_checked() -> None:
         create_model("most-nss-tiny", homography_pool="max")
     with pytest.raises(ValueError, match="restoration_filter"):
         create_model("most-nss-tiny", restoration_filter=4)
+
+
+@pytest.mark.parametrize("name", ["most-net-tiny", "most-nss-tiny"])
+@torch.no_grad()
+def test_forward_intermediates_returns_what_forward_does_and_the_features_it_read(name: str) -> None:
+    """Streamed two steps, ``forward_intermediates`` gives ``forward``'s outputs and state; its features
+    are the ones the outputs were computed from: the readout of the pooled features is the scale-3
+    homography, B^1 + head output + input filter the restored frame."""
+    model = _perturb(create_model(name, restoration_filter=5))
+    frames = torch.rand(2, 2, 3, 64, 96)
+    state = _state(model, 2, 64, 96)
+    names = [s.name for s in model.spec.states]
+    for t in range(2):
+        reset = torch.full((2, 1, 1, 1), float(t == 0))
+        expected = model(frames[t], reset, *state)
+        step, new_state, found = model.forward_intermediates(frames[t], reset, dict(zip(names, state, strict=True)))
+        have = (step.final_restored, torch.sigmoid(step.final_mask_logits), step.final_homography)
+        for x, y in zip((*have, *(new_state[n] for n in names)), expected, strict=True):
+            torch.testing.assert_close(x, y, atol=0, rtol=0)
+        state = list(expected[3:])
+    assert {f"homography_pooled_s{s}" for s in model.structure.homography} <= set(found)
+    assert {f"restoration_residual_s{s}" for s in model.structure.restoration} <= set(found)
+    pooled = found["homography_pooled_s3"]  # scale 3 decodes first: its homography is the readout's alone
+    assert pooled.shape == (2, model.homography_heads["3"].offsets.in_features)
+    estimate = offsets_to_homography(model.homography_heads["3"].offsets(pooled), 64 / 4, 96 / 4)
+    torch.testing.assert_close(estimate, step.homography[3], atol=1e-6, rtol=1e-6)
+    image = frames[1]
+    restored = image + found["restoration_residual_s1"] + model.restoration_filters["1"](image)
+    torch.testing.assert_close(restored, step.restored[1], atol=0, rtol=0)
+    reads = found["head_features_s1"].shape[1] + 3 * model.cfg.restoration_input
+    assert reads == model.restoration_heads["1"].body[0].in_channels

@@ -195,13 +195,15 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
 
 def _saved_before(model: torch.nn.Module, key: str, value: str, folder: Path) -> Path:
-    """``model`` saved as a checkpoint written before metadata ``key`` existed (it records ``value``)."""
+    """``model`` saved as a checkpoint written before metadata ``key`` existed (it records ``value``), and so
+    before ``layout_version`` (version 0)."""
     from safetensors.torch import load_file, save_file
 
     path = save_checkpoint(model, folder / "old.safetensors")
     assert read_metadata(path)[key] == value
     legacy = folder / "legacy.safetensors"
-    save_file(load_file(str(path)), str(legacy), metadata={k: v for k, v in read_metadata(path).items() if k != key})
+    old = {k: v for k, v in read_metadata(path).items() if k not in (key, "layout_version")}
+    save_file(load_file(str(path)), str(legacy), metadata=old)
     return legacy
 
 
@@ -222,26 +224,32 @@ def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path)
     torch.testing.assert_close(weight, before.repeat(1, 4) / 4)
 
 
-def test_checkpoints_older_than_input_fed_restoration_load_and_train_on(tmp_path: Path) -> None:
+def test_checkpoints_older_than_input_fed_restoration_load_and_convert(tmp_path: Path) -> None:
     """Weights saved before ``restoration_input`` existed load with heads that do not read B^s;
-    ``--init-from`` them gives the heads zero weights for B^s, so training starts from the same
-    function; new checkpoints record the key."""
+    converted to heads that do (the checkpoint filter with ``into``), the heads get zero weights for
+    B^s, so training starts from the same function; checkpoints record the key. A run cannot go on
+    in another layout, nor start from weights that do not convert to its network's."""
+    from models.checkpoints import read_checkpoint
+
     old = create_model("most-nss-tiny", restoration_input=False)
     legacy = _saved_before(old, "restoration_input", "0", tmp_path)
     loaded, _ = load_model(str(legacy))
     assert not loaded.cfg.restoration_input
-    new_path = save_checkpoint(create_model("most-nss-tiny"), tmp_path / "new.safetensors")
-    assert read_metadata(new_path)["restoration_input"] == "1" and load_model(str(new_path))[0].cfg.restoration_input
-    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=legacy), iter(()))
-    for s, head in trainer.model.restoration_heads.items():
+    fed = create_model("most-nss-tiny", restoration_input=True)
+    fed_path = save_checkpoint(fed, tmp_path / "fed.safetensors")
+    assert read_metadata(fed_path)["restoration_input"] == "1" and load_model(str(fed_path))[0].cfg.restoration_input
+    kwargs, state = read_checkpoint(legacy, into=fed.cfg)
+    assert kwargs["restoration_input"] and fed.load_state_dict(state, strict=True)
+    for s, head in fed.restoration_heads.items():
         weight, before = head.body[0].weight, old.restoration_heads[s].body[0].weight
         torch.testing.assert_close(weight[:, :-3], before)
         assert weight.shape[1] == before.shape[1] + 3 and not weight[:, -3:].any()
-    # --resume of a run made before the change says how to go on instead of a state-dict mismatch.
-    (tmp_path / "old-run").mkdir()
-    (tmp_path / "old-run" / "last.safetensors").write_bytes(legacy.read_bytes())
+    with pytest.raises(ValueError, match="restoration_input=True do not convert"):
+        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=fed_path), iter(()))
+    (tmp_path / "fed-run").mkdir()
+    (tmp_path / "fed-run" / "last.safetensors").write_bytes(fed_path.read_bytes())
     with pytest.raises(ValueError, match="--init-from"):
-        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "old-run"), iter(())).load()
+        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "fed-run"), iter(())).load()
 
 
 def test_checkpoints_older_than_restoration_filters_load_and_train_on(tmp_path: Path) -> None:
@@ -559,7 +567,7 @@ def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(tmp_path / "run" / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
     assert "(crops of 64x96 renders; whole 64x96 frames every 2 steps, batch 1)" in card
-    assert "Homography pooling: corners; the restoration heads read the input frame B^s" in card
+    assert "Homography pooling: corners; the restoration heads do not read the input frame B^s and add a 5x5" in card
     from models.hardware import cpu_model
 
     assert meta["hardware"] == cpu_model() and f"optimisation on {cpu_model()}" in card

@@ -40,12 +40,11 @@ def _high_pass(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 def head_inputs(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per frame (streamed, state carried): the scale-1 head's features (without B^1), B^1 and what
     the model adds to B^1 (head and input filter), each (1, C, H, W)."""
-    extra = 3 if model.cfg.restoration_input else 0
     out = []
-    for inp, image, head_out in scale1_head_stream(model, frames):
+    for features, image, head_out in scale1_head_stream(model, frames):
         with torch.no_grad():  # "the head's output" is all the model adds to B^1, its input filter included
             added = head_out + (model.restoration_filters["1"](image) if model.cfg.restoration_filter else 0)
-        out.append((inp[:, : inp.shape[1] - extra], image, added))
+        out.append((features, image, added))
     return out
 
 

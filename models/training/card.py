@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoints import CHECKPOINT_DIR, most_config_of, read_metadata
+from models.checkpoints import CHECKPOINT_DIR, checkpoint_config, read_metadata
 from models.hardware import cpu_model
 from models.most import TASKS, Structure
 from models.training.filter_fit import filter_fit_of
@@ -157,13 +157,13 @@ def write_card(
         f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",
     ]
     if "structure" in meta:
-        made = most_config_of(meta)
+        made = checkpoint_config(meta)
         reads = "read" if made["restoration_input"] else "do not read"
         parts += [
             "",
             "## Scales-to-tasks structure",
             "",
-            structure_table(Structure.from_json(meta["structure"])),
+            structure_table(made["structure"]),  # type: ignore[arg-type]
             "",
             f"Homography pooling: {made['homography_pool']}{homography_fit_text(meta)}; the restoration heads "
             f"{reads} the input frame B^s{filter_text(meta, made['restoration_filter'])} (docs/models.md).",

@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
-from models.checkpoints import most_config_of, read_metadata, save_checkpoint
+from models.checkpoints import load_model, read_metadata, save_checkpoint
 from models.data.format import find_sequences, read_sequence
 from models.data.synth import LabelledSequence
 from models.metrics import psnr
-from models.most import MostNet, Structure, filtered_restoration_state
-from models.registry import create_model
-from models.streaming import ModelRunner, as_stream, stream_steps
+from models.most import MostNet, checkpoint_filter_fn
+from models.streaming import stream_intermediates
 
 DEFAULT_KERNEL = 5
 
@@ -60,45 +58,34 @@ def load_for_fit(weights: str | Path, kernel: int | None = None) -> tuple[MostNe
     ``None`` keeps the checkpoint's filter size (5 for checkpoints without filters). Zero filters
     are added to checkpoints without them (the same function); a fitted scale-1 filter of another
     size is dropped (the fit replaces it anyway), but coarser non-zero filters cannot be resized."""
-    meta = read_metadata(weights)
-    if "structure" not in meta:
+    model, _ = load_model(str(weights))
+    if not isinstance(model, MostNet):
         raise ValueError(f"{weights}: not a MOST checkpoint (only MOST networks have restoration filters)")
-    made = most_config_of(meta)
-    state = load_file(str(weights))
-    kernel = kernel or made["restoration_filter"] or DEFAULT_KERNEL
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"the filter side must be odd and positive, got {kernel}")
-    if made["restoration_filter"] != kernel:
-        coarse = [k for k, v in state.items() if k.startswith("restoration_filters.") and ".1." not in k and v.any()]
-        if coarse:
-            raise ValueError(f"{weights}: its coarser filters ({', '.join(coarse)}) are not zero and would be lost "
-                             f"by resizing them to {kernel}x{kernel}")  # fmt: skip
-        state = {k: v for k, v in state.items() if not k.startswith("restoration_filters.")}
-        state = filtered_restoration_state(state, kernel)
-    made["restoration_filter"] = kernel
-    model = create_model(meta["model"], structure=Structure.from_json(meta["structure"]), **made)
-    assert isinstance(model, MostNet)
     if 1 not in model.structure.restoration:
         raise ValueError(f"{weights}: the network has no scale-1 restoration head to filter")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.float().eval(), meta
+    kernel = kernel or model.cfg.restoration_filter or DEFAULT_KERNEL
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the filter side must be odd and positive, got {kernel}")
+    if model.cfg.restoration_filter != kernel:
+        if model.cfg.restoration_filter:
+            with torch.no_grad():  # the fit replaces it: only the coarser filters must survive the resize
+                for param in model.restoration_filters["1"].parameters():
+                    param.zero_()
+        into = replace(model.cfg, restoration_filter=kernel)
+        _, state = checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)
+        model = MostNet(into, name=model.spec.name)
+        model.load_state_dict(state, strict=True)
+    return model.float().eval(), read_metadata(weights)
 
 
-@torch.no_grad()
 def scale1_head_stream(model: MostNet, frames: np.ndarray) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per frame of a uint8 (T, H, W, 3) clip, streamed with the state carried (the project's stream
-    loop on the network in fp32): what the scale-1 restoration head read, B^1 and the head's output,
-    each (1, C, H, W) float32. The fit and ``tools/restoration_probe.py`` both start here."""
-    captured: list[tuple[Tensor, Tensor]] = []
-    hook = model.restoration_heads["1"].register_forward_hook(
-        lambda _m, args, out: captured.append((args[0].detach().float(), out.detach().float()))
-    )
-    try:
-        feeds = [feed for feed, _ in stream_steps(ModelRunner(model), as_stream(frames))]
-        images = [torch.from_numpy(feed[model.spec.frame.name]).float() for feed in feeds]
-    finally:
-        hook.remove()
-    return [(inp, image, out) for (inp, out), image in zip(captured, images, strict=True)]
+    """Per frame of a uint8 (T, H, W, 3) clip, streamed with the state carried (the network in fp32):
+    what the scale-1 dense heads read (without B^1), B^1 and the restoration head's output, each
+    (1, C, H, W) float32. The fit and ``tools/restoration_probe.py`` both start here."""
+    return [
+        (found["head_features_s1"].float(), frame, found["restoration_residual_s1"].float())
+        for frame, _, found in stream_intermediates(model, frames)
+    ]
 
 
 def target_chw(seq: LabelledSequence, t: int) -> np.ndarray:

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from models.data.format import find_sequences, read_sequence, validate_sequence
 from models.layers import homography_to_offsets, rescale_homography
 from models.metrics import offsets_mace
 from models.most import MostNet
-from models.streaming import as_stream
+from models.streaming import stream_intermediates
 
 RIDGES = (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 IRLS_ITERATIONS = 5
@@ -81,19 +80,10 @@ def readout_stream(model: MostNet, frames: np.ndarray) -> tuple[np.ndarray, np.n
     head's scale: per frame the pooled features the readout reads (T, F) and the offsets it gives
     now (T, 8), both float64."""
     scale = fitted_scale(model)
-    head = model.homography_heads[str(scale)]
-    captured: list[Tensor] = []
-    hook = head.regressor.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
-    try:
-        state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, *frames.shape[1:3]).items()}
-        for t, frame in enumerate(as_stream(frames)):
-            _, new_state = model.step(torch.from_numpy(frame), torch.full((1, 1, 1, 1), float(t == 0)), state,
-                                      scales=(scale,))  # fmt: skip
-            state = {**state, **new_state}
-    finally:
-        hook.remove()
-    features = torch.cat(captured).float()
-    return features.double().numpy(), head.offsets(features).double().numpy()
+    features = torch.cat([
+        found[f"homography_pooled_s{scale}"] for _, _, found in stream_intermediates(model, frames, (scale,))
+    ]).float()  # fmt: skip
+    return features.double().numpy(), model.homography_heads[str(scale)].offsets(features).double().numpy()
 
 
 def true_offsets(homographies: np.ndarray, scale: int, height: int, width: int) -> np.ndarray:

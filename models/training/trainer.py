@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.checkpoints import most_config_of, read_metadata, save_checkpoint
+from models.checkpoints import read_checkpoint, read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16, cpu_model
-from models.most import MostNet, Structure, corner_pooled_state, filtered_restoration_state, input_fed_restoration_state
+from models.most import MostNet, Structure
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.training.balancing import Balancer, create_balancer
@@ -122,16 +121,9 @@ class Trainer:
         kwargs = {"structure": cfg.structure} if cfg.structure is not None else {}
         self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
         if cfg.init_from is not None:
-            state, meta = load_file(str(cfg.init_from)), read_metadata(cfg.init_from)
-            self.prior = prior_training(cfg.init_from, meta)
-            if isinstance(self.model, MostNet):  # older layouts convert to the same function
-                made = most_config_of(meta)
-                if self.model.cfg.homography_pool == "corners" and made["homography_pool"] == "global":
-                    state = corner_pooled_state(state)  # the corners then learn apart
-                if self.model.cfg.restoration_input and not made["restoration_input"]:
-                    state = input_fed_restoration_state(state)  # the heads then learn to read B^s
-                if self.model.cfg.restoration_filter and not made["restoration_filter"]:
-                    state = filtered_restoration_state(state, self.model.cfg.restoration_filter)
+            self.prior = prior_training(cfg.init_from)
+            # Weights of an older layout convert to this model's, computing the same function.
+            _, state = read_checkpoint(cfg.init_from, cfg.model, into=self.model.cfg)  # type: ignore[attr-defined]
             self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
@@ -250,15 +242,14 @@ class Trainer:
 
     def load(self) -> None:
         weights = self.cfg.out / "last.safetensors"
-        if isinstance(self.model, MostNet):
-            made = most_config_of(read_metadata(weights))
-            now = {key: getattr(self.model.cfg, key) for key in made}
-            if made != now:
-                raise ValueError(
-                    f"{weights} was made with {made}, this version builds {now}: start a new run with "
-                    f"--init-from {weights}, which converts the weights"
-                )
-        self.model.load_state_dict(load_file(str(weights)), strict=True)
+        made, tensors = read_checkpoint(weights, self.cfg.model)
+        now = {key: getattr(self.model.cfg, key) for key in made}  # type: ignore[union-attr]
+        if made != now:
+            raise ValueError(
+                f"{weights} was made with {made}, {self.cfg.model} builds {now}: start a new run with "
+                f"--init-from {weights}, which converts the weights where that computes the same"
+            )
+        self.model.load_state_dict(tensors, strict=True)
         state = torch.load(self.resume_path, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
