@@ -20,6 +20,10 @@ from models.streaming import run_stream
 
 # Parity thresholds: fp32 runtimes vs torch, and reduced precision vs fp32.
 FP32_MAX_ABS = 1e-4
+# Homographies are judged by the corner error, not entry by entry: their entries mix units (pixels,
+# ratios, 1/pixels), and the in-graph Gauss-Newton refinement carries fp32 rounding into the
+# translation at the 1e-4 pixel level.
+FP32_MACE_PX = 1e-3
 REDUCED_PSNR_DB = 40.0
 REDUCED_MASK_IOU = 0.99
 REDUCED_MACE_PX = 0.05
@@ -102,10 +106,11 @@ class ParityReport:
 
     @property
     def worst_abs(self) -> float:
-        return max(self.max_abs.values())
+        """The largest difference over every map (outputs and state); the homography counts by MACE."""
+        return max(v for k, v in self.max_abs.items() if k != "homography")
 
     def within_fp32(self, tolerance: float = FP32_MAX_ABS) -> bool:
-        return self.worst_abs <= tolerance
+        return self.worst_abs <= tolerance and (self.mace_px is None or self.mace_px <= FP32_MACE_PX)
 
     def within_reduced(
         self, psnr: float = REDUCED_PSNR_DB, iou: float = REDUCED_MASK_IOU, mace: float = REDUCED_MACE_PX

@@ -36,6 +36,7 @@ from models.layers import (
     size_tensor,
     warp_by_homography,
 )
+from models.refine import luma, refine_homography
 from models.registry import register_model
 from models.spec import ModelSpec, StateSpec, TensorSpec
 
@@ -115,6 +116,17 @@ class MostConfig:
     # squares on training clips given the rest of the network, and training can refine it. It
     # starts at zero, the same function as without it; 0 rebuilds checkpoints made before it.
     restoration_filter: int = 5
+    # Photometric refinement of the output homography (models/refine.py): (downsampling factor,
+    # Gauss-Newton steps) per pyramid level, coarse to fine, on the restored frames' luma; the state then
+    # keeps the previous frame's luma at the finest factor. Empty: the head's estimate as it is.
+    homography_refine: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        factors = [f for f, _ in self.homography_refine]
+        if any(f < 1 or (f & (f - 1)) for f in factors) or factors != sorted(factors, reverse=True):
+            raise ValueError(f"homography_refine factors must be powers of two, coarse to fine: {factors}")
+        if any(steps < 0 for _, steps in self.homography_refine):
+            raise ValueError("homography_refine steps must be >= 0")
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -403,6 +415,11 @@ class MostNet(nn.Module):
             + tuple(
                 StateSpec(TensorSpec(f"prev_motion_s{s}", cfg.channels(s), 2 ** (s - 1)), f"next_motion_s{s}")
                 for s in st.homography
+            )
+            + (
+                (StateSpec(TensorSpec("prev_luma", 1, cfg.homography_refine[-1][0]), "next_luma"),)
+                if cfg.homography_refine
+                else ()
             ),
             # Measured (docs/performance.md): int8 here keeps the restored frame >= 40 dB of fp32; the
             # scale-3 path that feeds the homography and the restoration heads must stay bf16/fp32.
@@ -422,6 +439,7 @@ class MostNet(nn.Module):
             "homography_pool": self.cfg.homography_pool,
             "restoration_input": str(int(self.cfg.restoration_input)),
             "restoration_filter": str(self.cfg.restoration_filter),
+            "homography_refine": json.dumps([list(level) for level in self.cfg.homography_refine]),
         }
 
     def step(
@@ -524,11 +542,19 @@ class MostNet(nn.Module):
                 homography[s] = h_current
         assert latest_restored is not None and latest_mask is not None
         final_h = rescale_homography(h_current, 2.0 ** (self.top - 1))
+        final_restored = resize_to(latest_restored[1], latest_restored[0], 1)
+        if self.cfg.homography_refine and scales is None:
+            factor = self.cfg.homography_refine[-1][0]
+            current = luma(final_restored.detach())
+            current = F.avg_pool2d(current, factor) if factor > 1 else current
+            previous = reset * current + keep * state["prev_luma"]
+            new_state["prev_luma"] = current
+            final_h = refine_homography(previous, current, final_h.detach(), self.cfg.homography_refine)
         step = MostStep(
             restored=restored,
             mask_logits=mask_logits,
             homography=homography,
-            final_restored=resize_to(latest_restored[1], latest_restored[0], 1),
+            final_restored=final_restored,
             final_mask_logits=resize_to(latest_mask[1], latest_mask[0], 1),
             final_homography=final_h,
         )
@@ -548,14 +574,16 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
-# appeared with its option.
+# appeared with its option. Version 2 added the photometric homography refinement.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
     "restoration_filter": (1, "0", int),
+    # No weights: any checkpoint converts to any refinement.
+    "homography_refine": (2, "[]", lambda text: tuple(tuple(level) for level in json.loads(text))),
 }
 
 

@@ -227,8 +227,8 @@ def test_checkpoints_older_than_corner_pooling_load_and_train_on(tmp_path: Path)
 def test_checkpoints_older_than_input_fed_restoration_load_and_convert(tmp_path: Path) -> None:
     """Weights saved before ``restoration_input`` existed load with heads that do not read B^s;
     converted to heads that do (the checkpoint filter with ``into``), the heads get zero weights for
-    B^s, so training starts from the same function; checkpoints record the key. A run cannot go on
-    in another layout, nor start from weights that do not convert to its network's."""
+    B^s, so training starts from the same function; checkpoints record the key. Weights without a run's
+    resume state do not load into a network of another layout."""
     from models.checkpoints import read_checkpoint
 
     old = create_model("most-nss-tiny", restoration_input=False)
@@ -244,8 +244,8 @@ def test_checkpoints_older_than_input_fed_restoration_load_and_convert(tmp_path:
         weight, before = head.body[0].weight, old.restoration_heads[s].body[0].weight
         torch.testing.assert_close(weight[:, :-3], before)
         assert weight.shape[1] == before.shape[1] + 3 and not weight[:, -3:].any()
-    with pytest.raises(ValueError, match="restoration_input=True do not convert"):
-        Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=fed_path), iter(()))
+    kept = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=fed_path), iter(()))
+    assert kept.model.cfg.restoration_input  # weights that do not convert keep their own layout
     (tmp_path / "fed-run").mkdir()
     (tmp_path / "fed-run" / "last.safetensors").write_bytes(fed_path.read_bytes())
     with pytest.raises(ValueError, match="--init-from"):
@@ -581,3 +581,20 @@ def test_whole_frames_every_nth_step(tmp_path: Path) -> None:
     crops = validate(model, TrainConfig(height=32, width=48), 2, frames=8, render_size=(64, 96))
     assert record["val_mace_identity"] == pytest.approx(whole["val_mace_identity"])
     assert record["val_mace_identity"] != pytest.approx(crops["val_mace_identity"])
+
+
+def test_a_run_keeps_the_layout_of_weights_that_do_not_convert(tmp_path: Path) -> None:
+    """Candidates trained with heads reading B^s do not convert to the registered layout (the new input
+    weights are not zero): --init-from and --resume go on in the layout the weights were made with."""
+    candidate = create_model("most-nss-tiny", restoration_input=True)
+    with torch.no_grad():
+        for p in candidate.parameters():
+            p.add_(0.01)
+    weights = save_checkpoint(candidate, tmp_path / "candidate.safetensors")
+    trainer = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run", init_from=weights), iter(()))
+    assert trainer.model.cfg.restoration_input
+    torch.testing.assert_close(trainer.model.state_dict(), candidate.state_dict())
+    trainer.save()
+    resumed = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run"), iter(()))
+    assert resumed.model.cfg.restoration_input
+    resumed.load()

@@ -118,12 +118,18 @@ class Trainer:
         self.batches = batches
         torch.manual_seed(cfg.seed)
         self.prior: dict[str, str] = {}
-        kwargs = {"structure": cfg.structure} if cfg.structure is not None else {}
+        kwargs: dict[str, object] = {"structure": cfg.structure} if cfg.structure is not None else {}
+        own = cfg.out / "last.safetensors"
+        if self.resume_path.is_file() and own.is_file():  # a resumed run goes on in the layout it was making
+            kwargs = read_checkpoint(own, cfg.model)[0]
         self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
         if cfg.init_from is not None:
             self.prior = prior_training(cfg.init_from)
-            # Weights of an older layout convert to this model's, computing the same function.
-            _, state = read_checkpoint(cfg.init_from, cfg.model, into=self.model.cfg)  # type: ignore[attr-defined]
+            try:  # weights of an older layout convert to the registered one, computing the same function
+                _, state = read_checkpoint(cfg.init_from, cfg.model, into=self.model.cfg)  # type: ignore[attr-defined]
+            except ValueError:  # a layout that does not convert (a candidate's) is kept as it is
+                made, state = read_checkpoint(cfg.init_from, cfg.model)
+                self.model = create_model(cfg.model, **made).to(cfg.device)
             self.model.load_state_dict(state, strict=True)
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):

@@ -1,0 +1,174 @@
+"""Photometric refinement of a predicted homography: inverse-compositional Lucas-Kanade, in the graph.
+
+The homography head regresses H_{t-1->t} from features; on content unlike its training scenes it
+lands within a few pixels but not on the sub-pixel alignment a photometric method reaches (OpenCV's
+ECC on the same frames). This module starts from the head's estimate and takes a few Gauss-Newton
+steps that minimise the brightness difference between the previous and the current restored frame
+(Baker & Matthews 2004, inverse compositional), coarse to fine over an average-pooled pyramid.
+
+Written with plain tensor ops (grid_sample, einsum, an unrolled 8x8 Gauss-Jordan solve) so the ONNX,
+OpenVINO and TensorRT graphs carry it like any other layer; no step is data dependent. A refined
+homography is kept per sample only where it lowers the photometric error of the head's estimate at
+the finest level, so the refinement never makes a frame's alignment worse by its own measure.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.layers import adjugate3x3, rescale_homography, size_tensor, warp_by_homography
+
+LUMA = (0.299, 0.587, 0.114)
+HUBER = 1.5  # Huber threshold in mean absolute residuals
+DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
+
+
+def luma(image: Tensor) -> Tensor:
+    """(b, 3, h, w) RGB -> (b, 1, h, w), clipped to the displayable range first."""
+    weights = torch.tensor(LUMA, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    return (image.clamp(0, 1) * weights).sum(dim=1, keepdim=True)
+
+
+HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
+
+
+def _standardise(image: Tensor) -> Tensor:
+    """Local mean removed, then unit deviation per sample: light that moves with the camera (a ring
+    light's falloff, vignetting, auto exposure) varies slowly across the frame and would otherwise pull
+    the alignment towards the identity."""
+    image = image - F.avg_pool2d(image, HIGHPASS, stride=1, padding=HIGHPASS // 2, count_include_pad=False)
+    mean = image.mean(dim=(2, 3), keepdim=True)
+    std = (image - mean).square().mean(dim=(2, 3), keepdim=True).sqrt()
+    return (image - mean) / (std + 1e-3)
+
+
+def _pixel_to_unit(height: Tensor, width: Tensor, like: Tensor) -> Tensor:
+    """N: pixel coordinates (corners at 0 and W, H) -> [-1, 1]; the solve is better conditioned there."""
+    zero, one = torch.zeros_like(height), torch.ones_like(height)
+    rows = [
+        torch.stack((2 / width, zero, -one)),
+        torch.stack((zero, 2 / height, -one)),
+        torch.stack((zero, zero, one)),
+    ]
+    return torch.stack(rows).to(like.dtype)
+
+
+def _unit_to_pixel(height: Tensor, width: Tensor, like: Tensor) -> Tensor:
+    zero, one = torch.zeros_like(height), torch.ones_like(height)
+    rows = [
+        torch.stack((width / 2, zero, width / 2)),
+        torch.stack((zero, height / 2, height / 2)),
+        torch.stack((zero, zero, one)),
+    ]
+    return torch.stack(rows).to(like.dtype)
+
+
+def _steepest_descent(template: Tensor) -> Tensor:
+    """(b, 1, h, w) -> (b, 8, h, w): grad T . dW/dp at p = 0, in unit coordinates.
+
+    p parameterises W = [[1+p0, p2, p4], [p1, 1+p3, p5], [p6, p7, 1]]."""
+    _, _, h, w = template.shape
+    padded = F.pad(template, (1, 1, 1, 1), mode="replicate")
+    gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) * (size_tensor(w, template) / 4)  # d/du, u = 2x/W - 1
+    gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) * (size_tensor(h, template) / 4)
+    ys = (torch.arange(h, device=template.device, dtype=template.dtype) + 0.5) * (2 / size_tensor(h, template)) - 1
+    xs = (torch.arange(w, device=template.device, dtype=template.dtype) + 0.5) * (2 / size_tensor(w, template)) - 1
+    v, u = torch.meshgrid(ys, xs, indexing="ij")
+    u, v = u[None, None], v[None, None]
+    return torch.cat((gx * u, gy * u, gx * v, gy * v, gx, gy, -(gx * u + gy * v) * u, -(gx * u + gy * v) * v), dim=1)
+
+
+def _solve(a: Tensor, b: Tensor) -> Tensor:
+    """(n, 8, 8) SPD, (n, 8) -> (n, 8): Gauss-Jordan without pivoting (the damped normal matrix is
+    positive definite), unrolled so every runtime exports it."""
+    m = torch.cat((a, b.unsqueeze(-1)), dim=-1)  # (n, 8, 9)
+    size = a.shape[-1]
+    eye = torch.eye(size, device=a.device, dtype=a.dtype)
+    for k in range(size):
+        row = m[:, k : k + 1, :] / m[:, k : k + 1, k : k + 1]  # (n, 1, 9)
+        column = m[:, :, k : k + 1] - eye[:, k : k + 1]  # (n, 8, 1): eliminates others, leaves row k = row
+        m = m - column * row
+    return m[:, :, size]
+
+
+def _parameters_to_matrix(p: Tensor) -> Tensor:
+    one = torch.ones_like(p[:, 0])
+    rows = (
+        torch.stack((1 + p[:, 0], p[:, 2], p[:, 4]), dim=-1),
+        torch.stack((p[:, 1], 1 + p[:, 3], p[:, 5]), dim=-1),
+        torch.stack((p[:, 6], p[:, 7], one), dim=-1),
+    )
+    return torch.stack(rows, dim=1)
+
+
+def _normalise(h: Tensor) -> Tensor:
+    return h / h[:, 2:3, 2:3]
+
+
+def _residual(template: Tensor, image: Tensor, h_level: Tensor) -> tuple[Tensor, Tensor]:
+    """I(W(x; p)) - T(x) and where it is defined: the current image sampled at H x for every template
+    pixel (``h_level`` in this level's pixels)."""
+    back = adjugate3x3(h_level)  # warp_by_homography samples at G^-1 x; G = H^-1 samples at H x
+    warped = warp_by_homography(image, back)
+    valid = (warp_by_homography(torch.ones_like(image), back) > 0.999).to(image.dtype)
+    return (warped - template) * valid, valid
+
+
+def _huber_weights(residual: Tensor, valid: Tensor) -> Tensor:
+    """Huber's IRLS weights, the threshold a multiple of the mean absolute residual: pixels that do not
+    follow the camera (instruments, spray, highlights) pull the solution less than a square would."""
+    scale = residual.abs().sum(dim=(1, 2, 3), keepdim=True) / valid.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+    threshold = HUBER * scale + 1e-6
+    return threshold / residual.abs().clamp_min(threshold)
+
+
+def _cost(template: Tensor, image: Tensor, h_level: Tensor) -> Tensor:
+    residual, valid = _residual(template, image, h_level)
+    return residual.square().sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp_min(1)
+
+
+def refine_homography(
+    previous: Tensor, current: Tensor, h_prev_to_cur: Tensor, levels: tuple[tuple[int, int], ...]
+) -> Tensor:
+    """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
+
+    ``previous`` and ``current`` are (b, 1, h, w) luma at ``levels[-1][0]`` times below full
+    resolution; ``levels`` lists (downsampling factor, Gauss-Newton steps) coarse to fine, each
+    factor a multiple of the last one's.
+    """
+    with torch.autocast(previous.device.type, enabled=False):
+        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels)
+
+
+def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...]) -> Tensor:
+    finest = levels[-1][0]
+    h_full = start
+    template = image = start  # bound by the loop (levels is never empty)
+    for factor, steps in levels:
+        pool = factor // finest
+        template = _standardise(F.avg_pool2d(previous, pool) if pool > 1 else previous)
+        image = _standardise(F.avg_pool2d(current, pool) if pool > 1 else current)
+        height = size_tensor(template.shape[-2], template)
+        width = size_tensor(template.shape[-1], template)
+        n = _pixel_to_unit(height, width, template)
+        n_inv = _unit_to_pixel(height, width, template)
+        h_unit = n @ rescale_homography(h_full, 1.0 / factor) @ n_inv
+        sd = _steepest_descent(template)  # (b, 8, h, w)
+        eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
+        for _ in range(steps):
+            residual, valid = _residual(template, image, n_inv @ h_unit @ n)
+            weighted = sd * (valid * _huber_weights(residual, valid))
+            hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
+            gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
+            diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
+            delta = _solve(hessian + (diagonal * DAMPING + 1e-6) * eye, gradient)
+            h_unit = _normalise(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
+        h_full = _normalise(rescale_homography(n_inv @ h_unit @ n, float(factor)))
+    # Judged at the finest level, where the photometric error is best resolved.
+    scale = 1.0 / finest
+    initial_cost = _cost(template, image, rescale_homography(start, scale))
+    final_cost = _cost(template, image, rescale_homography(h_full, scale))
+    better = (final_cost < initial_cost) & torch.isfinite(h_full).flatten(1).all(dim=1)
+    return torch.where(better.view(-1, 1, 1), h_full, start)

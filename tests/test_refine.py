@@ -1,0 +1,102 @@
+"""Photometric homography refinement: recovers a planted homography, never makes the photometric error
+worse, solves like LAPACK, and runs the same in the network's streaming form and in exported graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model
+from models.data.scenes import dead_leaves
+from models.layers import mean_corner_error, offsets_to_homography, warp_by_homography
+from models.refine import _solve, luma, refine_homography
+
+LEVELS = ((4, 5), (2, 3))
+
+
+def _pair(seed: int, height: int = 160, width: int = 208, corner_px: float = 6.0) -> tuple[torch.Tensor, ...]:
+    """Two views of a dead-leaves scene related by a random homography, with its label."""
+    rng = np.random.default_rng(seed)
+    scene = torch.from_numpy(dead_leaves(rng, height, width, 3.0, 40.0)).permute(2, 0, 1)[None].float()
+    offsets = torch.from_numpy(rng.normal(0, corner_px, (1, 8))).float()
+    h_true = offsets_to_homography(offsets, float(height), float(width))
+    current = warp_by_homography(scene, h_true)  # the previous view seen through H_{t-1->t}
+    return scene, current, h_true
+
+
+def _half_luma(image: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.avg_pool2d(luma(image), 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_a_planted_homography_from_a_rough_start(seed: int) -> None:
+    previous, current, h_true = _pair(seed)
+    height, width = previous.shape[-2:]
+    rng = np.random.default_rng(100 + seed)
+    start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
+    start = start @ h_true  # about 3 px off at the corners, what the head leaves on unseen content
+    before = float(mean_corner_error(start, h_true, height, width))
+    refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS)
+    after = float(mean_corner_error(refined, h_true, height, width))
+    assert before > 1.5
+    # The border band that falls outside the second view after warping is the only error source left.
+    assert after < 0.5, (before, after)
+
+
+def test_keeps_the_start_where_refining_does_not_lower_the_error() -> None:
+    """Unrelated frames: whatever Gauss-Newton finds is not trusted over the head unless it matches better."""
+    previous, _, _ = _pair(3)
+    other, _, _ = _pair(4)
+    start = torch.eye(3)[None]
+    refined = refine_homography(_half_luma(previous), _half_luma(other), start, LEVELS)
+    assert torch.isfinite(refined).all()
+    flat = torch.full_like(previous, 0.5)  # no texture: the solve must stay finite and keep the start
+    refined = refine_homography(_half_luma(flat), _half_luma(flat), start, LEVELS)
+    torch.testing.assert_close(refined, start)
+
+
+def test_unrolled_solve_matches_lapack() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(5, 8, 8, dtype=torch.float64)
+    spd = a @ a.transpose(1, 2) + 0.1 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(_solve(spd, b), torch.linalg.solve(spd, b))
+
+
+def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() -> None:
+    torch.manual_seed(0)
+    model = create_model("most-nss-tiny", homography_refine=LEVELS).eval()
+    names = [s.name for s in model.spec.states]
+    assert names[-1] == "prev_luma"
+    shapes = model.spec.initial_state(1, 64, 96)
+    assert shapes["prev_luma"].shape == (1, 1, 32, 48)
+    previous, current, _ = _pair(5, 64, 96, corner_px=2.0)
+    state = {k: torch.from_numpy(v) for k, v in shapes.items()}
+    with torch.no_grad():
+        for t, frame in enumerate((previous, current)):
+            reset = torch.full((1, 1, 1, 1), 1.0 if t == 0 else 0.0)
+            step, new_state = model.step(frame, reset, state)
+            out = model(frame, reset, *(state[n] for n in names))
+            torch.testing.assert_close(out[2], step.final_homography)
+            if t == 0:  # a frame that is its own predecessor: nothing to refine, the (untrained) head's identity
+                torch.testing.assert_close(out[2], torch.eye(3)[None])
+            state = {n: new_state[n] for n in names}
+    torch.testing.assert_close(state["prev_luma"], _half_luma(step.final_restored.clamp(0, 1)))
+
+
+def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
+    from models.checkpoints import load_model, save_checkpoint
+
+    model = create_model("most-nss-tiny", homography_refine=LEVELS)
+    path = save_checkpoint(model, tmp_path / "w.safetensors")
+    loaded, _ = load_model(str(path))
+    assert loaded.cfg.homography_refine == LEVELS
+    assert [s.name for s in loaded.spec.states] == [s.name for s in model.spec.states]
+
+
+def test_config_rejects_levels_that_are_not_coarse_to_fine() -> None:
+    with pytest.raises(ValueError, match="coarse to fine"):
+        create_model("most-nss-tiny", homography_refine=((2, 3), (4, 5)))
+    with pytest.raises(ValueError, match="coarse to fine"):
+        create_model("most-nss-tiny", homography_refine=((3, 1),))
