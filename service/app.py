@@ -9,25 +9,22 @@ State on ``app.state`` (what other routers may use):
 * ``engines``: ``pool.engines``, the ``name -> InferenceEngine`` dict of loaded models;
 * ``sessions``: :class:`~service.session.SessionManager`; ``metrics``: :class:`~service.metrics.Metrics`.
 
-Extension hook (batch jobs): if the module ``service.jobs.routes`` exists, ``create_app`` mounts
-its ``router`` (an ``APIRouter``; every route then requires the API key when one is configured) and,
-if it defines ``lifespan(app)`` (an async context manager factory), enters it after the app state
-exists and exits it before the engines close. Other routers can be listed in :data:`EXTRA_ROUTER_MODULES`.
+Batch jobs (``service.jobs.routes``) are mounted under ``/v1/jobs`` (every route requires the API
+key when one is configured); their ``lifespan`` is entered after the app state exists and exited
+before the engines close, so jobs share the app's engines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import importlib.metadata
 import logging
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from types import ModuleType
 from urllib.parse import unquote_plus
 
 from fastapi import Depends, FastAPI
@@ -37,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service import health
 from service.engine import BackendFactory, EnginePool
+from service.jobs import routes as jobs_routes
 from service.memory import limit_malloc_arenas
 from service.metrics import Metrics
 from service.session import SessionManager
@@ -46,8 +44,6 @@ from service.ws import endpoint
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-# Modules mounted when importable: each may define `router` and `lifespan(app)` (see the module docstring).
-EXTRA_ROUTER_MODULES: list[str] = ["service.jobs.routes"]
 
 
 # A query parameter in a logged URL: (separator, name, value).
@@ -89,15 +85,6 @@ def redact_api_keys_in_logs() -> None:
             target.addFilter(RedactApiKey())
 
 
-def _optional_module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:  # the module is simply not there (yet); a missing dependency inside it is an error
-            return None
-        raise
-
-
 def _version() -> str:
     try:
         return importlib.metadata.version("vident")
@@ -135,16 +122,12 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         on_batch=metrics.batch_hook,
         warmup_size=settings.warmup_hw,
     )
-    extras = [m for m in map(_optional_module, EXTRA_ROUTER_MODULES) if m is not None]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(_preload(app)) if settings.preload else None
         try:
-            async with AsyncExitStack() as stack:
-                for module in extras:
-                    if hasattr(module, "lifespan"):
-                        await stack.enter_async_context(module.lifespan(app))
+            async with jobs_routes.lifespan(app):
                 yield
         finally:
             if loader is not None:
@@ -174,10 +157,7 @@ def create_app(settings: Settings | None = None, backend_factory: BackendFactory
         )
     app.include_router(health.router)
     app.include_router(endpoint.router)
-    for module in extras:
-        if hasattr(module, "router"):
-            app.include_router(module.router, dependencies=[Depends(require_api_key)])
-            logger.info("mounted %s", module.__name__)
+    app.include_router(jobs_routes.router, dependencies=[Depends(require_api_key)])
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import time
-import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import uvicorn
-from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -164,33 +161,17 @@ def test_shared_pool_loads_each_model_once() -> None:
     assert pool.engines == {}
 
 
-def test_jobs_module_hook_mounts_router_and_lifespan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The documented extension point: a module with `router` and `lifespan(app)` is mounted behind the key."""
-    from contextlib import asynccontextmanager
-
-    events: list[str] = []
-    router = APIRouter()
-
-    @router.get("/v1/jobs")
-    def jobs(request: Request) -> dict[str, object]:
-        return {"engines": sorted(request.app.state.engines)}
-
-    @asynccontextmanager
-    async def lifespan(app: object) -> AsyncIterator[None]:
-        events.append("start")
-        yield
-        events.append("stop")
-
-    fake = types.ModuleType("fake_jobs")
-    fake.router, fake.lifespan = router, lifespan
-    monkeypatch.setitem(sys.modules, "fake_jobs", fake)
-    monkeypatch.setattr(app_module, "EXTRA_ROUTER_MODULES", ["fake_jobs", "no_such_module_here"])
-    with TestClient(create_app(settings(api_key="k"))) as c:
-        assert events == ["start"]
+def test_jobs_are_mounted_behind_the_key_and_live_with_the_app(tmp_path: Path) -> None:
+    """Batch jobs share the app: their routes need the API key, their manager starts with the app and
+    its workers stop with it."""
+    with TestClient(create_app(settings(api_key="k", jobs={"data_dir": tmp_path / "jobs"}))) as c:
         wait_ready(c)
         assert c.get("/v1/jobs").status_code == 401
-        assert c.get("/v1/jobs", headers={"X-API-Key": "k"}).json() == {"engines": [TINY]}
-    assert events == ["start", "stop"]
+        listed = c.get("/v1/jobs", headers={"X-API-Key": "k"})
+        assert listed.status_code == 200, listed.text
+        manager = c.app.state.jobs
+        assert manager.settings.jobs.data_dir == tmp_path / "jobs"
+    assert (tmp_path / "jobs").is_dir()
 
 
 def test_models_names_the_checkpoint_file_not_its_path(tmp_path: Path) -> None:
