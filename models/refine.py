@@ -38,7 +38,8 @@ def _standardise(image: Tensor) -> Tensor:
     """Local mean removed, then unit deviation per sample: light that moves with the camera (a ring
     light's falloff, vignetting, auto exposure) varies slowly across the frame and would otherwise pull
     the alignment towards the identity."""
-    image = image - F.avg_pool2d(image, HIGHPASS, stride=1, padding=HIGHPASS // 2, count_include_pad=False)
+    if HIGHPASS > 1:
+        image = image - F.avg_pool2d(image, HIGHPASS, stride=1, padding=HIGHPASS // 2, count_include_pad=False)
     mean = image.mean(dim=(2, 3), keepdim=True)
     std = (image - mean).square().mean(dim=(2, 3), keepdim=True).sqrt()
     return (image - mean) / (std + 1e-3)

@@ -1,0 +1,96 @@
+"""Corner error of the homography head, and of its photometric refinement under several settings, on
+held-out sequences of a training split (never the test or real-content split: this chooses a setting).
+
+The network runs once per frame (without refinement); the refinement (``models/refine.py``) is then
+applied to the cached restored frames, so many settings cost one pass of the network.
+
+    .venv/bin/python -m tools.refine_tune --model runs/most-nss-mixed-D2/last.safetensors \\
+        --data data/hfit-mixed-256 --sequences 16 --levels "4:5,2:3" "8:5,4:3,2:2" --highpass 0 5 --huber 0 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import refine
+from models.checkpoints import load_model
+from models.data.format import find_sequences, read_sequence
+from models.layers import mean_corner_error
+from models.refine import luma, refine_homography
+
+
+def parse_levels(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(f), int(s)) for f, s in (level.split(":") for level in text.split(",")))
+
+
+def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, object]]:
+    names = [s.name for s in model.spec.states]
+    pairs: list[dict[str, object]] = []
+    with torch.no_grad():
+        for folder in folders:
+            seq = read_sequence(folder)
+            frames = torch.from_numpy(seq.input).permute(0, 3, 1, 2).float() / 255
+            _, _, height, width = frames.shape
+            state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, height, width).items()}
+            previous = None
+            for t in range(frames.shape[0]):
+                reset = torch.full((1, 1, 1, 1), 1.0 if t == 0 else 0.0)
+                out = model(frames[t : t + 1], reset, *(state[n] for n in names))
+                state = dict(zip(names, out[3:], strict=True))
+                if previous is not None:
+                    true = torch.from_numpy(seq.homographies[t]).float()[None]
+                    content = str(seq.meta.get("content", "dental"))
+                    pairs.append({"previous": luma(previous), "current": luma(out[0]), "head": out[2],
+                                  "true": true, "content": content, "size": (height, width)})  # fmt: skip
+                previous = out[0]
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint (its own refinement setting is ignored)")
+    parser.add_argument("--data", required=True, help="a training split in the on-disk format")
+    parser.add_argument("--sequences", type=int, default=16, help="the last N sequences (a fit's holdout)")
+    parser.add_argument("--levels", nargs="+", default=["4:5,2:3"], help="factor:steps,... coarse to fine")
+    parser.add_argument("--highpass", nargs="+", type=int, default=[refine.HIGHPASS], help="local-mean side")
+    parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, _ = load_model(args.model)
+    pairs = cache_pairs(model, find_sequences(args.data)[-args.sequences :])
+
+    def report(label: str, errors: list[float]) -> dict[str, object]:
+        by_content = zip(errors, (p["content"] for p in pairs), strict=True)
+        grouped: dict[str, list[float]] = {}
+        for error, content in by_content:
+            grouped.setdefault(str(content), []).append(error)
+        per = {c: round(float(np.mean(v)), 2) for c, v in sorted(grouped.items())}
+        row = {"setting": label, "mace": round(float(np.mean(errors)), 3), "median": round(float(np.median(errors)), 3)}
+        print(json.dumps({**row, **per}), flush=True)
+        return row
+
+    head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
+    report(f"head ({len(pairs)} pairs)", head)
+    for text, highpass, huber in itertools.product(args.levels, args.highpass, args.huber):
+        levels = parse_levels(text)
+        refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
+        finest = levels[-1][0]
+        errors = []
+        for p in pairs:
+            prev, cur = p["previous"], p["current"]
+            if finest > 1:
+                prev, cur = F.avg_pool2d(prev, finest), F.avg_pool2d(cur, finest)  # type: ignore[arg-type]
+            refined = refine_homography(prev, cur, p["head"], levels)  # type: ignore[arg-type]
+            errors.append(float(mean_corner_error(refined, p["true"], *p["size"])))  # type: ignore[misc]
+        report(f"levels {text}, highpass {highpass}, huber {huber}", errors)
+
+
+if __name__ == "__main__":
+    main()
