@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.layers import adjugate3x3, rescale_homography, size_tensor, warp_by_homography
+from models.layers import adjugate3x3, normalize_homography, rescale_homography, size_tensor, warp_by_homography
 
 LUMA = (0.299, 0.587, 0.114)
+HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
 HUBER = 1.5  # Huber threshold in mean absolute residuals
 DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
 
@@ -29,9 +30,6 @@ def luma(image: Tensor) -> Tensor:
     """(b, 3, h, w) RGB -> (b, 1, h, w), clipped to the displayable range first."""
     weights = torch.tensor(LUMA, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
     return (image.clamp(0, 1) * weights).sum(dim=1, keepdim=True)
-
-
-HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
 
 
 def _standardise(image: Tensor) -> Tensor:
@@ -104,16 +102,13 @@ def _parameters_to_matrix(p: Tensor) -> Tensor:
     return torch.stack(rows, dim=1)
 
 
-def _normalise(h: Tensor) -> Tensor:
-    return h / h[:, 2:3, 2:3]
-
-
 def _residual(template: Tensor, image: Tensor, h_level: Tensor) -> tuple[Tensor, Tensor]:
     """I(W(x; p)) - T(x) and where it is defined: the current image sampled at H x for every template
     pixel (``h_level`` in this level's pixels)."""
     back = adjugate3x3(h_level)  # warp_by_homography samples at G^-1 x; G = H^-1 samples at H x
-    warped = warp_by_homography(image, back)
-    valid = (warp_by_homography(torch.ones_like(image), back) > 0.999).to(image.dtype)
+    # The image and its coverage through one sampling grid.
+    warped, coverage = warp_by_homography(torch.cat((image, torch.ones_like(image)), dim=1), back).split(1, dim=1)
+    valid = (coverage > 0.999).to(image.dtype)
     return (warped - template) * valid, valid
 
 
@@ -165,8 +160,8 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
             gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
             delta = _solve(hessian + (diagonal * DAMPING + 1e-6) * eye, gradient)
-            h_unit = _normalise(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
-        h_full = _normalise(rescale_homography(n_inv @ h_unit @ n, float(factor)))
+            h_unit = normalize_homography(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
+        h_full = normalize_homography(rescale_homography(n_inv @ h_unit @ n, float(factor)))
     # Judged at the finest level, where the photometric error is best resolved.
     scale = 1.0 / finest
     initial_cost = _cost(template, image, rescale_homography(start, scale))

@@ -20,42 +20,46 @@ import torch
 import torch.nn.functional as F
 
 from models import refine
-from models.checkpoints import load_model
+from models.checkpoints import read_checkpoint, read_metadata
 from models.data.format import find_sequences, read_sequence
 from models.layers import mean_corner_error
 from models.refine import luma, refine_homography
+from models.registry import create_model
+from models.streaming import stream_intermediates
 
 
 def parse_levels(text: str) -> tuple[tuple[int, int], ...]:
     return tuple((int(f), int(s)) for f, s in (level.split(":") for level in text.split(",")))
 
 
+def head_only(path: str) -> torch.nn.Module:
+    """The checkpoint's network with its own refinement, if any, switched off: the head's estimate."""
+    kwargs, state = read_checkpoint(path)
+    model = create_model(read_metadata(path)["model"], **{**kwargs, "homography_refine": ()})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, object]]:
-    names = [s.name for s in model.spec.states]
     pairs: list[dict[str, object]] = []
-    with torch.no_grad():
-        for folder in folders:
-            seq = read_sequence(folder)
-            frames = torch.from_numpy(seq.input).permute(0, 3, 1, 2).float() / 255
-            _, _, height, width = frames.shape
-            state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, height, width).items()}
-            previous = None
-            for t in range(frames.shape[0]):
-                reset = torch.full((1, 1, 1, 1), 1.0 if t == 0 else 0.0)
-                out = model(frames[t : t + 1], reset, *(state[n] for n in names))
-                state = dict(zip(names, out[3:], strict=True))
-                if previous is not None:
-                    true = torch.from_numpy(seq.homographies[t]).float()[None]
-                    content = str(seq.meta.get("content", "dental"))
-                    pairs.append({"previous": luma(previous), "current": luma(out[0]), "head": out[2],
-                                  "true": true, "content": content, "size": (height, width)})  # fmt: skip
-                previous = out[0]
+    for folder in folders:
+        seq = read_sequence(folder)
+        height, width = seq.input.shape[1:3]
+        content = str(seq.meta.get("content", "dental"))
+        previous = None
+        for t, (_, step, _) in enumerate(stream_intermediates(model, seq.input)):
+            current = luma(step.final_restored)
+            if previous is not None:
+                true = torch.from_numpy(seq.homographies[t]).float()[None]
+                pairs.append({"previous": previous, "current": current, "head": step.final_homography,
+                              "true": true, "content": content, "size": (height, width)})  # fmt: skip
+            previous = current
     return pairs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint (its own refinement setting is ignored)")
+    parser.add_argument("--model", required=True, help="checkpoint (its own refinement, if any, is switched off)")
     parser.add_argument("--data", required=True, help="a training split in the on-disk format")
     parser.add_argument("--sequences", type=int, default=16, help="the last N sequences (a fit's holdout)")
     parser.add_argument("--levels", nargs="+", default=["4:5,2:3"], help="factor:steps,... coarse to fine")
@@ -63,7 +67,7 @@ def main() -> None:
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, _ = load_model(args.model)
+    model = head_only(args.model)
     pairs = cache_pairs(model, find_sequences(args.data)[-args.sequences :])
 
     def report(label: str, errors: list[float]) -> dict[str, object]:

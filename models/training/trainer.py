@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.checkpoints import read_checkpoint, read_metadata, save_checkpoint
+from models.checkpoints import checkpoint_config, read_checkpoint, read_metadata, save_checkpoint
 from models.hardware import cpu_has_bf16, cpu_model
 from models.most import MostNet, Structure
 from models.r2d4 import R2D4
@@ -121,7 +121,7 @@ class Trainer:
         kwargs: dict[str, object] = {"structure": cfg.structure} if cfg.structure is not None else {}
         own = cfg.out / "last.safetensors"
         if self.resume_path.is_file() and own.is_file():  # a resumed run goes on in the layout it was making
-            kwargs = read_checkpoint(own, cfg.model)[0]
+            kwargs = checkpoint_config({**read_metadata(own), "model": cfg.model})
         self.model: nn.Module = create_model(cfg.model, **kwargs).to(cfg.device)
         if cfg.init_from is not None:
             self.prior = prior_training(cfg.init_from)
