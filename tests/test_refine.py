@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models import create_model
+from models.checkpoints import load_model, save_checkpoint
 from models.data.scenes import dead_leaves
 from models.layers import mean_corner_error, offsets_to_homography, warp_by_homography
 from models.refine import _solve, luma, refine_homography
@@ -86,8 +87,6 @@ def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() ->
 
 
 def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
-    from models.checkpoints import load_model, save_checkpoint
-
     model = create_model("most-nss-tiny", homography_refine=LEVELS)
     path = save_checkpoint(model, tmp_path / "w.safetensors")
     loaded, _ = load_model(str(path))
