@@ -16,6 +16,7 @@ ONNX (``create_backend("most-nss", backend="openvino")``) exports once and then 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -44,16 +45,16 @@ def cache_dir() -> Path:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes, values) and the structure, 16 hex digits.
+    """SHA-256 over the state dict (names, dtypes, shapes, values) and the layout, 16 hex digits.
 
-    Two models with equal weights but different MOST structures build different graphs, so the
-    structure (when present) is part of the key.
+    Equal weights build different graphs under another layout (a MOST structure, the homography
+    refinement, which adds no weights), so the layout a checkpoint records is part of the key.
     """
     digest = hashlib.sha256()
     digest.update(model.spec.name.encode())  # type: ignore[attr-defined]
-    structure = getattr(model, "structure", None)
-    if structure is not None:
-        digest.update(structure.to_json().encode())
+    layout = getattr(model, "layout_metadata", None)
+    if layout is not None:
+        digest.update(json.dumps(layout(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         array = tensor.detach().cpu().contiguous().numpy()
         digest.update(f"{name}:{array.dtype}:{array.shape}".encode())

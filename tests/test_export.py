@@ -152,6 +152,9 @@ def test_cache_exports_once_per_weights(tmp_path, monkeypatch) -> None:
     other = create_model("most-nss-tiny").eval()  # new random weights
     assert weights_hash(other) != weights_hash(model)
     assert cached_onnx(other) != first
+    refined = create_model("most-nss-tiny", homography_refine=((2, 1),)).eval()
+    refined.load_state_dict(model.state_dict())  # same weights, another graph: a stale export would be wrong
+    assert weights_hash(refined) != weights_hash(model)
     assert first.parent == tmp_path / "onnx"
     assert backend_for(model, "onnxruntime").onnx_path == first
 

@@ -57,6 +57,17 @@ def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, o
     return pairs
 
 
+def refine_pair(
+    pair: dict[str, object], levels: tuple[tuple[int, int], ...], offset_prev: object = 0.0, offset_cur: object = 0.0
+) -> torch.Tensor:
+    """The refinement of one cached pair, its full-resolution luma shifted by the offsets first."""
+    prev, cur = pair["previous"] + offset_prev, pair["current"] + offset_cur  # type: ignore[operator]
+    finest = levels[-1][0]
+    if finest > 1:
+        prev, cur = F.avg_pool2d(prev, finest), F.avg_pool2d(cur, finest)
+    return refine_homography(prev, cur, pair["head"], levels)  # type: ignore[arg-type]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint (its own refinement, if any, is switched off)")
@@ -65,35 +76,54 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", default=["4:5,2:3"], help="factor:steps,... coarse to fine")
     parser.add_argument("--highpass", nargs="+", type=int, default=[refine.HIGHPASS], help="local-mean side")
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
+    parser.add_argument("--damping", nargs="+", type=float, default=[refine.DAMPING], help="relative LM damping")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="also refine luma with this much Gaussian noise added and report how far the result "
+        "moves (px): a runtime's rounding must not move the output homography",
+    )
+    parser.add_argument("--cache", type=Path, help="keep the network's pass here and reuse it")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = head_only(args.model)
-    pairs = cache_pairs(model, find_sequences(args.data)[-args.sequences :])
+    if args.cache is not None and args.cache.is_file():
+        pairs = torch.load(args.cache)
+    else:
+        pairs = cache_pairs(head_only(args.model), find_sequences(args.data)[-args.sequences :])
+        if args.cache is not None:
+            torch.save(pairs, args.cache)
+    generator = torch.Generator().manual_seed(0)
+    noises = [(torch.randn(p["previous"].shape, generator=generator) * args.noise,  # type: ignore[union-attr]
+               torch.randn(p["current"].shape, generator=generator) * args.noise) for p in pairs]  # fmt: skip
 
-    def report(label: str, errors: list[float]) -> dict[str, object]:
+    def report(label: str, errors: list[float], moved: list[float] | None = None) -> dict[str, object]:
         by_content = zip(errors, (p["content"] for p in pairs), strict=True)
         grouped: dict[str, list[float]] = {}
         for error, content in by_content:
             grouped.setdefault(str(content), []).append(error)
         per = {c: round(float(np.mean(v)), 2) for c, v in sorted(grouped.items())}
         row = {"setting": label, "mace": round(float(np.mean(errors)), 3), "median": round(float(np.median(errors)), 3)}
+        if moved:
+            row |= {"moved_mean": round(float(np.mean(moved)), 4), "moved_max": round(float(np.max(moved)), 4)}
         print(json.dumps({**row, **per}), flush=True)
         return row
 
     head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
     report(f"head ({len(pairs)} pairs)", head)
-    for text, highpass, huber in itertools.product(args.levels, args.highpass, args.huber):
+    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping)
+    for text, highpass, huber, damping in settings:
         levels = parse_levels(text)
         refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
-        finest = levels[-1][0]
-        errors = []
-        for p in pairs:
-            prev, cur = p["previous"], p["current"]
-            if finest > 1:
-                prev, cur = F.avg_pool2d(prev, finest), F.avg_pool2d(cur, finest)  # type: ignore[arg-type]
-            refined = refine_homography(prev, cur, p["head"], levels)  # type: ignore[arg-type]
-            errors.append(float(mean_corner_error(refined, p["true"], *p["size"])))  # type: ignore[misc]
-        report(f"levels {text}, highpass {highpass}, huber {huber}", errors)
+        refine.DAMPING = damping
+        errors, moved = [], []
+        for p, (noise_prev, noise_cur) in zip(pairs, noises, strict=True):
+            clean = refine_pair(p, levels)
+            errors.append(float(mean_corner_error(clean, p["true"], *p["size"])))  # type: ignore[misc]
+            if args.noise > 0:
+                noisy = refine_pair(p, levels, noise_prev, noise_cur)
+                moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
+        report(f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}", errors, moved)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ def write_card(
             structure_table(made["structure"]),  # type: ignore[arg-type]
             "",
             f"Homography pooling: {made['homography_pool']}{homography_fit_text(meta)}; the restoration heads "
-            f"{reads} the input frame B^s{filter_text(meta, made['restoration_filter'])} (docs/models.md).",
+            f"{reads} the input frame B^s{filter_text(meta, made['restoration_filter'])}"
+            f"{refine_text(made['homography_refine'])} (docs/models.md).",  # type: ignore[arg-type]
         ]
     parts += [
         "",
@@ -280,6 +281,16 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"given the trained network (`vident fit-filter --data {fit.data}`: {fit.fit_sequences} training "
             f"sequences x {fit.frames} frames, PSNR {fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on "
             f"them{held})")  # fmt: skip
+
+
+def refine_text(levels: tuple[tuple[int, int], ...]) -> str:
+    """The photometric homography refinement the layout runs (empty without one)."""
+    if not levels:
+        return ""
+    steps = ", then ".join(f"{n} at 1/{factor}" for factor, n in levels)
+    return (f". The output homography is then refined in the graph by inverse-compositional Lucas-Kanade on the "
+            f"restored luma against the previous frame's (Gauss-Newton steps: {steps} resolution; "
+            "`models/refine.py`)")  # fmt: skip
 
 
 def homography_fit_text(meta: dict[str, str]) -> str:
