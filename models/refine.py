@@ -24,6 +24,7 @@ LUMA = (0.299, 0.587, 0.114)
 HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
 HUBER = 1.5  # Huber threshold in mean absolute residuals
 DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
+PRIOR = 0.0  # pull towards the head's estimate, relative to the mean Hessian diagonal (0: none)
 
 
 def luma(image: Tensor) -> Tensor:
@@ -92,6 +93,13 @@ def _solve(a: Tensor, b: Tensor) -> Tensor:
     return m[:, :, size]
 
 
+def _matrix_to_parameters(m: Tensor) -> Tensor:
+    """Inverse of :func:`_parameters_to_matrix` for a matrix normalised to m[2, 2] = 1."""
+    return torch.stack(
+        (m[:, 0, 0] - 1, m[:, 1, 0], m[:, 0, 1], m[:, 1, 1] - 1, m[:, 0, 2], m[:, 1, 2], m[:, 2, 0], m[:, 2, 1]), dim=1
+    )
+
+
 def _parameters_to_matrix(p: Tensor) -> Tensor:
     one = torch.ones_like(p[:, 0])
     rows = (
@@ -151,6 +159,7 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
         n = _pixel_to_unit(height, width, template)
         n_inv = _unit_to_pixel(height, width, template)
         h_unit = n @ rescale_homography(h_full, 1.0 / factor) @ n_inv
+        head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv)
         sd = _steepest_descent(template)  # (b, 8, h, w)
         eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
         for _ in range(steps):
@@ -159,7 +168,13 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
             hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
             gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
-            delta = _solve(hessian + (diagonal * DAMPING + 1e-6) * eye, gradient)
+            # A Gaussian prior at the head's estimate: the update d of h_unit o W(d)^-1 also minimises
+            # PRIOR * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which bounds
+            # drift along directions the images do not constrain.
+            weight = PRIOR * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
+            offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
+            damped = hessian + (diagonal * DAMPING + 1e-6) * eye + weight * eye
+            delta = _solve(damped, gradient + weight[:, :, 0] * offset)
             h_unit = normalize_homography(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
         h_full = normalize_homography(rescale_homography(n_inv @ h_unit @ n, float(factor)))
     # Judged at the finest level, where the photometric error is best resolved.

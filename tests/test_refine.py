@@ -57,6 +57,23 @@ def test_keeps_the_start_where_refining_does_not_lower_the_error() -> None:
     torch.testing.assert_close(refined, start)
 
 
+def test_prior_holds_the_estimate_near_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strong prior at the head's estimate leaves it in place; a mild one still lets the images move it."""
+    from models import refine
+
+    previous, current, h_true = _pair(5)
+    height, width = previous.shape[-2:]
+    rng = np.random.default_rng(105)
+    start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
+    start = start @ h_true
+    moved = {}
+    for prior in (1e4, 0.01):
+        monkeypatch.setattr(refine, "PRIOR", prior)
+        refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS)
+        moved[prior] = float(mean_corner_error(refined, start, height, width))
+    assert moved[1e4] < 0.01 < 1.0 < moved[0.01], moved
+
+
 def test_unrolled_solve_matches_lapack() -> None:
     torch.manual_seed(0)
     a = torch.randn(5, 8, 8, dtype=torch.float64)

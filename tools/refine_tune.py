@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--highpass", nargs="+", type=int, default=[refine.HIGHPASS], help="local-mean side")
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
     parser.add_argument("--damping", nargs="+", type=float, default=[refine.DAMPING], help="relative LM damping")
+    parser.add_argument("--prior", nargs="+", type=float, default=[refine.PRIOR], help="pull to the head's estimate")
     parser.add_argument(
         "--noise",
         type=float,
@@ -111,11 +112,11 @@ def main() -> None:
 
     head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
     report(f"head ({len(pairs)} pairs)", head)
-    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping)
-    for text, highpass, huber, damping in settings:
+    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior)
+    for text, highpass, huber, damping, prior in settings:
         levels = parse_levels(text)
         refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
-        refine.DAMPING = damping
+        refine.DAMPING, refine.PRIOR = damping, prior
         errors, moved = [], []
         for p, (noise_prev, noise_cur) in zip(pairs, noises, strict=True):
             clean = refine_pair(p, levels)
@@ -123,7 +124,8 @@ def main() -> None:
             if args.noise > 0:
                 noisy = refine_pair(p, levels, noise_prev, noise_cur)
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
-        report(f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}", errors, moved)
+        label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
+        report(label, errors, moved)
 
 
 if __name__ == "__main__":
