@@ -159,7 +159,7 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
         n = _pixel_to_unit(height, width, template)
         n_inv = _unit_to_pixel(height, width, template)
         h_unit = n @ rescale_homography(h_full, 1.0 / factor) @ n_inv
-        head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv)
+        head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv) if PRIOR > 0 else None
         sd = _steepest_descent(template)  # (b, 8, h, w)
         eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
         for _ in range(steps):
@@ -168,13 +168,16 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
             hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
             gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
-            # A Gaussian prior at the head's estimate: the update d of h_unit o W(d)^-1 also minimises
-            # PRIOR * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which bounds
-            # drift along directions the images do not constrain.
-            weight = PRIOR * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
-            offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
-            damped = hessian + (diagonal * DAMPING + 1e-6) * eye + weight * eye
-            delta = _solve(damped, gradient + weight[:, :, 0] * offset)
+            damped = hessian + (diagonal * DAMPING + 1e-6) * eye
+            if head_inverse is not None:
+                # A Gaussian prior at the head's estimate: the update d of h_unit o W(d)^-1 also minimises
+                # PRIOR * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which
+                # bounds drift along directions the images do not constrain. Off: not in the graph at all.
+                weight = PRIOR * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
+                offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
+                damped = damped + weight * eye
+                gradient = gradient + weight[:, :, 0] * offset
+            delta = _solve(damped, gradient)
             h_unit = normalize_homography(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
         h_full = normalize_homography(rescale_homography(n_inv @ h_unit @ n, float(factor)))
     # Judged at the finest level, where the photometric error is best resolved.

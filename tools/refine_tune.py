@@ -94,9 +94,13 @@ def main() -> None:
         pairs = cache_pairs(head_only(args.model), find_sequences(args.data)[-args.sequences :])
         if args.cache is not None:
             torch.save(pairs, args.cache)
-    generator = torch.Generator().manual_seed(0)
-    noises = [(torch.randn(p["previous"].shape, generator=generator) * args.noise,  # type: ignore[union-attr]
-               torch.randn(p["current"].shape, generator=generator) * args.noise) for p in pairs]  # fmt: skip
+    generator = torch.Generator().manual_seed(0)  # the same perturbation for every setting
+    noises: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if args.noise > 0:
+        for p in pairs:
+            noise_prev = torch.randn(p["previous"].shape, generator=generator) * args.noise  # type: ignore[union-attr]
+            noise_cur = torch.randn(p["current"].shape, generator=generator) * args.noise  # type: ignore[union-attr]
+            noises.append((noise_prev, noise_cur))
 
     def report(label: str, errors: list[float], moved: list[float] | None = None) -> dict[str, object]:
         by_content = zip(errors, (p["content"] for p in pairs), strict=True)
@@ -118,11 +122,11 @@ def main() -> None:
         refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
         refine.DAMPING, refine.PRIOR = damping, prior
         errors, moved = [], []
-        for p, (noise_prev, noise_cur) in zip(pairs, noises, strict=True):
+        for i, p in enumerate(pairs):
             clean = refine_pair(p, levels)
             errors.append(float(mean_corner_error(clean, p["true"], *p["size"])))  # type: ignore[misc]
-            if args.noise > 0:
-                noisy = refine_pair(p, levels, noise_prev, noise_cur)
+            if noises:
+                noisy = refine_pair(p, levels, *noises[i])
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
         report(label, errors, moved)
