@@ -120,6 +120,8 @@ class MostConfig:
     # Gauss-Newton steps) per pyramid level, coarse to fine, on the restored frames' luma; the state then
     # keeps the previous frame's luma at the finest factor. Empty: the head's estimate as it is.
     homography_refine: tuple[tuple[int, int], ...] = ()
+    # The refinement's pull towards the head's estimate (``refine_homography``'s ``prior``; 0: none).
+    homography_refine_prior: float = 0.0
 
     def __post_init__(self) -> None:
         factors = [f for f, _ in self.homography_refine]
@@ -127,6 +129,8 @@ class MostConfig:
             raise ValueError(f"homography_refine factors must be powers of two, coarse to fine: {factors}")
         if any(steps < 0 for _, steps in self.homography_refine):
             raise ValueError("homography_refine steps must be >= 0")
+        if self.homography_refine_prior < 0:
+            raise ValueError(f"homography_refine_prior must be >= 0, not {self.homography_refine_prior}")
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -440,6 +444,7 @@ class MostNet(nn.Module):
             "restoration_input": str(int(self.cfg.restoration_input)),
             "restoration_filter": str(self.cfg.restoration_filter),
             "homography_refine": json.dumps([list(level) for level in self.cfg.homography_refine]),
+            "homography_refine_prior": repr(float(self.cfg.homography_refine_prior)),
         }
 
     def step(
@@ -549,7 +554,9 @@ class MostNet(nn.Module):
             current = F.avg_pool2d(current, factor) if factor > 1 else current
             previous = reset * current + keep * state["prev_luma"]
             new_state["prev_luma"] = current
-            final_h = refine_homography(previous, current, final_h.detach(), self.cfg.homography_refine)
+            final_h = refine_homography(
+                previous, current, final_h.detach(), self.cfg.homography_refine, self.cfg.homography_refine_prior
+            )
         step = MostStep(
             restored=restored,
             mask_logits=mask_logits,
@@ -574,16 +581,17 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
-# appeared with its option. Version 2 added the photometric homography refinement.
+# appeared with its option. Version 2 added the photometric homography refinement, 3 its prior.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
     "restoration_filter": (1, "0", int),
     # No weights: any checkpoint converts to any refinement.
     "homography_refine": (2, "[]", lambda text: tuple(tuple(level) for level in json.loads(text))),
+    "homography_refine_prior": (3, "0.0", float),
 }
 
 
@@ -647,12 +655,19 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # The layout each registered name builds is the one its shipped checkpoint has
 # (models/checkpoints/<name>.safetensors), so ``create_model(name)`` loads it strictly and ``vident info``
 # counts what users run; tiny variants follow their big siblings. most-net ships weights made before corner
-# pooling, input-fed heads and input filters; most-nss has the pooling and the filter, not the input.
+# pooling, input-fed heads and input filters; most-nss has the pooling, the filter and the photometric
+# refinement, not the input. The refinement's levels and prior were chosen on held-out sequences of a
+# training split (docs/experiments.md).
 MOST_NET = MostConfig(
     structure=MOST_NET_STRUCTURE, homography_pool="global", restoration_input=False, restoration_filter=0
 )
 MOST_NSS = MostConfig(
-    structure=MOST_NSS_STRUCTURE, homography_pool="corners", restoration_input=False, restoration_filter=5
+    structure=MOST_NSS_STRUCTURE,
+    homography_pool="corners",
+    restoration_input=False,
+    restoration_filter=5,
+    homography_refine=((8, 10), (4, 20)),
+    homography_refine_prior=0.1,
 )
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {

@@ -24,13 +24,13 @@ LUMA = (0.299, 0.587, 0.114)
 HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
 HUBER = 1.5  # Huber threshold in mean absolute residuals
 DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
-PRIOR = 0.0  # pull towards the head's estimate, relative to the mean Hessian diagonal (0: none)
 
 
 def luma(image: Tensor) -> Tensor:
-    """(b, 3, h, w) RGB -> (b, 1, h, w), clipped to the displayable range first."""
-    weights = torch.tensor(LUMA, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    return (image.clamp(0, 1) * weights).sum(dim=1, keepdim=True)
+    """(b, 3, h, w) RGB -> (b, 1, h, w), clipped to the displayable range first. Python-float weights: a
+    tensor made from host data would break CUDA-graph capture of the step."""
+    r, g, b = image.clamp(0, 1).split(1, dim=1)
+    return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
 
 
 def _standardise(image: Tensor) -> Tensor:
@@ -82,15 +82,18 @@ def _steepest_descent(template: Tensor) -> Tensor:
 
 def _solve(a: Tensor, b: Tensor) -> Tensor:
     """(n, 8, 8) SPD, (n, 8) -> (n, 8): Gauss-Jordan without pivoting (the damped normal matrix is
-    positive definite), unrolled so every runtime exports it."""
-    m = torch.cat((a, b.unsqueeze(-1)), dim=-1)  # (n, 8, 9)
+    positive definite), unrolled so every runtime exports it. The system is scaled to a unit diagonal
+    first (Jacobi): the parameters' scales differ by orders of magnitude, and unscaled float32
+    elimination loses as much precision as a float64 solve would keep."""
     size = a.shape[-1]
     eye = torch.eye(size, device=a.device, dtype=a.dtype)
+    scale = (a * eye).sum(dim=2).clamp_min(1e-12).rsqrt()  # (n, 8); no diag ops in ONNX
+    m = torch.cat((a * scale[:, :, None] * scale[:, None, :], (b * scale).unsqueeze(-1)), dim=-1)  # (n, 8, 9)
     for k in range(size):
         row = m[:, k : k + 1, :] / m[:, k : k + 1, k : k + 1]  # (n, 1, 9)
         column = m[:, :, k : k + 1] - eye[:, k : k + 1]  # (n, 8, 1): eliminates others, leaves row k = row
         m = m - column * row
-    return m[:, :, size]
+    return m[:, :, size] * scale
 
 
 def _matrix_to_parameters(m: Tensor) -> Tensor:
@@ -111,20 +114,29 @@ def _parameters_to_matrix(p: Tensor) -> Tensor:
 
 
 def _residual(template: Tensor, image: Tensor, h_level: Tensor) -> tuple[Tensor, Tensor]:
-    """I(W(x; p)) - T(x) and where it is defined: the current image sampled at H x for every template
-    pixel (``h_level`` in this level's pixels)."""
+    """I(W(x; p)) - T(x) and its weight: the current image sampled at H x for every template pixel
+    (``h_level`` in this level's pixels).
+
+    The weight ramps from 0 to 1 as a pixel's sample moves inside the image (coverage 1/2 to 1) and the
+    sample is divided by its coverage: both are continuous in H. A hard inside/outside cut switches
+    border pixels on and off between steps, and the iteration then cycles instead of converging, on
+    a path that rounding decides."""
     back = adjugate3x3(h_level)  # warp_by_homography samples at G^-1 x; G = H^-1 samples at H x
     # The image and its coverage through one sampling grid.
     warped, coverage = warp_by_homography(torch.cat((image, torch.ones_like(image)), dim=1), back).split(1, dim=1)
-    valid = (coverage > 0.999).to(image.dtype)
-    return (warped - template) * valid, valid
+    valid = ((coverage - 0.5) * 2).clamp(0, 1)
+    return (warped / coverage.clamp_min(0.5) - template) * valid, valid
 
 
-def _huber_weights(residual: Tensor, valid: Tensor) -> Tensor:
-    """Huber's IRLS weights, the threshold a multiple of the mean absolute residual: pixels that do not
-    follow the camera (instruments, spray, highlights) pull the solution less than a square would."""
+def _huber_threshold(residual: Tensor, valid: Tensor) -> Tensor:
+    """A multiple of the mean absolute residual, (b, 1, 1, 1)."""
     scale = residual.abs().sum(dim=(1, 2, 3), keepdim=True) / valid.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
-    threshold = HUBER * scale + 1e-6
+    return HUBER * scale + 1e-6
+
+
+def _huber_weights(residual: Tensor, threshold: Tensor) -> Tensor:
+    """Huber's IRLS weights: pixels that do not follow the camera (instruments, spray, highlights) pull
+    the solution less than a square would."""
     return threshold / residual.abs().clamp_min(threshold)
 
 
@@ -134,19 +146,41 @@ def _cost(template: Tensor, image: Tensor, h_level: Tensor) -> Tensor:
 
 
 def refine_homography(
-    previous: Tensor, current: Tensor, h_prev_to_cur: Tensor, levels: tuple[tuple[int, int], ...]
+    previous: Tensor,
+    current: Tensor,
+    h_prev_to_cur: Tensor,
+    levels: tuple[tuple[int, int], ...],
+    prior: float = 0.0,
 ) -> Tensor:
     """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
 
     ``previous`` and ``current`` are (b, 1, h, w) luma at ``levels[-1][0]`` times below full
     resolution; ``levels`` lists (downsampling factor, Gauss-Newton steps) coarse to fine, each
-    factor a multiple of the last one's.
+    factor a multiple of the last one's. ``prior`` > 0 pulls the estimate towards the head's with that
+    weight relative to the mean diagonal of the Gauss-Newton matrix (a Gaussian prior): content that
+    constrains some direction poorly (flat regions, repeated texture) then keeps the head's value there
+    instead of drifting along it.
     """
     with torch.autocast(previous.device.type, enabled=False):
-        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels)
+        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior)
 
 
-def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...]) -> Tensor:
+def _refine(
+    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float
+) -> Tensor:
+    h_full, template, image = _iterate(previous, current, start, levels, prior)
+    # Judged at the finest level, where the photometric error is best resolved.
+    scale = 1.0 / levels[-1][0]
+    initial_cost = _cost(template, image, rescale_homography(start, scale))
+    final_cost = _cost(template, image, rescale_homography(h_full, scale))
+    better = (final_cost < initial_cost) & torch.isfinite(h_full).flatten(1).all(dim=1)
+    return torch.where(better.view(-1, 1, 1), h_full, start)
+
+
+def _iterate(
+    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)
@@ -159,30 +193,30 @@ def _refine(previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tupl
         n = _pixel_to_unit(height, width, template)
         n_inv = _unit_to_pixel(height, width, template)
         h_unit = n @ rescale_homography(h_full, 1.0 / factor) @ n_inv
-        head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv) if PRIOR > 0 else None
+        head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv) if prior > 0 else None
         sd = _steepest_descent(template)  # (b, 8, h, w)
         eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
+        threshold = None
         for _ in range(steps):
             residual, valid = _residual(template, image, n_inv @ h_unit @ n)
-            weighted = sd * (valid * _huber_weights(residual, valid))
+            if threshold is None:
+                # Fixed per level: every step then descends one robust cost, which converges; a scale
+                # re-estimated every step moves the cost under the iteration and can stall it.
+                threshold = _huber_threshold(residual, valid)
+            weighted = sd * (valid * _huber_weights(residual, threshold))
             hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
             gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
             damped = hessian + (diagonal * DAMPING + 1e-6) * eye
             if head_inverse is not None:
                 # A Gaussian prior at the head's estimate: the update d of h_unit o W(d)^-1 also minimises
-                # PRIOR * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which
+                # prior * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which
                 # bounds drift along directions the images do not constrain. Off: not in the graph at all.
-                weight = PRIOR * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
+                weight = prior * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
                 offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
                 damped = damped + weight * eye
                 gradient = gradient + weight[:, :, 0] * offset
             delta = _solve(damped, gradient)
             h_unit = normalize_homography(h_unit @ adjugate3x3(_parameters_to_matrix(delta)))
         h_full = normalize_homography(rescale_homography(n_inv @ h_unit @ n, float(factor)))
-    # Judged at the finest level, where the photometric error is best resolved.
-    scale = 1.0 / finest
-    initial_cost = _cost(template, image, rescale_homography(start, scale))
-    final_cost = _cost(template, image, rescale_homography(h_full, scale))
-    better = (final_cost < initial_cost) & torch.isfinite(h_full).flatten(1).all(dim=1)
-    return torch.where(better.view(-1, 1, 1), h_full, start)
+    return h_full, template, image

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from export.verify import FP32_MACE_PX
 from models.checkpoints import CHECKPOINT_DIR, load_model, read_checkpoint, read_metadata, save_checkpoint
+from models.layers import mean_corner_error
 from models.registry import checkpoint_filter, create_model
 
 SHIPPED = sorted(CHECKPOINT_DIR.glob("*.safetensors"))
@@ -34,7 +36,14 @@ def test_shipped_checkpoint_loads_and_has_a_card(path) -> None:
 # Layouts: a registered name builds what ships; older layouts convert in the family's filter
 # ----------------------------------------------------------------------------------------------
 
-LAYOUT_OPTIONS = ("structure", "homography_pool", "restoration_input", "restoration_filter", "homography_refine")
+LAYOUT_OPTIONS = (
+    "structure",
+    "homography_pool",
+    "restoration_input",
+    "restoration_filter",
+    "homography_refine",
+    "homography_refine_prior",
+)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -128,8 +137,12 @@ def test_old_weights_convert_into_the_registered_layout_computing_the_same(tmp_p
     assert kwargs == {key: getattr(registered.cfg, key) for key in LAYOUT_OPTIONS}
     registered.load_state_dict(state, strict=True)
     clip = torch.rand(3, 1, 3, 64, 64)
-    for a, b in zip(_stream(model, clip), _stream(registered, clip), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    names = [o.name for o in model.spec.outputs] * len(clip)
+    for name, a, b in zip(names, _stream(model, clip), _stream(registered, clip), strict=True):
+        if name == "homography":  # by corner error, as parity judges it: the refinement amplifies rounding
+            assert float(mean_corner_error(b, a, 64, 64)) <= FP32_MACE_PX
+        else:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     back = save_checkpoint(registered, tmp_path / "registered.safetensors")
     with pytest.raises(ValueError, match="homography_pool='corners' do not convert"):
         read_checkpoint(back, into=model.cfg)

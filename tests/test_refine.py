@@ -3,6 +3,8 @@ worse, solves like LAPACK, and runs the same in the network's streaming form and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -57,10 +59,8 @@ def test_keeps_the_start_where_refining_does_not_lower_the_error() -> None:
     torch.testing.assert_close(refined, start)
 
 
-def test_prior_holds_the_estimate_near_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prior_holds_the_estimate_near_the_head() -> None:
     """A strong prior at the head's estimate leaves it in place; a mild one still lets the images move it."""
-    from models import refine
-
     previous, current, h_true = _pair(5)
     height, width = previous.shape[-2:]
     rng = np.random.default_rng(105)
@@ -68,8 +68,7 @@ def test_prior_holds_the_estimate_near_the_head(monkeypatch: pytest.MonkeyPatch)
     start = start @ h_true
     moved = {}
     for prior in (1e4, 0.01):
-        monkeypatch.setattr(refine, "PRIOR", prior)
-        refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS)
+        refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, prior)
         moved[prior] = float(mean_corner_error(refined, start, height, width))
     assert moved[1e4] < 0.01 < 1.0 < moved[0.01], moved
 
@@ -104,10 +103,11 @@ def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() ->
 
 
 def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
-    model = create_model("most-nss-tiny", homography_refine=LEVELS)
+    model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_prior=0.25)
     path = save_checkpoint(model, tmp_path / "w.safetensors")
     loaded, _ = load_model(str(path))
     assert loaded.cfg.homography_refine == LEVELS
+    assert loaded.cfg.homography_refine_prior == 0.25
     assert [s.name for s in loaded.spec.states] == [s.name for s in model.spec.states]
 
 
@@ -116,3 +116,23 @@ def test_config_rejects_levels_that_are_not_coarse_to_fine() -> None:
         create_model("most-nss-tiny", homography_refine=((2, 3), (4, 5)))
     with pytest.raises(ValueError, match="coarse to fine"):
         create_model("most-nss-tiny", homography_refine=((3, 1),))
+
+
+def test_a_real_pair_converges_to_one_answer_whatever_the_rounding() -> None:
+    """Runtimes round differently, so the refined homography must not depend on where rounding steers
+    the iteration. The fixture: the shipped most-nss's restored luma (1/4 size, float16) of frames 10
+    and 11 of sequence 248 of a training split (``vident synth --split train --seed 13 --sequences 256
+    --content dental --degradation mixed``), with the head's estimate and the label; with border pixels
+    switching in and out of the cost between steps, the iteration cycled here and 1e-6 of noise moved the
+    result by 0.004 px."""
+    data = np.load(Path(__file__).parent / "fixtures" / "refine-pair.npz")
+    previous, current = (torch.from_numpy(data[k].astype(np.float32))[None, None] for k in ("previous", "current"))
+    head, true = (torch.from_numpy(data[k]).float()[None] for k in ("head", "true"))
+    height, width = (float(v) for v in data["size"])
+    levels = ((8, 10), (4, 20))
+    refined = refine_homography(previous, current, head, levels, 0.1)
+    assert mean_corner_error(refined, true, height, width) < mean_corner_error(head, true, height, width) - 0.5
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        noisy = (x + 1e-6 * torch.randn(x.shape, generator=generator) for x in (previous, current))
+        assert float(mean_corner_error(refine_homography(*noisy, head, levels, 0.1), refined, height, width)) < 1e-3

@@ -58,14 +58,18 @@ def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, o
 
 
 def refine_pair(
-    pair: dict[str, object], levels: tuple[tuple[int, int], ...], offset_prev: object = 0.0, offset_cur: object = 0.0
+    pair: dict[str, object],
+    levels: tuple[tuple[int, int], ...],
+    prior: float,
+    offset_prev: object = 0.0,
+    offset_cur: object = 0.0,
 ) -> torch.Tensor:
     """The refinement of one cached pair, its full-resolution luma shifted by the offsets first."""
     prev, cur = pair["previous"] + offset_prev, pair["current"] + offset_cur  # type: ignore[operator]
     finest = levels[-1][0]
     if finest > 1:
         prev, cur = F.avg_pool2d(prev, finest), F.avg_pool2d(cur, finest)
-    return refine_homography(prev, cur, pair["head"], levels)  # type: ignore[arg-type]
+    return refine_homography(prev, cur, pair["head"], levels, prior)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -77,7 +81,7 @@ def main() -> None:
     parser.add_argument("--highpass", nargs="+", type=int, default=[refine.HIGHPASS], help="local-mean side")
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
     parser.add_argument("--damping", nargs="+", type=float, default=[refine.DAMPING], help="relative LM damping")
-    parser.add_argument("--prior", nargs="+", type=float, default=[refine.PRIOR], help="pull to the head's estimate")
+    parser.add_argument("--prior", nargs="+", type=float, default=[0.0], help="pull to the head's estimate")
     parser.add_argument(
         "--noise",
         type=float,
@@ -120,13 +124,13 @@ def main() -> None:
     for text, highpass, huber, damping, prior in settings:
         levels = parse_levels(text)
         refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
-        refine.DAMPING, refine.PRIOR = damping, prior
+        refine.DAMPING = damping
         errors, moved = [], []
         for i, p in enumerate(pairs):
-            clean = refine_pair(p, levels)
+            clean = refine_pair(p, levels, prior)
             errors.append(float(mean_corner_error(clean, p["true"], *p["size"])))  # type: ignore[misc]
             if noises:
-                noisy = refine_pair(p, levels, *noises[i])
+                noisy = refine_pair(p, levels, prior, *noises[i])
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
         report(label, errors, moved)
