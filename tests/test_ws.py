@@ -302,7 +302,7 @@ def test_newest_frame_wins_and_drops_are_reported(frames: list[np.ndarray]) -> N
             gated.gate.clear()
             gated.entered.clear()
             ws.send_bytes(png(frames[0]))
-            assert gated.entered.wait(10)  # frame 0 is in flight, held at the gate
+            assert gated.entered.wait(30)  # frame 0 is in flight, held at the gate
             for frame in frames[1:4]:
                 ws.send_bytes(png(frame))
             (session,) = client.app.state.sessions.sessions()
@@ -335,7 +335,7 @@ def test_disconnect_mid_stream_releases_the_session(frames: list[np.ndarray]) ->
                 backends[0].entered.clear()
                 ws.send_bytes(png(frames[0]))
                 ws.send_bytes(png(frames[1]))
-                assert backends[0].entered.wait(10)
+                assert backends[0].entered.wait(30)
                 assert client.app.state.sessions.count == 1
             # the client left while its frame was inside the backend and another was pending
             wait_sessions_closed(client)
