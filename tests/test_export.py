@@ -7,12 +7,12 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 import torch
+from parity import assert_same_outputs
 
 from export.onnx import cached_onnx, export_onnx, graph_io, weights_hash
 from export.runtime import Backend, BackendInfo
 from export.triton import export_triton, parse_pbtxt, triton_graph, validate_repository
 from export.verify import (
-    FP32_MACE_PX,
     FP32_MAX_ABS,
     compare_backends,
     compare_streams,
@@ -21,7 +21,6 @@ from export.verify import (
     mask_iou,
 )
 from models import create_model
-from models.layers import mean_corner_error
 from models.spec import ModelSpec
 from service.backends.factory import backend_for, cpu_has_bf16
 from service.backends.onnxrt import OrtBackend
@@ -120,12 +119,8 @@ def test_openvino_graph_has_no_matmul_and_computes_the_same(exported, tmp_path) 
     feed = {"frame": np.random.rand(2, 3, 48, 80).astype(np.float32), "reset": np.zeros((2, 1, 1, 1), np.float32)}
     feed |= {k: np.random.rand(*v.shape).astype(np.float32) for k, v in model.spec.initial_state(2, 48, 80).items()}
     names = [o.name for o in sessions[0].get_outputs()]
-    for name, expected, got in zip(names, *(s.run(None, feed) for s in sessions), strict=True):
-        if name == "homography":  # by corner error, as parity judges it: the refinement amplifies rounding
-            mace = mean_corner_error(torch.from_numpy(got), torch.from_numpy(expected), 48, 80)
-            assert float(mace.max()) <= FP32_MACE_PX
-        else:
-            np.testing.assert_allclose(got, expected, atol=1e-5)
+    expected, got = (s.run(None, feed) for s in sessions)
+    assert_same_outputs(names, got, expected, 48, 80)
 
 
 def test_openvino_compiles_once_per_shape(exported) -> None:

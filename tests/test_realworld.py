@@ -36,6 +36,7 @@ from models.data.synth import SynthConfig, real_content_sequence, render_sequenc
 from models.layers import warp_by_homography
 from models.metrics import colour_aligned_psnr, mace, psnr
 from models.training.balancing import AdaptiveTaskBalancing
+from models.training.card import content_text
 from models.training.losses import mask_loss
 from service.cli import main
 from service.evaluation import EccHomography
@@ -159,6 +160,24 @@ def test_mixed_degradation_draws_the_recipe_or_a_wide_camera_per_clip() -> None:
         np.testing.assert_array_equal(mixed.input, render_sequence(cfgs["mixed"], seed).input)
         kinds.append(kind)
     assert 3 <= kinds.count("recipe") <= 9, kinds
+
+
+def test_recipe_share_sets_the_odds_and_only_moves_clips_to_the_recipe() -> None:
+    """The same per-clip draw against a higher share: every clip that kept the recipe's camera keeps it,
+    0 and 1 are all-wide and all-recipe, and a share outside [0, 1] is refused."""
+    def kinds(share: float) -> list[str]:
+        cfg = SynthConfig(height=16, width=16, frames=1, degradation="mixed", recipe_share=share)
+        return [render_sequence(cfg, sequence_seed(3, "train", i)).meta["noise"] != "drawn" for i in range(16)]
+
+    low, even, high = kinds(0.25), kinds(0.5), kinds(0.75)
+    assert all(h or not e for e, h in zip(even, high, strict=True)) and sum(high) > sum(even) > sum(low)
+    assert not any(kinds(0.0)) and all(kinds(1.0))
+    with pytest.raises(ValueError, match="recipe_share"):
+        SynthConfig(degradation="mixed", recipe_share=1.5)
+    text = content_text({"content_mix": "dental=1", "degradation": "mixed", "recipe_share": "0.75"})
+    assert text.endswith("the recipe's for 75% of the clips, the rest drawn over docs/data.md's ranges (mixed, "
+                         "`--recipe-share 0.75`)")  # fmt: skip
+    assert "the recipe's for 50% of the clips" in content_text({"content_mix": "dental=1", "degradation": "mixed"})
 
 
 def test_tiny_defocus_at_small_sizes_is_in_focus() -> None:
@@ -439,6 +458,8 @@ def test_synth_mix_writes_the_contents_training_draws(tmp_path: Path) -> None:
                                    read_sequence(out / f"seq_{index:03d}").input[0], atol=1e-3)  # fmt: skip
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(out), "--mix", "teeth=1"])
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(out), "--degradation", "mixed", "--recipe-share", "1.5"])
     assert main(["synth", "--out", str(out), "--split", "real", "--mix", "photos=1"]) == 2
 
 

@@ -51,7 +51,7 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
 # one named photograph as it is ("photo:NAME", what the real-content evaluation split films).
 CONTENTS = ("dental", "dead-leaves", "photos")
 DEGRADATIONS = ("recipe", "wide", "mixed")
-MIXED_RECIPE_SHARE = 0.5  # mixed: the share of clips that keep the recipe's camera
+MIXED_RECIPE_SHARE = 0.5  # mixed: the default share of clips that keep the recipe's camera
 DEFAULT_SEED = 2024  # the seed model cards and benchmarks quote (with the split mixed in)
 WORLD_SCALE = 2.6  # world canvas size relative to the frame: room for the camera to wander
 
@@ -78,6 +78,7 @@ class SynthConfig:
     dark_frames: bool = True  # occasional near-black frames (needs lighting)
     content: str = "dental"  # see CONTENTS; "photo:NAME" for one named photograph
     degradation: str = "recipe"  # recipe | wide (degrade.DegradationRanges) | mixed (either, per clip)
+    recipe_share: float = MIXED_RECIPE_SHARE  # mixed: the odds that a clip keeps the recipe's camera
 
     def __post_init__(self) -> None:
         if self.content not in CONTENTS and not (
@@ -87,6 +88,8 @@ class SynthConfig:
                              f"({', '.join(PHOTOS)}), got {self.content!r}")  # fmt: skip
         if self.degradation not in DEGRADATIONS:
             raise ValueError(f"degradation must be one of {', '.join(DEGRADATIONS)}, got {self.degradation!r}")
+        if not 0.0 <= self.recipe_share <= 1.0:
+            raise ValueError(f"recipe_share must be within [0, 1], got {self.recipe_share}")
         if self.height < 16 or self.width < 16:
             raise ValueError(f"frame size {self.height}x{self.width} is too small (16x16 at least)")
         if self.frames < 1:
@@ -709,7 +712,7 @@ def render_sequence(
     """Renders one labelled sequence; the same (cfg, seed, degradation) always gives identical arrays.
 
     ``degradation`` None: the dissertation's recipe (``cfg.degradation == "recipe"``) or one drawn
-    per clip from ``degrade.WIDE`` (``"wide"``), or either with odds ``MIXED_RECIPE_SHARE`` per clip
+    per clip from ``degrade.WIDE`` (``"wide"``), or either with odds ``cfg.recipe_share`` per clip
     (``"mixed"``: a network keeps the recipe's camera while it learns the wide ones); a given one is
     applied as it is (evaluation splits).
     """
@@ -718,7 +721,7 @@ def render_sequence(
     world = make_world(rng, cfg) if dental else content_world(rng, cfg)
     drawn = degradation is not None
     if degradation is None and cfg.degradation != "recipe":
-        if cfg.degradation == "wide" or _degradation_rng(seed, 0xDE7).random() >= MIXED_RECIPE_SHARE:
+        if cfg.degradation == "wide" or _degradation_rng(seed, 0xDE7).random() >= cfg.recipe_share:
             degradation, drawn = Degradation.sample(_degradation_rng(seed)), True
     sf = cfg.subframes
     exposure = cfg.exposure if degradation is None else degradation.exposure

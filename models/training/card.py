@@ -87,9 +87,11 @@ def content_text(extra: dict) -> str:
     mix = extra.get("content_mix")
     if not mix:
         return ""
+    share = float(extra.get("recipe_share", 0.5))  # runs from before the setting drew with even odds
     how = {
         "wide": "drawn per clip over docs/data.md's ranges (wide)",
-        "mixed": "the recipe's or drawn over docs/data.md's ranges, even odds per clip (mixed)",
+        "mixed": f"the recipe's for {share:.0%} of the clips, the rest drawn over docs/data.md's ranges (mixed, "
+        f"`--recipe-share {share:g}`)",
     }.get(str(extra.get("degradation")), "the recipe's")
     return f"; content per clip {mix} (`--mix`); degradations {how}"
 

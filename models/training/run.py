@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from models.checkpoints import read_metadata, save_checkpoint
 from models.data.dataset import ContentMix, SequenceFolderClips, SyntheticClips, SyntheticStream
-from models.data.synth import SynthConfig
+from models.data.synth import MIXED_RECIPE_SHARE, SynthConfig
 from models.metrics import iou, mace, psnr
 from models.training.trainer import ClipBatch, TrainConfig, Trainer
 
@@ -63,6 +63,7 @@ def training_batches(
     whole_batch: int = 2,
     mix: ContentMix | None = None,
     degradation: str = "recipe",
+    recipe_share: float = MIXED_RECIPE_SHARE,
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
     resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences.
@@ -80,7 +81,7 @@ def training_batches(
                 yield _to_batch(sample)
     height, width, crop = _render_plan(cfg, render_size)
     synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion,
-                        degradation=degradation)  # fmt: skip
+                        degradation=degradation, recipe_share=recipe_share)  # fmt: skip
     if not whole_every:
         yield from _synthetic_batches(synth, cfg, start_step * cfg.batch, cfg.batch, workers, crop, mix)
         return
@@ -153,6 +154,7 @@ def train(
     mix: ContentMix | None = None,
     degradation: str = "recipe",
     minutes: float | None = None,
+    recipe_share: float = MIXED_RECIPE_SHARE,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would;
@@ -181,6 +183,8 @@ def train(
     if data is None:
         extra["content_mix"] = str(mix) if mix is not None else "dental=1"
         extra["degradation"] = degradation
+        if degradation == "mixed":
+            extra["recipe_share"] = str(recipe_share)
     if render_size is not None:
         rendered = f"{render_size[0]}x{render_size[1]}"
         if render_size[0] < cfg.height or render_size[1] < cfg.width:
@@ -210,7 +214,8 @@ def train(
         trainer.cfg = replace(cfg, extra={**cfg.extra, "motion": record})
     trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion,
                                        render_size=render_size, whole_every=whole_every,
-                                       whole_batch=whole_batch, mix=mix, degradation=degradation)  # fmt: skip
+                                       whole_batch=whole_batch, mix=mix, degradation=degradation,
+                                       recipe_share=recipe_share)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     keeper = BestKeeper(trainer, keep_best, carry_over=resumed) if keep_best is not None else None

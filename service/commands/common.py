@@ -23,6 +23,17 @@ def frame_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def share(text: str) -> float:
+    """A probability in [0, 1], e.g. ``--recipe-share 0.75``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share within [0, 1], got {text!r}")
+    return value
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, flags: dict[str, type], env_prefix: str) -> None:
     """One flag per settings field (``max_sessions`` -> ``--max-sessions``, ``idle_timeout_s`` -> ``--idle-timeout``),
     default None so that a flag left out keeps the environment's (``env_prefix`` + NAME) or the default value."""

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from service.commands.common import share
 from service.commands.train import content_mix
 
 SPLIT_DEFAULTS = {  # split -> (sequences, noise)
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SynthConfig(
         height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion,
-        degradation=args.degradation,
+        degradation=args.degradation, recipe_share=args.recipe_share,
     )  # fmt: skip
 
     def render(cfg: SynthConfig, index: int):  # noqa: ANN202 - LabelledSequence
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from models.data.degrade import NOISE_CHOICES
-    from models.data.synth import DEFAULT_SEED, DEGRADATIONS, SPLITS
+    from models.data.synth import DEFAULT_SEED, DEGRADATIONS, MIXED_RECIPE_SHARE, SPLITS
 
     p = subparsers.add_parser("synth", help="write synthetic labelled dental video (or a preview sheet)")
     p.add_argument("--out", type=Path, help="output folder (one sub-folder per sequence)")
@@ -127,7 +128,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="scene content drawn per sequence as `vident train --mix` draws it (default: dental)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="recipe",
                    help="recipe: the dissertation's camera; wide: drawn per sequence (docs/data.md); mixed: either, "
-                   "with even odds per sequence")
+                   "per sequence (odds: --recipe-share)")
+    p.add_argument("--recipe-share", type=share, default=MIXED_RECIPE_SHARE,
+                   help="with --degradation mixed: the odds that a sequence keeps the recipe's camera (default 0.5)")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.commands.common import frame_size
+from service.commands.common import frame_size, share
 
 
 def task_factor(text: str) -> tuple[str, float]:
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                      validate_sequences=args.validate_sequences, render_size=args.render_size,
                      keep_best=args.keep_best, whole_every=args.whole_every,
                      whole_batch=args.whole_batch, keep_validated=args.keep_validated, mix=args.mix,
-                     degradation=args.degradation, minutes=args.minutes)  # fmt: skip
+                     degradation=args.degradation, minutes=args.minutes,
+                     recipe_share=args.recipe_share)  # fmt: skip
         steps = int(read_metadata(path).get("steps", "0")) if args.minutes is not None else args.steps
         if steps < min(args.steps, args.stop_at or args.steps):
             print(f"stopped at step {steps} of {args.steps}: the {args.minutes:g}-minute budget ran out "
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from models.data.synth import DEGRADATIONS
+    from models.data.synth import DEGRADATIONS, MIXED_RECIPE_SHARE
 
     p = subparsers.add_parser("train", help="train a network (resumable; synthetic data by default)")
     p.add_argument("--model", default="most-nss", help="registered name (default most-nss)")
@@ -121,8 +122,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "dental, dead-leaves, photos; default: dental only). Clips without teeth skip the mask loss")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="recipe",
                    help="recipe: the dissertation's fixed camera; wide: exposure, defocus, noise, colour response "
-                   "and JPEG/H.264 drawn per clip over the ranges in docs/data.md; mixed: either, with even odds per "
+                   "and JPEG/H.264 drawn per clip over the ranges in docs/data.md; mixed: either, drawn per "
                    "clip (keeps the recipe's camera while learning the wide ones)")
+    p.add_argument("--recipe-share", type=share, default=MIXED_RECIPE_SHARE,
+                   help="with --degradation mixed: the odds that a clip keeps the recipe's camera (default 0.5)")
     p.add_argument("--motion", type=float, default=1.0,
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
