@@ -33,12 +33,12 @@ def luma(image: Tensor) -> Tensor:
     return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
 
 
-def _standardise(image: Tensor) -> Tensor:
+def _standardise(image: Tensor, highpass: int) -> Tensor:
     """Local mean removed, then unit deviation per sample: light that moves with the camera (a ring
     light's falloff, vignetting, auto exposure) varies slowly across the frame and would otherwise pull
     the alignment towards the identity."""
-    if HIGHPASS > 1:
-        image = image - F.avg_pool2d(image, HIGHPASS, stride=1, padding=HIGHPASS // 2, count_include_pad=False)
+    if highpass > 1:
+        image = image - F.avg_pool2d(image, highpass, stride=1, padding=highpass // 2, count_include_pad=False)
     mean = image.mean(dim=(2, 3), keepdim=True)
     std = (image - mean).square().mean(dim=(2, 3), keepdim=True).sqrt()
     return (image - mean) / (std + 1e-3)
@@ -128,10 +128,10 @@ def _residual(template: Tensor, image: Tensor, h_level: Tensor) -> tuple[Tensor,
     return (warped / coverage.clamp_min(0.5) - template) * valid, valid
 
 
-def _huber_threshold(residual: Tensor, valid: Tensor) -> Tensor:
+def _huber_threshold(residual: Tensor, valid: Tensor, huber: float) -> Tensor:
     """A multiple of the mean absolute residual, (b, 1, 1, 1)."""
     scale = residual.abs().sum(dim=(1, 2, 3), keepdim=True) / valid.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
-    return HUBER * scale + 1e-6
+    return huber * scale + 1e-6
 
 
 def _huber_weights(residual: Tensor, threshold: Tensor) -> Tensor:
@@ -151,6 +151,10 @@ def refine_homography(
     h_prev_to_cur: Tensor,
     levels: tuple[tuple[int, int], ...],
     prior: float = 0.0,
+    *,
+    highpass: int = HIGHPASS,
+    huber: float | None = HUBER,
+    damping: float = DAMPING,
 ) -> Tensor:
     """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
 
@@ -159,16 +163,22 @@ def refine_homography(
     factor a multiple of the last one's. ``prior`` > 0 pulls the estimate towards the head's with that
     weight relative to the mean diagonal of the Gauss-Newton matrix (a Gaussian prior): content that
     constrains some direction poorly (flat regions, repeated texture) then keeps the head's value there
-    instead of drifting along it.
+    instead of drifting along it. ``highpass``, ``huber`` (None: plain least squares) and ``damping``:
+    see the module constants, the shipped values.
     """
     with torch.autocast(previous.device.type, enabled=False):
-        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior)
+        knobs = (highpass, huber, damping)
+        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs)
+
+
+_Knobs = tuple[int, float | None, float]  # highpass, huber, damping
 
 
 def _refine(
-    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float
+    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
+    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING),
 ) -> Tensor:
-    h_full, template, image = _iterate(previous, current, start, levels, prior)
+    h_full, template, image = _iterate(previous, current, start, levels, prior, knobs)
     # Judged at the finest level, where the photometric error is best resolved.
     scale = 1.0 / levels[-1][0]
     initial_cost = _cost(template, image, rescale_homography(start, scale))
@@ -178,16 +188,18 @@ def _refine(
 
 
 def _iterate(
-    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float
+    previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
+    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
+    highpass, huber, damping = knobs
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)
     for factor, steps in levels:
         pool = factor // finest
-        template = _standardise(F.avg_pool2d(previous, pool) if pool > 1 else previous)
-        image = _standardise(F.avg_pool2d(current, pool) if pool > 1 else current)
+        template = _standardise(F.avg_pool2d(previous, pool) if pool > 1 else previous, highpass)
+        image = _standardise(F.avg_pool2d(current, pool) if pool > 1 else current, highpass)
         height = size_tensor(template.shape[-2], template)
         width = size_tensor(template.shape[-1], template)
         n = _pixel_to_unit(height, width, template)
@@ -199,15 +211,18 @@ def _iterate(
         threshold = None
         for _ in range(steps):
             residual, valid = _residual(template, image, n_inv @ h_unit @ n)
-            if threshold is None:
-                # Fixed per level: every step then descends one robust cost, which converges; a scale
-                # re-estimated every step moves the cost under the iteration and can stall it.
-                threshold = _huber_threshold(residual, valid)
-            weighted = sd * (valid * _huber_weights(residual, threshold))
+            robust = valid
+            if huber is not None:
+                if threshold is None:
+                    # Fixed per level: every step then descends one robust cost, which converges; a scale
+                    # re-estimated every step moves the cost under the iteration and can stall it.
+                    threshold = _huber_threshold(residual, valid, huber)
+                robust = valid * _huber_weights(residual, threshold)
+            weighted = sd * robust
             hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
             gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
-            damped = hessian + (diagonal * DAMPING + 1e-6) * eye
+            damped = hessian + (diagonal * damping + 1e-6) * eye
             if head_inverse is not None:
                 # A Gaussian prior at the head's estimate: the update d of h_unit o W(d)^-1 also minimises
                 # prior * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which

@@ -25,3 +25,10 @@ def _jobs_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         patch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))
         patch.setenv("VIDENT_WARMUP_SIZE", "64x96")  # the start-up warm-up runs, at a size tests can afford
         yield
+
+
+@pytest.fixture(autouse=True)
+def _jobs_data_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app a test builds gets a jobs folder of its own: a module-scoped app keeps the module's folder
+    locked, and a second app on it would start with batch jobs disabled ("in use by another server")."""
+    monkeypatch.setenv("VIDENT_JOBS_DATA_DIR", str(tmp_path_factory.mktemp("jobs")))

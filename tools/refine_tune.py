@@ -63,13 +63,15 @@ def refine_pair(
     prior: float,
     offset_prev: object = 0.0,
     offset_cur: object = 0.0,
+    **knobs: float | None,
 ) -> torch.Tensor:
-    """The refinement of one cached pair, its full-resolution luma shifted by the offsets first."""
+    """The refinement of one cached pair, its full-resolution luma shifted by the offsets first; ``knobs``:
+    ``refine_homography``'s highpass, huber and damping."""
     prev, cur = pair["previous"] + offset_prev, pair["current"] + offset_cur  # type: ignore[operator]
     finest = levels[-1][0]
     if finest > 1:
         prev, cur = F.avg_pool2d(prev, finest), F.avg_pool2d(cur, finest)
-    return refine_homography(prev, cur, pair["head"], levels, prior)  # type: ignore[arg-type]
+    return refine_homography(prev, cur, pair["head"], levels, prior, **knobs)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -123,14 +125,13 @@ def main() -> None:
     settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior)
     for text, highpass, huber, damping, prior in settings:
         levels = parse_levels(text)
-        refine.HIGHPASS, refine.HUBER = highpass, huber if huber > 0 else 1e9
-        refine.DAMPING = damping
+        knobs = {"highpass": highpass, "huber": huber if huber > 0 else None, "damping": damping}
         errors, moved = [], []
         for i, p in enumerate(pairs):
-            clean = refine_pair(p, levels, prior)
+            clean = refine_pair(p, levels, prior, **knobs)
             errors.append(float(mean_corner_error(clean, p["true"], *p["size"])))  # type: ignore[misc]
             if noises:
-                noisy = refine_pair(p, levels, prior, *noises[i])
+                noisy = refine_pair(p, levels, prior, *noises[i], **knobs)
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
         report(label, errors, moved)
