@@ -36,7 +36,7 @@ from models.layers import (
     size_tensor,
     warp_by_homography,
 )
-from models.refine import luma, refine_homography
+from models.refine import PRIOR_SCALES, luma, refine_homography
 from models.registry import register_model
 from models.spec import ModelSpec, StateSpec, TensorSpec
 
@@ -120,8 +120,11 @@ class MostConfig:
     # Gauss-Newton steps) per pyramid level, coarse to fine, on the restored frames' luma; the state then
     # keeps the previous frame's luma at the finest factor. Empty: the head's estimate as it is.
     homography_refine: tuple[tuple[int, int], ...] = ()
-    # The refinement's pull towards the head's estimate (``refine_homography``'s ``prior``; 0: none).
+    # The refinement's pull towards the head's estimate (``refine_homography``'s ``prior``; 0: none), and
+    # what its weight is relative to (``prior_scale``: "hessian", or "residual": frames that match each
+    # other badly hold closer to the head).
     homography_refine_prior: float = 0.0
+    homography_refine_prior_scale: str = "hessian"
 
     def __post_init__(self) -> None:
         factors = [f for f, _ in self.homography_refine]
@@ -131,6 +134,9 @@ class MostConfig:
             raise ValueError("homography_refine steps must be >= 0")
         if self.homography_refine_prior < 0:
             raise ValueError(f"homography_refine_prior must be >= 0, not {self.homography_refine_prior}")
+        if self.homography_refine_prior_scale not in PRIOR_SCALES:
+            raise ValueError(f"homography_refine_prior_scale must be one of {', '.join(PRIOR_SCALES)}, "
+                             f"not {self.homography_refine_prior_scale!r}")  # fmt: skip
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -445,6 +451,7 @@ class MostNet(nn.Module):
             "restoration_filter": str(self.cfg.restoration_filter),
             "homography_refine": json.dumps([list(level) for level in self.cfg.homography_refine]),
             "homography_refine_prior": repr(float(self.cfg.homography_refine_prior)),
+            "homography_refine_prior_scale": self.cfg.homography_refine_prior_scale,
         }
 
     def step(
@@ -555,7 +562,8 @@ class MostNet(nn.Module):
             previous = reset * current + keep * state["prev_luma"]
             new_state["prev_luma"] = current
             final_h = refine_homography(
-                previous, current, final_h.detach(), self.cfg.homography_refine, self.cfg.homography_refine_prior
+                previous, current, final_h.detach(), self.cfg.homography_refine, self.cfg.homography_refine_prior,
+                prior_scale=self.cfg.homography_refine_prior_scale,
             )
         step = MostStep(
             restored=restored,
@@ -581,10 +589,11 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
-# appeared with its option. Version 2 added the photometric homography refinement, 3 its prior.
+# appeared with its option. Version 2 added the photometric homography refinement, 3 its prior, 4 the
+# prior's scale.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
@@ -592,6 +601,7 @@ LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     # No weights: any checkpoint converts to any refinement.
     "homography_refine": (2, "[]", lambda text: tuple(tuple(level) for level in json.loads(text))),
     "homography_refine_prior": (3, "0.0", float),
+    "homography_refine_prior_scale": (4, "hessian", str),
 }
 
 

@@ -24,6 +24,7 @@ LUMA = (0.299, 0.587, 0.114)
 HIGHPASS = 5  # side of the local mean removed at every level, in that level's pixels
 HUBER = 1.5  # Huber threshold in mean absolute residuals
 DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
+PRIOR_SCALES = ("hessian", "residual")
 
 
 def luma(image: Tensor) -> Tensor:
@@ -155,6 +156,7 @@ def refine_homography(
     highpass: int = HIGHPASS,
     huber: float | None = HUBER,
     damping: float = DAMPING,
+    prior_scale: str = "hessian",
 ) -> Tensor:
     """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
 
@@ -164,19 +166,24 @@ def refine_homography(
     weight relative to the mean diagonal of the Gauss-Newton matrix (a Gaussian prior): content that
     constrains some direction poorly (flat regions, repeated texture) then keeps the head's value there
     instead of drifting along it. ``highpass``, ``huber`` (None: plain least squares) and ``damping``:
-    see the module constants, the shipped values.
+    see the module constants, the shipped values. ``prior_scale``: what the prior's weight is relative to,
+    "hessian" (the mean diagonal: one balance for every pair) or "residual" (that times the level's
+    starting mean squared residual, in the standardised images' unit variance: frames that do not
+    match each other, whose data term is least trustworthy, hold closer to the head).
     """
     with torch.autocast(previous.device.type, enabled=False):
-        knobs = (highpass, huber, damping)
+        if prior_scale not in PRIOR_SCALES:
+            raise ValueError(f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, not {prior_scale!r}")
+        knobs = (highpass, huber, damping, prior_scale)
         return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs)
 
 
-_Knobs = tuple[int, float | None, float]  # highpass, huber, damping
+_Knobs = tuple[int, float | None, float, str]  # highpass, huber, damping, prior_scale
 
 
 def _refine(
     previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
-    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING),
+    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING, "hessian"),
 ) -> Tensor:
     h_full, template, image = _iterate(previous, current, start, levels, prior, knobs)
     # Judged at the finest level, where the photometric error is best resolved.
@@ -189,10 +196,10 @@ def _refine(
 
 def _iterate(
     previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
-    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING),
+    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING, "hessian"),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
-    highpass, huber, damping = knobs
+    highpass, huber, damping, prior_scale = knobs
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)
@@ -208,7 +215,7 @@ def _iterate(
         head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv) if prior > 0 else None
         sd = _steepest_descent(template)  # (b, 8, h, w)
         eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
-        threshold = None
+        threshold = level_residual = None
         for _ in range(steps):
             residual, valid = _residual(template, image, n_inv @ h_unit @ n)
             robust = valid
@@ -228,6 +235,11 @@ def _iterate(
                 # prior * |offset - d|^2, offset = the parameters of head^-1 o h_unit (first order), which
                 # bounds drift along directions the images do not constrain. Off: not in the graph at all.
                 weight = prior * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
+                if prior_scale == "residual":
+                    if level_residual is None:  # fixed per level, like the Huber threshold
+                        level_residual = (robust * residual.square()).sum(dim=(1, 2, 3)) / valid.sum(
+                            dim=(1, 2, 3)).clamp_min(1)  # fmt: skip
+                    weight = weight * level_residual.view(-1, 1, 1)
                 offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
                 damped = damped + weight * eye
                 gradient = gradient + weight[:, :, 0] * offset

@@ -42,6 +42,7 @@ LAYOUT_OPTIONS = (
     "restoration_filter",
     "homography_refine",
     "homography_refine_prior",
+    "homography_refine_prior_scale",
 )
 
 

@@ -73,6 +73,30 @@ def test_prior_holds_the_estimate_near_the_head() -> None:
     assert moved[1e4] < 0.01 < 1.0 < moved[0.01], moved
 
 
+def test_residual_scaled_prior_lets_matching_frames_decide() -> None:
+    """Scaled by the level's starting residual, the prior is weak where the frames match each other (the
+    refinement reaches the truth from a 3 px start) and, relative to the Hessian-scaled prior, pulls
+    harder as they match worse."""
+    previous, current, h_true = _pair(5)
+    height, width = previous.shape[-2:]
+    rng = np.random.default_rng(105)
+    start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
+    start = start @ h_true
+    noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
+    moved, error = {}, {}
+    for sigma in (0.0, 1.0):
+        for scale in ("hessian", "residual"):
+            refined = refine_homography(_half_luma(previous), _half_luma(current + sigma * noise), start, LEVELS, 0.2,
+                                        prior_scale=scale)  # fmt: skip
+            moved[sigma, scale] = float(mean_corner_error(refined, start, height, width))
+            error[sigma, scale] = float(mean_corner_error(refined, h_true, height, width))
+    assert error[0.0, "residual"] < 0.5 < 1.0 < error[0.0, "hessian"], error
+    ratio = {sigma: moved[sigma, "residual"] / moved[sigma, "hessian"] for sigma in (0.0, 1.0)}
+    assert ratio[0.0] > ratio[1.0], ratio
+    with pytest.raises(ValueError, match="prior_scale"):
+        refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, 0.2, prior_scale="flat")
+
+
 def test_unrolled_solve_matches_lapack() -> None:
     torch.manual_seed(0)
     a = torch.randn(5, 8, 8, dtype=torch.float64)
@@ -103,11 +127,15 @@ def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() ->
 
 
 def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
-    model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_prior=0.25)
+    model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_prior=0.25,
+                         homography_refine_prior_scale="hessian")  # fmt: skip
     path = save_checkpoint(model, tmp_path / "w.safetensors")
     loaded, _ = load_model(str(path))
     assert loaded.cfg.homography_refine == LEVELS
     assert loaded.cfg.homography_refine_prior == 0.25
+    assert loaded.cfg.homography_refine_prior_scale == "hessian"
+    with pytest.raises(ValueError, match="prior_scale"):
+        create_model("most-nss-tiny", homography_refine_prior_scale="flat")
     assert [s.name for s in loaded.spec.states] == [s.name for s in model.spec.states]
 
 

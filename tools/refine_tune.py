@@ -57,13 +57,26 @@ def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, o
     return pairs
 
 
+def with_input_luma(pairs: list[dict[str, object]], folders: list[Path]) -> list[dict[str, object]]:
+    """The same pairs (same head estimates) with the degraded input frames' luma in place of the restored
+    frames', in the order :func:`cache_pairs` made them."""
+    frames = []
+    for folder in folders:
+        seq = read_sequence(folder)
+        lumas = [luma(torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255) for f in seq.input]
+        frames.extend(zip(lumas[:-1], lumas[1:], strict=True))
+    if len(frames) != len(pairs):
+        raise ValueError(f"{len(frames)} input pairs for {len(pairs)} cached pairs: not the cache's sequences")
+    return [{**p, "previous": a, "current": b} for p, (a, b) in zip(pairs, frames, strict=True)]
+
+
 def refine_pair(
     pair: dict[str, object],
     levels: tuple[tuple[int, int], ...],
     prior: float,
     offset_prev: object = 0.0,
     offset_cur: object = 0.0,
-    **knobs: float | None,
+    **knobs: float | str | None,
 ) -> torch.Tensor:
     """The refinement of one cached pair, its full-resolution luma shifted by the offsets first; ``knobs``:
     ``refine_homography``'s highpass, huber and damping."""
@@ -84,6 +97,8 @@ def main() -> None:
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
     parser.add_argument("--damping", nargs="+", type=float, default=[refine.DAMPING], help="relative LM damping")
     parser.add_argument("--prior", nargs="+", type=float, default=[0.0], help="pull to the head's estimate")
+    parser.add_argument("--prior-scale", nargs="+", choices=refine.PRIOR_SCALES, default=["hessian"],
+                        help="what the prior's weight is relative to (refine_homography)")
     parser.add_argument(
         "--noise",
         type=float,
@@ -92,6 +107,8 @@ def main() -> None:
         "moves (px): a runtime's rounding must not move the output homography",
     )
     parser.add_argument("--cache", type=Path, help="keep the network's pass here and reuse it")
+    parser.add_argument("--source", choices=("restored", "input"), default="restored",
+                        help="refine on the restored frames (the network's) or on the degraded input frames")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cache is not None and args.cache.is_file():
@@ -100,6 +117,8 @@ def main() -> None:
         pairs = cache_pairs(head_only(args.model), find_sequences(args.data)[-args.sequences :])
         if args.cache is not None:
             torch.save(pairs, args.cache)
+    if args.source == "input":
+        pairs = with_input_luma(pairs, find_sequences(args.data)[-args.sequences :])
     generator = torch.Generator().manual_seed(0)  # the same perturbation for every setting
     noises: list[tuple[torch.Tensor, torch.Tensor]] = []
     if args.noise > 0:
@@ -122,10 +141,11 @@ def main() -> None:
 
     head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
     report(f"head ({len(pairs)} pairs)", head)
-    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior)
-    for text, highpass, huber, damping, prior in settings:
+    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior, args.prior_scale)
+    for text, highpass, huber, damping, prior, prior_scale in settings:
         levels = parse_levels(text)
-        knobs = {"highpass": highpass, "huber": huber if huber > 0 else None, "damping": damping}
+        knobs = {"highpass": highpass, "huber": huber if huber > 0 else None, "damping": damping,
+                 "prior_scale": prior_scale}  # fmt: skip
         errors, moved = [], []
         for i, p in enumerate(pairs):
             clean = refine_pair(p, levels, prior, **knobs)
@@ -134,6 +154,7 @@ def main() -> None:
                 noisy = refine_pair(p, levels, prior, *noises[i], **knobs)
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
+        label += f" ({prior_scale})"
         report(label, errors, moved)
 
 
