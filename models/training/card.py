@@ -161,6 +161,8 @@ def write_card(
     if "structure" in meta:
         made = checkpoint_config(meta)
         reads = "read" if made["restoration_input"] else "do not read"
+        refined = refine_text(made["homography_refine"], made["homography_refine_prior"],  # type: ignore[arg-type]
+                              made["homography_refine_prior_scale"])  # type: ignore[arg-type]  # fmt: skip
         parts += [
             "",
             "## Scales-to-tasks structure",
@@ -169,7 +171,7 @@ def write_card(
             "",
             f"Homography pooling: {made['homography_pool']}{homography_fit_text(meta)}; the restoration heads "
             f"{reads} the input frame B^s{filter_text(meta, made['restoration_filter'])}"
-            f"{refine_text(made['homography_refine'])} (docs/models.md).",  # type: ignore[arg-type]
+            f"{refined} (docs/models.md).",
         ]
     parts += [
         "",
@@ -285,13 +287,16 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"them{held})")  # fmt: skip
 
 
-def refine_text(levels: tuple[tuple[int, int], ...]) -> str:
+def refine_text(levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_scale: str = "hessian") -> str:
     """The photometric homography refinement the layout runs (empty without one)."""
     if not levels:
         return ""
     steps = ", then ".join(f"{n} at 1/{factor}" for factor, n in levels)
+    relative = "the mean Gauss-Newton diagonal" + (" x the level's starting residual" if prior_scale == "residual"
+                                                   else "")  # fmt: skip
+    pull = f"; prior at the head's estimate {prior:g} x {relative}" if prior > 0 else ""
     return (f". The output homography is then refined in the graph by inverse-compositional Lucas-Kanade on the "
-            f"restored luma against the previous frame's (Gauss-Newton steps: {steps} resolution; "
+            f"restored luma against the previous frame's (Gauss-Newton steps: {steps} resolution{pull}; "
             "`models/refine.py`)")  # fmt: skip
 
 
