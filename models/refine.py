@@ -6,7 +6,7 @@ ECC on the same frames). This module starts from the head's estimate and takes a
 steps that minimise the brightness difference between the previous and the current restored frame
 (Baker & Matthews 2004, inverse compositional), coarse to fine over an average-pooled pyramid.
 
-Written with plain tensor ops (grid_sample, einsum, an unrolled 8x8 Gauss-Jordan solve) so the ONNX,
+Written with plain tensor ops (grid_sample, products and sums, an unrolled 8x8 Gauss-Jordan solve) so the ONNX,
 OpenVINO and TensorRT graphs carry it like any other layer; no step is data dependent. A refined
 homography is kept per sample only where it lowers the photometric error of the head's estimate at
 the finest level, so the refinement never makes a frame's alignment worse by its own measure.
@@ -226,8 +226,9 @@ def _iterate(
                     threshold = _huber_threshold(residual, valid, huber)
                 robust = valid * _huber_weights(residual, threshold)
             weighted = sd * robust
-            hessian = torch.einsum("bihw,bjhw->bij", weighted, sd)
-            gradient = torch.einsum("bihw,bhw->bi", weighted, residual[:, 0])
+            # Products and sums, not einsum: OpenVINO lowers an einsum to a MatMul, which it runs in bf16.
+            hessian = (weighted.unsqueeze(2) * sd.unsqueeze(1)).sum(dim=(3, 4))
+            gradient = (weighted * residual).sum(dim=(2, 3))
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
             damped = hessian + (diagonal * damping + 1e-6) * eye
             if head_inverse is not None:
