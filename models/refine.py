@@ -183,7 +183,7 @@ _Knobs = tuple[int, float | None, float, str]  # highpass, huber, damping, prior
 
 def _refine(
     previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
-    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING, "hessian"),
+    knobs: _Knobs,
 ) -> Tensor:
     h_full, template, image = _iterate(previous, current, start, levels, prior, knobs)
     # Judged at the finest level, where the photometric error is best resolved.
@@ -196,7 +196,7 @@ def _refine(
 
 def _iterate(
     previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
-    knobs: _Knobs = (HIGHPASS, HUBER, DAMPING, "hessian"),
+    knobs: _Knobs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
     highpass, huber, damping, prior_scale = knobs
