@@ -36,7 +36,7 @@ from models.layers import (
     size_tensor,
     warp_by_homography,
 )
-from models.refine import PRIOR_SCALES, luma, refine_homography
+from models.refine import PRIOR_SCALES, REFINE_FRAMES, luma, refine_homography
 from models.registry import register_model
 from models.spec import ModelSpec, StateSpec, TensorSpec
 
@@ -125,6 +125,11 @@ class MostConfig:
     # other badly hold closer to the head).
     homography_refine_prior: float = 0.0
     homography_refine_prior_scale: str = "hessian"
+    # Which frames the refinement matches: "restored" (their luma), or "restored+input" (the degraded
+    # input's luma as a second channel, each weighed by how well it matched at the head's estimate): the
+    # restoration removes the dental camera's drift and noise, the input keeps natural content's detail
+    # that the restoration smooths away. The state keeps one luma channel per frame kind.
+    homography_refine_frames: str = "restored"
 
     def __post_init__(self) -> None:
         factors = [f for f, _ in self.homography_refine]
@@ -137,6 +142,9 @@ class MostConfig:
         if self.homography_refine_prior_scale not in PRIOR_SCALES:
             raise ValueError(f"homography_refine_prior_scale must be one of {', '.join(PRIOR_SCALES)}, "
                              f"not {self.homography_refine_prior_scale!r}")  # fmt: skip
+        if self.homography_refine_frames not in REFINE_FRAMES:
+            raise ValueError(f"homography_refine_frames must be one of {', '.join(REFINE_FRAMES)}, "
+                             f"not {self.homography_refine_frames!r}")  # fmt: skip
 
     def channels(self, scale: int) -> int:
         return self.width * 2 ** (scale - 1)
@@ -427,7 +435,8 @@ class MostNet(nn.Module):
                 for s in st.homography
             )
             + (
-                (StateSpec(TensorSpec("prev_luma", 1, cfg.homography_refine[-1][0]), "next_luma"),)
+                (StateSpec(TensorSpec("prev_luma", REFINE_FRAMES.index(cfg.homography_refine_frames) + 1,
+                                      cfg.homography_refine[-1][0]), "next_luma"),)
                 if cfg.homography_refine
                 else ()
             ),
@@ -452,6 +461,7 @@ class MostNet(nn.Module):
             "homography_refine": json.dumps([list(level) for level in self.cfg.homography_refine]),
             "homography_refine_prior": repr(float(self.cfg.homography_refine_prior)),
             "homography_refine_prior_scale": self.cfg.homography_refine_prior_scale,
+            "homography_refine_frames": self.cfg.homography_refine_frames,
         }
 
     def step(
@@ -558,6 +568,8 @@ class MostNet(nn.Module):
         if self.cfg.homography_refine and scales is None:
             factor = self.cfg.homography_refine[-1][0]
             current = luma(final_restored.detach())
+            if self.cfg.homography_refine_frames == "restored+input":
+                current = torch.cat((current, luma(frame)), dim=1)
             current = F.avg_pool2d(current, factor) if factor > 1 else current
             previous = reset * current + keep * state["prev_luma"]
             new_state["prev_luma"] = current
@@ -589,11 +601,11 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
 # appeared with its option. Version 2 added the photometric homography refinement, 3 its prior, 4 the
-# prior's scale.
+# prior's scale, 5 the frames it matches.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
@@ -602,6 +614,7 @@ LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_refine": (2, "[]", lambda text: tuple(tuple(level) for level in json.loads(text))),
     "homography_refine_prior": (3, "0.0", float),
     "homography_refine_prior_scale": (4, "hessian", str),
+    "homography_refine_frames": (5, "restored", str),
 }
 
 

@@ -25,6 +25,7 @@ HIGHPASS = 5  # side of the local mean removed at every level, in that level's p
 HUBER = 1.5  # Huber threshold in mean absolute residuals
 DAMPING = 1e-4  # relative Levenberg-Marquardt damping: keeps the solve well posed on flat images
 PRIOR_SCALES = ("hessian", "residual")
+REFINE_FRAMES = ("restored", "restored+input")  # the luma channels a MOST network refines on, in order
 
 
 def luma(image: Tensor) -> Tensor:
@@ -67,7 +68,7 @@ def _unit_to_pixel(height: Tensor, width: Tensor, like: Tensor) -> Tensor:
 
 
 def _steepest_descent(template: Tensor) -> Tensor:
-    """(b, 1, h, w) -> (b, 8, h, w): grad T . dW/dp at p = 0, in unit coordinates.
+    """(b, c, h, w) -> (b, 8, c, h, w): grad T . dW/dp at p = 0, in unit coordinates, per channel.
 
     p parameterises W = [[1+p0, p2, p4], [p1, 1+p3, p5], [p6, p7, 1]]."""
     _, _, h, w = template.shape
@@ -78,7 +79,7 @@ def _steepest_descent(template: Tensor) -> Tensor:
     xs = (torch.arange(w, device=template.device, dtype=template.dtype) + 0.5) * (2 / size_tensor(w, template)) - 1
     v, u = torch.meshgrid(ys, xs, indexing="ij")
     u, v = u[None, None], v[None, None]
-    return torch.cat((gx * u, gy * u, gx * v, gy * v, gx, gy, -(gx * u + gy * v) * u, -(gx * u + gy * v) * v), dim=1)
+    return torch.stack((gx * u, gy * u, gx * v, gy * v, gx, gy, -(gx * u + gy * v) * u, -(gx * u + gy * v) * v), dim=1)
 
 
 def _solve(a: Tensor, b: Tensor) -> Tensor:
@@ -124,8 +125,10 @@ def _residual(template: Tensor, image: Tensor, h_level: Tensor) -> tuple[Tensor,
     a path that rounding decides."""
     back = adjugate3x3(h_level)  # warp_by_homography samples at G^-1 x; G = H^-1 samples at H x
     # The image and its coverage through one sampling grid.
-    warped, coverage = warp_by_homography(torch.cat((image, torch.ones_like(image)), dim=1), back).split(1, dim=1)
-    valid = ((coverage - 0.5) * 2).clamp(0, 1)
+    channels = image.shape[1]
+    both = torch.cat((image, torch.ones_like(image[:, :1])), dim=1)
+    warped, coverage = warp_by_homography(both, back).split((channels, 1), dim=1)
+    valid = ((coverage - 0.5) * 2).clamp(0, 1).expand_as(warped)
     return (warped / coverage.clamp_min(0.5) - template) * valid, valid
 
 
@@ -157,11 +160,13 @@ def refine_homography(
     huber: float | None = HUBER,
     damping: float = DAMPING,
     prior_scale: str = "hessian",
+    balance: bool = True,
 ) -> Tensor:
     """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
 
-    ``previous`` and ``current`` are (b, 1, h, w) luma at ``levels[-1][0]`` times below full
-    resolution; ``levels`` lists (downsampling factor, Gauss-Newton steps) coarse to fine, each
+    ``previous`` and ``current`` are (b, c, h, w) at ``levels[-1][0]`` times below full resolution: luma,
+    or several images of the same frames (each channel standardised on its own, all in one least-squares
+    problem); ``levels`` lists (downsampling factor, Gauss-Newton steps) coarse to fine, each
     factor a multiple of the last one's. ``prior`` > 0 pulls the estimate towards the head's with that
     weight relative to the mean diagonal of the Gauss-Newton matrix (a Gaussian prior): content that
     constrains some direction poorly (flat regions, repeated texture) then keeps the head's value there
@@ -169,16 +174,19 @@ def refine_homography(
     see the module constants, the shipped values. ``prior_scale``: what the prior's weight is relative to,
     "hessian" (the mean diagonal: one balance for every pair) or "residual" (that times the level's
     starting mean squared residual, in the standardised images' unit variance: frames that do not
-    match each other, whose data term is least trustworthy, hold closer to the head).
+    match each other, whose data term is least trustworthy, hold closer to the head; with several
+    channels, their weighted mean). ``balance``: several channels are each weighed by their inverse
+    starting mean squared residual at every level, so a channel that matches badly (noise, a change of
+    light the standardisation does not undo) pulls less; False: equal weights. One channel: no effect.
     """
     with torch.autocast(previous.device.type, enabled=False):
         if prior_scale not in PRIOR_SCALES:
             raise ValueError(f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, not {prior_scale!r}")
-        knobs = (highpass, huber, damping, prior_scale)
+        knobs = (highpass, huber, damping, prior_scale, balance)
         return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs)
 
 
-_Knobs = tuple[int, float | None, float, str]  # highpass, huber, damping, prior_scale
+_Knobs = tuple[int, float | None, float, str, bool]  # highpass, huber, damping, prior_scale, balance
 
 
 def _refine(
@@ -199,7 +207,7 @@ def _iterate(
     knobs: _Knobs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
-    highpass, huber, damping, prior_scale = knobs
+    highpass, huber, damping, prior_scale, balance = knobs
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)
@@ -213,9 +221,9 @@ def _iterate(
         n_inv = _unit_to_pixel(height, width, template)
         h_unit = n @ rescale_homography(h_full, 1.0 / factor) @ n_inv
         head_inverse = adjugate3x3(n @ rescale_homography(start, 1.0 / factor) @ n_inv) if prior > 0 else None
-        sd = _steepest_descent(template)  # (b, 8, h, w)
+        sd = _steepest_descent(template)  # (b, 8, c, h, w)
         eye = torch.eye(8, device=sd.device, dtype=sd.dtype)
-        threshold = level_residual = None
+        threshold = level_residual = channel_weights = None
         for _ in range(steps):
             residual, valid = _residual(template, image, n_inv @ h_unit @ n)
             robust = valid
@@ -225,10 +233,17 @@ def _iterate(
                     # re-estimated every step moves the cost under the iteration and can stall it.
                     threshold = _huber_threshold(residual, valid, huber)
                 robust = valid * _huber_weights(residual, threshold)
-            weighted = sd * robust
+            if balance and residual.shape[1] > 1:
+                if channel_weights is None:  # fixed per level: each channel's inverse starting residual
+                    per_channel = (robust * residual.square()).sum(dim=(2, 3), keepdim=True) / valid.sum(
+                        dim=(2, 3), keepdim=True).clamp_min(1)  # fmt: skip
+                    inverse = 1 / (per_channel + 1e-6)
+                    channel_weights = inverse / inverse.mean(dim=1, keepdim=True)
+                robust = robust * channel_weights
+            weighted = sd * robust.unsqueeze(1)  # (b, 8, c, h, w)
             # Products and sums, not einsum: OpenVINO lowers an einsum to a MatMul, which it runs in bf16.
-            hessian = (weighted.unsqueeze(2) * sd.unsqueeze(1)).sum(dim=(3, 4))
-            gradient = (weighted * residual).sum(dim=(2, 3))
+            hessian = (weighted.unsqueeze(2) * sd.unsqueeze(1)).sum(dim=(3, 4, 5))
+            gradient = (weighted * residual.unsqueeze(1)).sum(dim=(2, 3, 4))
             diagonal = (hessian * eye).sum(dim=2, keepdim=True)  # (b, 8, 1); no diag ops in ONNX
             damped = hessian + (diagonal * damping + 1e-6) * eye
             if head_inverse is not None:

@@ -43,6 +43,7 @@ LAYOUT_OPTIONS = (
     "homography_refine",
     "homography_refine_prior",
     "homography_refine_prior_scale",
+    "homography_refine_frames",
 )
 
 

@@ -126,14 +126,55 @@ def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() ->
     torch.testing.assert_close(state["prev_luma"], _half_luma(step.final_restored.clamp(0, 1)))
 
 
+def test_refining_on_restored_and_input_frames_keeps_both_lumas() -> None:
+    model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_frames="restored+input").eval()
+    names = [s.name for s in model.spec.states]
+    state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, 64, 96).items()}
+    assert state["prev_luma"].shape == (1, 2, 32, 48)
+    previous, current, _ = _pair(5, 64, 96, corner_px=2.0)
+    with torch.no_grad():
+        for t, frame in enumerate((previous, current)):
+            reset = torch.full((1, 1, 1, 1), 1.0 if t == 0 else 0.0)
+            step, new_state = model.step(frame, reset, state)
+            state = {n: new_state[n] for n in names}
+    expected = torch.cat((_half_luma(step.final_restored.clamp(0, 1)), _half_luma(current)), dim=1)
+    torch.testing.assert_close(state["prev_luma"], expected)
+    with pytest.raises(ValueError, match="homography_refine_frames"):
+        create_model("most-nss-tiny", homography_refine_frames="input")
+
+
+def test_balanced_channels_follow_the_one_that_matches() -> None:
+    """Two channels, one of the true pair and one whose content moves otherwise and is noisy (what a
+    channel that does not follow the camera looks like): weighed by their starting residuals the second
+    pulls little and the refinement lands on the truth; with equal weights it lands more than twice as far."""
+    previous, current, h_true = _pair(6)
+    height, width = previous.shape[-2:]
+    rng = np.random.default_rng(106)
+    start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
+    start = start @ h_true
+    other_prev, other_cur, _ = _pair(7, corner_px=8.0)
+    noise = torch.randn(other_cur.shape, generator=torch.Generator().manual_seed(1)) * 0.3
+    pairs = ((previous, other_prev), (current, other_cur + noise))
+    two = [torch.cat((_half_luma(a), _half_luma(b)), dim=1) for a, b in pairs]
+    error = {}
+    for balance in (True, False):
+        refined = refine_homography(*two, start, LEVELS, balance=balance)
+        error[balance] = float(mean_corner_error(refined, h_true, height, width))
+    one = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS)
+    assert error[True] < 0.5 and error[False] > 2 * error[True], error
+    assert float(mean_corner_error(one, h_true, height, width)) < 0.5
+
+
 def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
     model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_prior=0.25,
-                         homography_refine_prior_scale="hessian")  # fmt: skip
+                         homography_refine_prior_scale="hessian",
+                         homography_refine_frames="restored+input")  # fmt: skip
     path = save_checkpoint(model, tmp_path / "w.safetensors")
     loaded, _ = load_model(str(path))
     assert loaded.cfg.homography_refine == LEVELS
     assert loaded.cfg.homography_refine_prior == 0.25
     assert loaded.cfg.homography_refine_prior_scale == "hessian"
+    assert loaded.cfg.homography_refine_frames == "restored+input"
     with pytest.raises(ValueError, match="prior_scale"):
         create_model("most-nss-tiny", homography_refine_prior_scale="flat")
     assert [s.name for s in loaded.spec.states] == [s.name for s in model.spec.states]

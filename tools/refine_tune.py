@@ -57,9 +57,11 @@ def cache_pairs(model: torch.nn.Module, folders: list[Path]) -> list[dict[str, o
     return pairs
 
 
-def with_input_luma(pairs: list[dict[str, object]], folders: list[Path]) -> list[dict[str, object]]:
+def with_input_luma(
+    pairs: list[dict[str, object]], folders: list[Path], keep_restored: bool = False
+) -> list[dict[str, object]]:
     """The same pairs (same head estimates) with the degraded input frames' luma in place of the restored
-    frames', in the order :func:`cache_pairs` made them."""
+    frames' (or beside them, as a second channel), in the order :func:`cache_pairs` made them."""
     frames = []
     for folder in folders:
         seq = read_sequence(folder)
@@ -67,6 +69,9 @@ def with_input_luma(pairs: list[dict[str, object]], folders: list[Path]) -> list
         frames.extend(zip(lumas[:-1], lumas[1:], strict=True))
     if len(frames) != len(pairs):
         raise ValueError(f"{len(frames)} input pairs for {len(pairs)} cached pairs: not the cache's sequences")
+    if keep_restored:
+        frames = [(torch.cat((p["previous"], a), dim=1), torch.cat((p["current"], b), dim=1))  # type: ignore[list-item]
+                  for p, (a, b) in zip(pairs, frames, strict=True)]  # fmt: skip
     return [{**p, "previous": a, "current": b} for p, (a, b) in zip(pairs, frames, strict=True)]
 
 
@@ -107,8 +112,11 @@ def main() -> None:
         "moves (px): a runtime's rounding must not move the output homography",
     )
     parser.add_argument("--cache", type=Path, help="keep the network's pass here and reuse it")
-    parser.add_argument("--source", choices=("restored", "input"), default="restored",
-                        help="refine on the restored frames (the network's) or on the degraded input frames")
+    parser.add_argument("--balance", nargs="+", type=int, choices=(0, 1), default=[1],
+                        help="1: weigh each channel by its inverse starting residual (--source both; 0: equal)")
+    parser.add_argument("--source", choices=("restored", "input", "both"), default="restored",
+                        help="refine on the restored frames (the network's), on the degraded input frames, "
+                        "or on both at once (two channels)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cache is not None and args.cache.is_file():
@@ -117,8 +125,8 @@ def main() -> None:
         pairs = cache_pairs(head_only(args.model), find_sequences(args.data)[-args.sequences :])
         if args.cache is not None:
             torch.save(pairs, args.cache)
-    if args.source == "input":
-        pairs = with_input_luma(pairs, find_sequences(args.data)[-args.sequences :])
+    if args.source != "restored":
+        pairs = with_input_luma(pairs, find_sequences(args.data)[-args.sequences :], args.source == "both")
     generator = torch.Generator().manual_seed(0)  # the same perturbation for every setting
     noises: list[tuple[torch.Tensor, torch.Tensor]] = []
     if args.noise > 0:
@@ -141,11 +149,12 @@ def main() -> None:
 
     head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
     report(f"head ({len(pairs)} pairs)", head)
-    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior, args.prior_scale)
-    for text, highpass, huber, damping, prior, prior_scale in settings:
+    settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior, args.prior_scale,
+                                 args.balance)  # fmt: skip
+    for text, highpass, huber, damping, prior, prior_scale, balance in settings:
         levels = parse_levels(text)
         knobs = {"highpass": highpass, "huber": huber if huber > 0 else None, "damping": damping,
-                 "prior_scale": prior_scale}  # fmt: skip
+                 "prior_scale": prior_scale, "balance": bool(balance)}  # fmt: skip
         errors, moved = [], []
         for i, p in enumerate(pairs):
             clean = refine_pair(p, levels, prior, **knobs)
@@ -154,7 +163,7 @@ def main() -> None:
                 noisy = refine_pair(p, levels, prior, *noises[i], **knobs)
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
-        label += f" ({prior_scale})"
+        label += f" ({prior_scale}){', balanced' if balance else ''}"
         report(label, errors, moved)
 
 

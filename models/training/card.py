@@ -162,7 +162,7 @@ def write_card(
         made = checkpoint_config(meta)
         reads = "read" if made["restoration_input"] else "do not read"
         refined = refine_text(made["homography_refine"], made["homography_refine_prior"],  # type: ignore[arg-type]
-                              made["homography_refine_prior_scale"])  # type: ignore[arg-type]  # fmt: skip
+                              made["homography_refine_prior_scale"], made["homography_refine_frames"])  # type: ignore[arg-type]  # fmt: skip
         parts += [
             "",
             "## Scales-to-tasks structure",
@@ -287,7 +287,9 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"them{held})")  # fmt: skip
 
 
-def refine_text(levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_scale: str = "hessian") -> str:
+def refine_text(
+    levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_scale: str = "hessian", frames: str = "restored"
+) -> str:
     """The photometric homography refinement the layout runs (empty without one)."""
     if not levels:
         return ""
@@ -295,8 +297,10 @@ def refine_text(levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_s
     relative = "the mean Gauss-Newton diagonal" + (" x the level's starting residual" if prior_scale == "residual"
                                                    else "")  # fmt: skip
     pull = f"; prior at the head's estimate {prior:g} x {relative}" if prior > 0 else ""
+    matched = ("restored luma and the input's, each channel weighed by its starting residual,"
+               if frames == "restored+input" else "restored luma")  # fmt: skip
     return (f". The output homography is then refined in the graph by inverse-compositional Lucas-Kanade on the "
-            f"restored luma against the previous frame's (Gauss-Newton steps: {steps} resolution{pull}; "
+            f"{matched} against the previous frame's (Gauss-Newton steps: {steps} resolution{pull}; "
             "`models/refine.py`)")  # fmt: skip
 
 
