@@ -690,8 +690,9 @@ MOST_NSS = MostConfig(
     restoration_input=False,
     restoration_filter=5,
     homography_refine=((8, 10), (4, 20)),
-    homography_refine_prior=0.3,
+    homography_refine_prior=0.1,
     homography_refine_prior_scale="residual",
+    homography_refine_frames="restored+input",
 )
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {

@@ -107,7 +107,7 @@ def test_unrolled_solve_matches_lapack() -> None:
 
 def test_network_with_refinement_streams_like_its_step_and_keeps_luma_state() -> None:
     torch.manual_seed(0)
-    model = create_model("most-nss-tiny", homography_refine=LEVELS).eval()
+    model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_frames="restored").eval()
     names = [s.name for s in model.spec.states]
     assert names[-1] == "prev_luma"
     shapes = model.spec.initial_state(1, 64, 96)
