@@ -435,7 +435,7 @@ class MostNet(nn.Module):
                 for s in st.homography
             )
             + (
-                (StateSpec(TensorSpec("prev_luma", REFINE_FRAMES.index(cfg.homography_refine_frames) + 1,
+                (StateSpec(TensorSpec("prev_luma", len(cfg.homography_refine_frames.split("+")),
                                       cfg.homography_refine[-1][0]), "next_luma"),)
                 if cfg.homography_refine
                 else ()

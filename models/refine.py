@@ -144,6 +144,12 @@ def _huber_weights(residual: Tensor, threshold: Tensor) -> Tensor:
     return threshold / residual.abs().clamp_min(threshold)
 
 
+def _mean_square(residual: Tensor, weights: Tensor, valid: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The weighted mean squared residual over ``dims`` (kept), per valid pixel."""
+    total = (weights * residual.square()).sum(dim=dims, keepdim=True)
+    return total / valid.sum(dim=dims, keepdim=True).clamp_min(1)
+
+
 def _cost(template: Tensor, image: Tensor, h_level: Tensor) -> Tensor:
     residual, valid = _residual(template, image, h_level)
     return residual.square().sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp_min(1)
@@ -235,9 +241,7 @@ def _iterate(
                 robust = valid * _huber_weights(residual, threshold)
             if balance and residual.shape[1] > 1:
                 if channel_weights is None:  # fixed per level: each channel's inverse starting residual
-                    per_channel = (robust * residual.square()).sum(dim=(2, 3), keepdim=True) / valid.sum(
-                        dim=(2, 3), keepdim=True).clamp_min(1)  # fmt: skip
-                    inverse = 1 / (per_channel + 1e-6)
+                    inverse = 1 / (_mean_square(residual, robust, valid, (2, 3)) + 1e-6)  # (b, c, 1, 1)
                     channel_weights = inverse / inverse.mean(dim=1, keepdim=True)
                 robust = robust * channel_weights
             weighted = sd * robust.unsqueeze(1)  # (b, 8, c, h, w)
@@ -253,8 +257,7 @@ def _iterate(
                 weight = prior * diagonal.mean(dim=1, keepdim=True)  # (b, 1, 1)
                 if prior_scale == "residual":
                     if level_residual is None:  # fixed per level, like the Huber threshold
-                        level_residual = (robust * residual.square()).sum(dim=(1, 2, 3)) / valid.sum(
-                            dim=(1, 2, 3)).clamp_min(1)  # fmt: skip
+                        level_residual = _mean_square(residual, robust, valid, (1, 2, 3))
                     weight = weight * level_residual.view(-1, 1, 1)
                 offset = _matrix_to_parameters(normalize_homography(head_inverse @ h_unit))
                 damped = damped + weight * eye
