@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import traceback
 from collections.abc import Iterator
 
 import numpy as np
@@ -9,6 +12,22 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report lists the process's threads and where each one is: a stalled server
+    (a result that never came, an idle timeout instead of an answer) shows what held it."""
+    report = yield
+    if report.failed and call.when == "call":
+        frames = sys._current_frames()
+        lines = []
+        for thread in threading.enumerate():
+            frame = frames.get(thread.ident or -1)
+            stack = "".join(traceback.format_stack(frame, limit=6)) if frame is not None else "  (no frame)\n"
+            lines.append(f"{thread.name} (daemon={thread.daemon}):\n{stack}")
+        report.sections.append(("threads at failure", f"{len(lines)} threads\n" + "\n".join(lines)))
+    return report
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.runtime import BackendUnavailable
+from export.verify import ParityReport
 from models import create_model
 from service.backends import factory
 from service.backends import openvino as ov_backend
@@ -170,9 +171,32 @@ def test_a_fixed_precision_skips_the_parity_checks(monkeypatch) -> None:
 @pytest.mark.skipif(not factory.cpu_has_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16)")
 def test_real_bf16_parity_check_passes_on_a_tiny_model() -> None:
     torch.manual_seed(0)
-    ok, summary = factory.bf16_parity_ok(create_model("most-nss-tiny").eval())
+    ok, summary = factory.bf16_parity_ok(create_model("most-nss-tiny").eval(), cache=False)
     assert ok, summary
-    assert "openvino/bf16 vs torch/fp32" in summary
+    assert "openvino/bf16 vs torch/fp32 (12 frames, b1, 320x416)" in summary and "rendered streams" in summary
+
+
+def test_bf16_verdict_is_kept_per_weights(monkeypatch, tmp_path) -> None:
+    """The check streams rendered frames at the served size, once per weights: a restart reads the verdict."""
+    monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(factory, "cached_onnx", lambda model: "no export needed")
+    monkeypatch.setattr(factory, "OpenVinoBackend", lambda *a, **k: factory.TorchBackend(network))
+    seen: list[tuple[int, ...]] = []
+
+    def compare(reference, candidate, streams):
+        seen.extend(frame.shape for stream in streams for frame in stream)
+        return ParityReport("torch/fp32", "openvino/bf16", 1, 320, 416, len(seen), {"restored": 0.1}, psnr_db=30.0)
+
+    monkeypatch.setattr(factory, "compare_streams", compare)
+    torch.manual_seed(0)
+    network = create_model("most-nss-tiny").eval()
+    first = factory.bf16_parity_ok(network)
+    assert not first[0] and "restored PSNR 30.0 dB" in first[1]
+    assert factory.bf16_parity_ok(network) == first  # read back, not checked again
+    assert seen == [(1, 3, *factory.BF16_CHECK_SIZE)] * (factory.BF16_CHECK_STREAMS * factory.BF16_CHECK_FRAMES)
+    torch.manual_seed(1)
+    assert not factory.bf16_parity_ok(create_model("most-nss-tiny").eval())[0]  # other weights: checked again
+    assert len(seen) == 2 * factory.BF16_CHECK_STREAMS * factory.BF16_CHECK_FRAMES
 
 
 def test_auto_backend_runs_and_matches_torch() -> None:
