@@ -87,7 +87,10 @@ def test_cuda_precision_is_fp16_only_where_parity_holds(monkeypatch) -> None:
     monkeypatch.setattr(factory, "cuda_parity", lambda n, device, **options: asked.append(options) or report(30.0))
     choice = factory.choose_cuda_precision(network, "cuda")
     assert (choice.backend, choice.precision) == ("torch", "fp32") and "parity fails" in choice.reason
-    assert asked == [{"precision": "fp16", "cuda_graphs": True}]  # the path that then serves
+    (options,) = asked
+    streams = options.pop("streams")  # rendered frames at the served size, as the CPU's bf16 check
+    assert [frame.shape for stream in streams for frame in stream] == [(1, 3, *factory.CHECK_SIZE)] * 12
+    assert options == {"precision": "fp16", "cuda_graphs": True}  # the path that then serves
     factory._CUDA_CHOICES.clear()
     monkeypatch.setattr(factory, "cuda_parity", lambda n, device, **options: report(55.0))
     assert factory.choose_cuda_precision(network, "cuda").precision == "fp16"
@@ -193,10 +196,10 @@ def test_bf16_verdict_is_kept_per_weights(monkeypatch, tmp_path) -> None:
     first = factory.bf16_parity_ok(network)
     assert not first[0] and "restored PSNR 30.0 dB" in first[1]
     assert factory.bf16_parity_ok(network) == first  # read back, not checked again
-    assert seen == [(1, 3, *factory.BF16_CHECK_SIZE)] * (factory.BF16_CHECK_STREAMS * factory.BF16_CHECK_FRAMES)
+    assert seen == [(1, 3, *factory.CHECK_SIZE)] * (factory.CHECK_STREAMS * factory.CHECK_FRAMES)
     torch.manual_seed(1)
     assert not factory.bf16_parity_ok(create_model("most-nss-tiny").eval())[0]  # other weights: checked again
-    assert len(seen) == 2 * factory.BF16_CHECK_STREAMS * factory.BF16_CHECK_FRAMES
+    assert len(seen) == 2 * factory.CHECK_STREAMS * factory.CHECK_FRAMES
 
 
 def test_auto_backend_runs_and_matches_torch() -> None:

@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from export.int8 import cached_int8, synthetic_streams
@@ -49,16 +50,16 @@ from service.backends.torch import TorchBackend
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Fastest first, as measured for most-nss at 320x416 on the development CPU (docs/performance.md).
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
-# The CPU's bf16 parity check: rendered ``val`` streams (never the test split) at the served size, long
-# enough for the recurrent state to carry; run once per weights, OpenVINO version and CPU.
-BF16_CHECK_SIZE = (320, 416)
-BF16_CHECK_STREAMS = 3
-BF16_CHECK_FRAMES = 4
-BF16_CHECK_SEED = 0
-BF16_CHECK_VERSION = "2"  # bump when the check changes, so cached verdicts are not reused
-# The GPU's short parity check (fp16 CUDA graphs against torch fp32): a moving pattern at 64x96.
-CUDA_CHECK_SIZE = (64, 96)
-CUDA_CHECK_FRAMES = 3
+# The streams ``auto``'s parity checks (CPU bf16, GPU fp16) run: rendered ``val`` sequences (never the
+# test split) at the served size, long enough for the recurrent state to carry.
+CHECK_SIZE = (320, 416)
+CHECK_STREAMS = 3
+CHECK_FRAMES = 4
+CHECK_SEED = 0
+BF16_CHECK_VERSION = "2"  # bump when the check changes, so cached CPU verdicts are not reused
+# The moving pattern of :func:`cuda_parity` when no streams are given (GPU tests, tools/gpu_run.py).
+CUDA_PATTERN_SIZE = (64, 96)
+CUDA_PATTERN_FRAMES = 3
 # The GPU fast path's variants as the GPU tests and tools/gpu_run.py check them against torch fp32:
 # name -> TorchBackend arguments.
 CUDA_VARIANTS: dict[str, dict[str, object]] = {
@@ -90,6 +91,11 @@ def default_backend(device: str = "cpu") -> str:
     return next(b for b in CPU_PREFERENCE if b == "torch" or _installed(b))
 
 
+def check_streams() -> list[list[np.ndarray]]:
+    """What ``auto``'s parity checks stream: what a microcamera sends, at the size the service warms up at."""
+    return synthetic_streams(*CHECK_SIZE, CHECK_STREAMS, CHECK_FRAMES, CHECK_SEED)
+
+
 def bf16_parity_ok(model: nn.Module, cache: bool = True) -> tuple[bool, str]:
     """OpenVINO bf16 against torch fp32 on rendered streams: PSNR, mask IoU and MACE within the limits.
     ``cache``: reuse (and keep) the verdict for these weights, this OpenVINO and this CPU."""
@@ -101,9 +107,8 @@ def bf16_parity_ok(model: nn.Module, cache: bool = True) -> tuple[bool, str]:
             return bool(verdict["ok"]), str(verdict["summary"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: check again and overwrite
-    streams = synthetic_streams(*BF16_CHECK_SIZE, BF16_CHECK_STREAMS, BF16_CHECK_FRAMES, BF16_CHECK_SEED)
     with TorchBackend(model) as reference, OpenVinoBackend(model.spec, cached_onnx(model), precision="bf16") as bf16:  # type: ignore[arg-type]
-        report = compare_streams(reference, bf16, streams)
+        report = compare_streams(reference, bf16, check_streams())
     ok, summary = report.within_reduced(), f"{report.summary()}, rendered streams"
     if cache:
         record = json.dumps({"ok": ok, "summary": summary, "key": key})
@@ -118,17 +123,20 @@ def cuda_parity(
     network: nn.Module,
     device: str = "cuda",
     batch: int = 1,
-    height: int = CUDA_CHECK_SIZE[0],
-    width: int = CUDA_CHECK_SIZE[1],
-    frames: int = CUDA_CHECK_FRAMES,
+    height: int = CUDA_PATTERN_SIZE[0],
+    width: int = CUDA_PATTERN_SIZE[1],
+    frames: int = CUDA_PATTERN_FRAMES,
+    streams: list[list[np.ndarray]] | None = None,
     **torch_options: object,
 ) -> ParityReport:
     """The torch backend on ``device`` with ``torch_options`` (precision, cuda_graphs, ...; see
     :data:`CUDA_VARIANTS`) against torch fp32 on the CPU, the reference every runtime matches, over
-    one moving stream with the state carried. ``network`` itself is the reference (it ends up on the
-    CPU); a CUDA candidate runs its own copy."""
+    ``streams`` (else one moving pattern of the given shape) with the state carried. ``network``
+    itself is the reference (it ends up on the CPU); a CUDA candidate runs its own copy."""
     reference = TorchBackend(network.cpu())
     with reference, TorchBackend(network, device, **torch_options) as candidate:  # type: ignore[arg-type]
+        if streams is not None:
+            return compare_streams(reference, candidate, streams)
         return compare_backends(reference, candidate, batch, height, width, frames)
 
 
@@ -165,7 +173,7 @@ def choose_cuda_precision(network: nn.Module, device: str = "cuda") -> BackendCh
     parity check against torch fp32 passes, else fp32. Checked once per weights and device."""
     key = (weights_hash(network), device)
     if key not in _CUDA_CHOICES:
-        report = cuda_parity(network, device, precision="fp16", cuda_graphs=True)
+        report = cuda_parity(network, device, streams=check_streams(), precision="fp16", cuda_graphs=True)
         if report.within_reduced():
             choice = BackendChoice("torch", "fp16", f"fp16 CUDA graphs, parity holds: {report.summary()}")
         else:
