@@ -10,7 +10,7 @@ then torch; bf16 is chosen only where the CPU has native bf16 *and* a parity che
 model against torch fp32 passes, so a model whose outputs bf16 would spoil stays in fp32. The check
 streams rendered dental frames at the size the service warms up at and the cards are measured at
 (320x416): the shipped most-nss passed a moving test pattern at 64x96 (MACE diff 0.005 px), while on
-rendered frames at 320x416 its photometric refinement settled up to 1.4 px away from fp32's
+rendered frames at 320x416 its photometric refinement settles up to 0.56 px away from fp32's
 (limit 0.05 px; docs/performance.md), so on such CPUs ``auto`` serves it in fp32.
 Its verdict is kept on disk beside the exported graphs, so a server pays for it once per machine.
 int8 (export/int8.py) is faster still but only on request (``precision="int8"``): on the test split
