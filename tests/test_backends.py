@@ -89,7 +89,8 @@ def test_cuda_precision_is_fp16_only_where_parity_holds(monkeypatch) -> None:
     assert (choice.backend, choice.precision) == ("torch", "fp32") and "parity fails" in choice.reason
     (options,) = asked
     streams = options.pop("streams")  # rendered frames at the served size, as the CPU's bf16 check
-    assert [frame.shape for stream in streams for frame in stream] == [(1, 3, *factory.CHECK_SIZE)] * 12
+    shapes = [frame.shape for stream in streams for frame in stream]
+    assert shapes == [(1, 3, *factory.CHECK_SIZE)] * (factory.CHECK_STREAMS * factory.CHECK_FRAMES)
     assert options == {"precision": "fp16", "cuda_graphs": True}  # the path that then serves
     factory._CUDA_CHOICES.clear()
     monkeypatch.setattr(factory, "cuda_parity", lambda n, device, **options: report(55.0))

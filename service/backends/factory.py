@@ -56,7 +56,7 @@ CHECK_SIZE = (320, 416)
 CHECK_STREAMS = 3
 CHECK_FRAMES = 4
 CHECK_SEED = 0
-BF16_CHECK_VERSION = "2"  # bump when the check changes, so cached CPU verdicts are not reused
+BF16_CHECK_VERSION = "2"  # bump when the check changes beyond the constants above (they are in the key)
 # The moving pattern of :func:`cuda_parity` when no streams are given (GPU tests, tools/gpu_run.py).
 CUDA_PATTERN_SIZE = (64, 96)
 CUDA_PATTERN_FRAMES = 3
@@ -99,7 +99,8 @@ def check_streams() -> list[list[np.ndarray]]:
 def bf16_parity_ok(model: nn.Module, cache: bool = True) -> tuple[bool, str]:
     """OpenVINO bf16 against torch fp32 on rendered streams: PSNR, mask IoU and MACE within the limits.
     ``cache``: reuse (and keep) the verdict for these weights, this OpenVINO and this CPU."""
-    key = f"{weights_hash(model)}|{import_openvino().__version__}|{cpu_model()}|{BF16_CHECK_VERSION}"
+    check = f"{CHECK_SIZE}x{CHECK_STREAMS}x{CHECK_FRAMES}@{CHECK_SEED}v{BF16_CHECK_VERSION}"
+    key = f"{weights_hash(model)}|{import_openvino().__version__}|{cpu_model()}|{check}"
     path = cache_dir() / "parity" / f"bf16-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache and path.is_file():
         try:
