@@ -18,8 +18,8 @@ the shipped most-nss's restored frame came out at 38.3 dB of fp32, under the 40 
 (docs/performance.md), so ``auto`` does not take it.
 
 On CUDA ``auto`` takes TensorRT where it is installed, else the torch fast path (fp16, channels_last,
-CUDA graphs: service/backends/torch.py) after the same kind of short parity check against torch fp32
-(:func:`choose_cuda_precision`), fp32 if it fails.
+CUDA graphs: service/backends/torch.py) after a parity check against torch fp32 on the same rendered
+streams (:func:`choose_cuda_precision`), fp32 if it fails.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def _choose_cpu(network: nn.Module) -> BackendChoice:
 
 
 def choose_cuda_precision(network: nn.Module, device: str = "cuda") -> BackendChoice:
-    """The torch fast path's precision for this network on this GPU: fp16 (CUDA graphs) where a short
-    parity check against torch fp32 passes, else fp32. Checked once per weights and device."""
+    """The torch fast path's precision for this network on this GPU: fp16 (CUDA graphs) where a parity
+    check against torch fp32 on :func:`check_streams` passes, else fp32. Checked once per weights and device."""
     key = (weights_hash(network), device)
     if key not in _CUDA_CHOICES:
         report = cuda_parity(network, device, streams=check_streams(), precision="fp16", cuda_graphs=True)
