@@ -9,7 +9,9 @@ steps that minimise the brightness difference between the previous and the curre
 Written with plain tensor ops (grid_sample, products and sums, an unrolled 8x8 Gauss-Jordan solve) so the ONNX,
 OpenVINO and TensorRT graphs carry it like any other layer; no step is data dependent. A refined
 homography is kept per sample only where it lowers the photometric error of the head's estimate at
-the finest level, so the refinement never makes a frame's alignment worse by its own measure.
+the finest level, so the refinement never makes a frame's alignment worse by its own measure; with
+``accept`` > 0 it is blended in by how much it lowers that error, so the output is continuous in the
+frames (a near tie no longer switches between two estimates pixels apart).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def refine_homography(
     damping: float = DAMPING,
     prior_scale: str = "hessian",
     balance: bool = True,
+    accept: float = 0.0,
 ) -> Tensor:
     """H_{t-1->t} in full-resolution pixels, refined so ``current`` at H x matches ``previous`` at x.
 
@@ -184,15 +187,21 @@ def refine_homography(
     channels, their weighted mean). ``balance``: several channels are each weighed by their inverse
     starting mean squared residual at every level, so a channel that matches badly (noise, a change of
     light the standardisation does not undo) pulls less; False: equal weights. One channel: no effect.
+    ``accept``: the relative drop of the finest level's photometric error at which the refined estimate
+    is taken whole; below it the output is the head's and the refined estimate blended by the drop's
+    share of ``accept`` (0: a hard switch, refined wherever the error drops at all, which jumps by the
+    whole refinement step when rounding flips a near tie).
     """
     with torch.autocast(previous.device.type, enabled=False):
         if prior_scale not in PRIOR_SCALES:
             raise ValueError(f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, not {prior_scale!r}")
-        knobs = (highpass, huber, damping, prior_scale, balance)
+        if accept < 0:
+            raise ValueError(f"accept must be >= 0, not {accept}")
+        knobs = (highpass, huber, damping, prior_scale, balance, accept)
         return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs)
 
 
-_Knobs = tuple[int, float | None, float, str, bool]  # highpass, huber, damping, prior_scale, balance
+_Knobs = tuple[int, float | None, float, str, bool, float]  # highpass, huber, damping, prior_scale, balance, accept
 
 
 def _refine(
@@ -203,9 +212,15 @@ def _refine(
     # Judged at the finest level, where the photometric error is best resolved.
     scale = 1.0 / levels[-1][0]
     initial_cost = _cost(template, image, rescale_homography(start, scale))
+    finite = torch.isfinite(h_full).flatten(1).all(dim=1).view(-1, 1, 1)
+    h_full = torch.where(finite, h_full, start)
     final_cost = _cost(template, image, rescale_homography(h_full, scale))
-    better = (final_cost < initial_cost) & torch.isfinite(h_full).flatten(1).all(dim=1)
-    return torch.where(better.view(-1, 1, 1), h_full, start)
+    accept = knobs[5]
+    if accept > 0:
+        gain = (initial_cost - final_cost) / initial_cost.clamp_min(1e-12)
+        weight = (gain / accept).clamp(0, 1).view(-1, 1, 1)
+        return normalize_homography(weight * h_full + (1 - weight) * start)
+    return torch.where((final_cost < initial_cost).view(-1, 1, 1), h_full, start)
 
 
 def _iterate(
@@ -213,7 +228,7 @@ def _iterate(
     knobs: _Knobs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
-    highpass, huber, damping, prior_scale, balance = knobs
+    highpass, huber, damping, prior_scale, balance, _ = knobs
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)

@@ -97,6 +97,33 @@ def test_residual_scaled_prior_lets_matching_frames_decide() -> None:
         refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, 0.2, prior_scale="flat")
 
 
+def test_accept_blends_the_refined_estimate_in_by_its_cost_drop() -> None:
+    """With ``accept`` the output moves from the head's estimate to the refined one as the relative cost
+    drop grows against ``accept``: whole when the drop is far above it, almost nothing when far below, and
+    in between along the line from one to the other (so a near tie no longer jumps a refinement step)."""
+    previous, current, h_true = _pair(5)
+    height, width = previous.shape[-2:]
+    rng = np.random.default_rng(105)
+    start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
+    start = start @ h_true
+    frames = (_half_luma(previous), _half_luma(current))
+    switched = refine_homography(*frames, start, LEVELS)
+    step = float(mean_corner_error(switched, start, height, width))
+    assert step > 1.0  # the refinement moves it: the blend has something to blend
+    torch.testing.assert_close(refine_homography(*frames, start, LEVELS, accept=1e-3), switched)
+    assert float(mean_corner_error(refine_homography(*frames, start, LEVELS, accept=1e6), start, height, width)) < 1e-3
+    from_start, to_refined = [], []
+    for accept in (0.5, 1.0, 2.0, 4.0):
+        blended = refine_homography(*frames, start, LEVELS, accept=accept)
+        from_start.append(float(mean_corner_error(blended, start, height, width)))
+        to_refined.append(float(mean_corner_error(blended, switched, height, width)))
+        assert from_start[-1] + to_refined[-1] == pytest.approx(step, rel=0.05)
+    assert from_start == sorted(from_start, reverse=True) and to_refined == sorted(to_refined), (from_start, to_refined)
+    assert from_start[-1] < 0.5 * from_start[0], from_start  # the drop is a fraction: accept 4 takes a quarter at most
+    with pytest.raises(ValueError, match="accept"):
+        refine_homography(*frames, start, LEVELS, accept=-0.1)
+
+
 def test_unrolled_solve_matches_lapack() -> None:
     torch.manual_seed(0)
     a = torch.randn(5, 8, 8, dtype=torch.float64)

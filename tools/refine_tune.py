@@ -112,6 +112,8 @@ def main() -> None:
         "moves (px): a runtime's rounding must not move the output homography",
     )
     parser.add_argument("--cache", type=Path, help="keep the network's pass here and reuse it")
+    parser.add_argument("--accept", nargs="+", type=float, default=[0.0],
+                        help="relative cost drop for the refined estimate whole (0: keep-or-replace switch)")
     parser.add_argument("--balance", nargs="+", type=int, choices=(0, 1), default=[1],
                         help="1: weigh each channel by its inverse starting residual (--source both; 0: equal)")
     parser.add_argument("--source", choices=("restored", "input", "both"), default="restored",
@@ -150,11 +152,11 @@ def main() -> None:
     head = [float(mean_corner_error(p["head"], p["true"], *p["size"])) for p in pairs]  # type: ignore[misc]
     report(f"head ({len(pairs)} pairs)", head)
     settings = itertools.product(args.levels, args.highpass, args.huber, args.damping, args.prior, args.prior_scale,
-                                 args.balance)  # fmt: skip
-    for text, highpass, huber, damping, prior, prior_scale, balance in settings:
+                                 args.balance, args.accept)  # fmt: skip
+    for text, highpass, huber, damping, prior, prior_scale, balance, accept in settings:
         levels = parse_levels(text)
         knobs = {"highpass": highpass, "huber": huber if huber > 0 else None, "damping": damping,
-                 "prior_scale": prior_scale, "balance": bool(balance)}  # fmt: skip
+                 "prior_scale": prior_scale, "balance": bool(balance), "accept": accept}  # fmt: skip
         errors, moved = [], []
         for i, p in enumerate(pairs):
             clean = refine_pair(p, levels, prior, **knobs)
@@ -163,7 +165,7 @@ def main() -> None:
                 noisy = refine_pair(p, levels, prior, *noises[i], **knobs)
                 moved.append(float(mean_corner_error(noisy, clean, *p["size"])))  # type: ignore[misc]
         label = f"levels {text}, highpass {highpass}, huber {huber}, damping {damping:g}, prior {prior:g}"
-        label += f" ({prior_scale}){', balanced' if balance else ''}"
+        label += f" ({prior_scale}){', balanced' if balance else ''}, accept {accept:g}"
         report(label, errors, moved)
 
 
