@@ -197,16 +197,16 @@ def refine_homography(
             raise ValueError(f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, not {prior_scale!r}")
         if accept < 0:
             raise ValueError(f"accept must be >= 0, not {accept}")
-        knobs = (highpass, huber, damping, prior_scale, balance, accept)
-        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs)
+        knobs = (highpass, huber, damping, prior_scale, balance)
+        return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs, accept)
 
 
-_Knobs = tuple[int, float | None, float, str, bool, float]  # highpass, huber, damping, prior_scale, balance, accept
+_Knobs = tuple[int, float | None, float, str, bool]  # highpass, huber, damping, prior_scale, balance
 
 
 def _refine(
     previous: Tensor, current: Tensor, start: Tensor, levels: tuple[tuple[int, int], ...], prior: float,
-    knobs: _Knobs,
+    knobs: _Knobs, accept: float,
 ) -> Tensor:
     h_full, template, image = _iterate(previous, current, start, levels, prior, knobs)
     # Judged at the finest level, where the photometric error is best resolved.
@@ -215,7 +215,6 @@ def _refine(
     finite = torch.isfinite(h_full).flatten(1).all(dim=1).view(-1, 1, 1)
     h_full = torch.where(finite, h_full, start)
     final_cost = _cost(template, image, rescale_homography(h_full, scale))
-    accept = knobs[5]
     if accept > 0:
         gain = (initial_cost - final_cost) / initial_cost.clamp_min(1e-12)
         weight = (gain / accept).clamp(0, 1).view(-1, 1, 1)
@@ -228,7 +227,7 @@ def _iterate(
     knobs: _Knobs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Gauss-Newton steps alone: the refined homography and the finest level's standardised images."""
-    highpass, huber, damping, prior_scale, balance, _ = knobs
+    highpass, huber, damping, prior_scale, balance = knobs
     finest = levels[-1][0]
     h_full = start
     template = image = start  # bound by the loop (levels is never empty)

@@ -20,6 +20,7 @@ import torch
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.metrics import colour_aligned_psnr, psnr
+from models.streaming import ModelRunner, as_stream, run_stream
 
 
 def main() -> None:
@@ -31,25 +32,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
-    model.eval()
-    names = [s.name for s in model.spec.states]
+    runner = ModelRunner(model)
     rows: dict[str, dict[str, list[float]]] = {}
     sums: dict[str, list[float]] = {}
     for folder in find_sequences(args.data)[: args.sequences]:
         seq = read_sequence(folder, 0, args.frames)
         content = str(seq.meta.get("content", "dental"))
-        height, width = seq.input.shape[1:3]
-        state = {k: torch.from_numpy(v) for k, v in model.spec.initial_state(1, height, width).items()}
         row = rows.setdefault(content, {"R": [], "R'": [], "R c.a.": [], "R' c.a.": []})
         total = sums.setdefault(content, [0.0, 0.0])
-        for t, frame in enumerate(seq.input):
-            x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
-            reset = torch.full((1, 1, 1, 1), 1.0 if t == 0 else 0.0)
-            with torch.no_grad():
-                out, new_state = model.step(x, reset, state)
-            state = {n: new_state[n] for n in names}
-            target = seq.target[t].astype(np.float64)
-            restored, denoised = (out[k][0].permute(1, 2, 0).clamp(0, 1).double().numpy() * 255
+        for outputs, target in zip(run_stream(runner, as_stream(seq.input)), seq.target, strict=True):
+            target = target.astype(np.float64)
+            restored, denoised = (np.clip(outputs[k][0].transpose(1, 2, 0), 0, 1).astype(np.float64) * 255
                                   for k in ("restored", "denoised"))  # fmt: skip
             row["R"].append(float(psnr(restored, target)[0]))
             row["R'"].append(float(psnr(denoised, target)[0]))
