@@ -157,6 +157,12 @@ class Row:
         return out
 
 
+def nl_means(frame: np.ndarray) -> np.ndarray:
+    """The NL-means comparator on one uint8 RGB frame: OpenCV, h = hColor = 10, 7x7 patches, 21x21 search."""
+    bgr = cv2.fastNlMeansDenoisingColored(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), None, 10, 10, 7, 21)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def _restoration_and_ew(
     row: Row, outputs: list[np.ndarray], seq: LabelledSequence, regions: list[np.ndarray | None], reference: np.ndarray
 ) -> None:
@@ -232,10 +238,9 @@ def evaluate_sequence(
     cleaned = []
     for t in range(frames):
         start = time.perf_counter()
-        bgr = cv2.fastNlMeansDenoisingColored(cv2.cvtColor(seq.input[t], cv2.COLOR_RGB2BGR), None, 10, 10, 7, 21)
+        cleaned.append(nl_means(seq.input[t]))
         nlm_row.seconds += time.perf_counter() - start
         nlm_row.timed_frames += 1
-        cleaned.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     _restoration_and_ew(nlm_row, cleaned, seq, regions, seq.target)
 
 
@@ -321,6 +326,7 @@ __all__ = [
     "FeatureHomography",
     "evaluate",
     "evaluate_sequence",
+    "nl_means",
     "count_frames",
     "opencv_to_pixel_homography",
     "stable_region",

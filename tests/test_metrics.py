@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.data.synth import SynthConfig, render_sequence
-from models.metrics import iou, mace, psnr, ssim, warping_error
+from models.metrics import colour_aligned_psnr, iou, mace, psnr, ssim, warping_error
 
 skimage_metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the test-only reference")
 
@@ -101,6 +101,37 @@ def test_homography_error_splits_translation_from_the_rest() -> None:
     assert exact["model"] < 1e-9 and exact["ratio"] < 1e-9 and exact["slope x"] == pytest.approx(1.0)
     half = decompose(true * 0.5, true)
     assert half["slope x"] == pytest.approx(0.5) and half["ratio"] == pytest.approx(0.5)
+
+
+def test_colour_error_models_forgive_what_they_claim() -> None:
+    """tools.colour_error: the per-channel fit is the metric; a saturation change (channels mixed) is
+    forgiven by the 3x4 map and not per channel; a tone curve only by the quadratic."""
+    from tools.colour_error import fitted_psnr
+
+    rng = np.random.default_rng(3)
+    target = rng.uniform(20, 235, (24, 32, 3))
+    grey = target.mean(-1, keepdims=True)
+    desaturated = grey + 0.4 * (target - grey)
+    per_channel = fitted_psnr(desaturated, target, "ca")
+    assert per_channel == pytest.approx(colour_aligned_psnr(desaturated, target)[0], abs=0.05)
+    assert per_channel < 30 < fitted_psnr(desaturated, target, "3x4")
+    curved = 255 * (target / 255) ** 1.6
+    assert fitted_psnr(curved, target, "3x4") < 31 < 37 < fitted_psnr(curved, target, "quad")
+
+
+def test_temporal_filter_averages_static_noise_and_keeps_the_first_frame() -> None:
+    """tools.temporal_filter: on a still scene (identity homographies) the recursive average lowers
+    the noise; k0 = 0 returns the frames unchanged."""
+    from tools.temporal_filter import recursive_filter
+
+    rng = np.random.default_rng(4)
+    scene = rng.uniform(60, 200, (1, 16, 20, 3))
+    noisy = scene + rng.normal(0, 4, (6, 16, 20, 3))
+    eye = np.tile(np.eye(3), (6, 1, 1))
+    out = recursive_filter(noisy, eye, 0.7, 32)
+    assert np.array_equal(out[0], noisy[0])
+    assert np.std(out[-1] - scene[0]) < 0.75 * np.std(noisy[-1] - scene[0])
+    assert np.allclose(recursive_filter(noisy, eye, 0.0, 32), noisy)
 
 
 def test_crop_sequence_keeps_the_motion_in_crop_pixels() -> None:

@@ -52,7 +52,7 @@ def restored_frames(backend: TorchBackend, frames: np.ndarray) -> np.ndarray:
 
 
 def data_benchmark(
-    description: str, sequences: int, crop: bool = False
+    description: str, sequences: int, crop: bool = False, frames: bool = False
 ) -> tuple[argparse.Namespace, nn.Module, TorchBackend]:
     """The command line the data-set diagnostics share (--model, --data, --sequences), and the model
     run on torch fp32, the reference every backend is checked against."""
@@ -64,6 +64,8 @@ def data_benchmark(
         from service.commands.common import frame_size
 
         p.add_argument("--crop", type=frame_size, help="HxW: measure on the centre crop of every frame")
+    if frames:
+        p.add_argument("--frames", type=int, default=6, help="only the first N frames of each sequence")
     args = p.parse_args()
     model, args.checkpoint = load_model(args.model)
     return args, model, TorchBackend(model.eval()).load()
