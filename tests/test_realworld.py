@@ -21,6 +21,7 @@ from models.data.degrade import (
     Range,
     compress,
     defocus_kernel,
+    sample_codec,
     sensor_noise,
 )
 from models.data.format import read_sequence
@@ -180,6 +181,31 @@ def test_recipe_share_sets_the_odds_and_only_moves_clips_to_the_recipe() -> None
     assert "the recipe's for 50% of the clips" in content_text({"content_mix": "dental=1", "degradation": "mixed"})
 
 
+def test_recipe_codec_compresses_the_recipe_clip_and_changes_nothing_else() -> None:
+    """A recipe clip through a client codec is the same clip compressed last (scene, noise and targets
+    untouched), recorded in the meta; the odds follow the setting; a compressed draw never picks none."""
+    plain = SynthConfig(height=32, width=48, frames=2)
+    always = SynthConfig(height=32, width=48, frames=2, recipe_codec=1.0)
+    for i in range(3):
+        seed = sequence_seed(4, "train", i)
+        a, b = render_sequence(plain, seed), render_sequence(always, seed)
+        drawn = b.meta["degradation"]
+        assert drawn["codec"] in ("jpeg", "h264") and b.meta["noise"] == a.meta["noise"] != "drawn"
+        np.testing.assert_array_equal(b.target, a.target)
+        np.testing.assert_array_equal(b.input, compress(a.input, drawn["codec"], drawn["quality"]))
+    half = SynthConfig(height=16, width=16, frames=1, recipe_codec=0.5)
+    compressed = sum("degradation" in render_sequence(half, sequence_seed(4, "train", i)).meta for i in range(24))
+    assert 5 <= compressed <= 19, compressed
+    rng = np.random.default_rng(0)
+    assert all(sample_codec(rng, compressed=True)[0] != "none" for _ in range(200))
+    with pytest.raises(ValueError, match="recipe_codec"):
+        SynthConfig(recipe_codec=-0.1)
+    text = content_text({"content_mix": "dental=1", "degradation": "mixed", "recipe_share": "0.6",
+                         "recipe_codec": "0.3"})  # fmt: skip
+    assert text.endswith("30% of the recipe's clips through a client codec (JPEG or H.264 over the same ranges, "
+                         "`--recipe-codec 0.3`)")  # fmt: skip
+
+
 def test_tiny_defocus_at_small_sizes_is_in_focus() -> None:
     delta = np.zeros((3, 3), np.float32)
     delta[1, 1] = 1.0
@@ -305,10 +331,12 @@ def test_vident_train_records_the_mix_and_degradation(tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = ["train", "--model", "most-nss-tiny", "--out", str(out), "--steps", "2", "--batch", "2",
             "--size", "32x48", "--clip-length", "2", "--validate-every", "0", "--workers", "0",
-            "--mix", "dental=0.5,dead-leaves=0.5", "--degradation", "wide"]  # fmt: skip
+            "--mix", "dental=0.5,dead-leaves=0.5", "--degradation", "mixed", "--recipe-share", "0.5",
+            "--recipe-codec", "0.3"]  # fmt: skip
     assert main(argv) == 0
     extra = json.loads(read_metadata(out / "last.safetensors")["train_config"])["extra"]
-    assert extra["content_mix"] == "dental=0.5,dead-leaves=0.5" and extra["degradation"] == "wide"
+    assert extra["content_mix"] == "dental=0.5,dead-leaves=0.5" and extra["degradation"] == "mixed"
+    assert extra["recipe_share"] == "0.5" and extra["recipe_codec"] == "0.3"
 
 
 # ---------------------------------------------------------------------------------------------

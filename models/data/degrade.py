@@ -198,14 +198,7 @@ class Degradation:
         noise_a, noise_sigma = ranges.noise_a.draw(rng), ranges.noise_sigma.draw(rng)
         row = ranges.row_sigma.draw(rng) if rng.random() < ranges.row_noise_probability else 0.0
         fpn = ranges.fixed_pattern_sigma.draw(rng) if rng.random() < ranges.fixed_pattern_probability else 0.0
-        names = [c for c, _ in ranges.codec_probabilities]
-        weights = np.array([p for _, p in ranges.codec_probabilities], float)
-        codec = str(names[int(rng.choice(len(names), p=weights / weights.sum()))])
-        quality = 0
-        if codec == "jpeg":
-            quality = int(rng.integers(ranges.jpeg_quality[0], ranges.jpeg_quality[1] + 1))
-        elif codec == "h264":
-            quality = int(rng.integers(ranges.h264_crf[0], ranges.h264_crf[1] + 1))
+        codec, quality = sample_codec(rng, ranges)
         return cls(exposure, defocus, response, ranges.vignetting.draw(rng), noise_a, noise_sigma, row, fpn,
                    codec, quality)  # fmt: skip
 
@@ -254,6 +247,21 @@ def sensor_noise(
     if fixed_pattern is not None:
         x += fixed_pattern
     return _to_uint8(x)
+
+
+def sample_codec(
+    rng: np.random.Generator, ranges: DegradationRanges = WIDE, compressed: bool = False
+) -> tuple[str, int]:
+    """A client codec and its quality (JPEG quality or H.264 CRF; 0 for none) drawn over ``ranges``;
+    ``compressed`` leaves "none" out (the other odds keep their ratio)."""
+    pairs = [(c, p) for c, p in ranges.codec_probabilities if not (compressed and c == "none")]
+    weights = np.array([p for _, p in pairs], float)
+    codec = str(pairs[int(rng.choice(len(pairs), p=weights / weights.sum()))][0])
+    if codec == "jpeg":
+        return codec, int(rng.integers(ranges.jpeg_quality[0], ranges.jpeg_quality[1] + 1))
+    if codec == "h264":
+        return codec, int(rng.integers(ranges.h264_crf[0], ranges.h264_crf[1] + 1))
+    return codec, 0
 
 
 def compress(frames: np.ndarray, codec: str, quality: int) -> np.ndarray:
@@ -311,6 +319,7 @@ __all__ = [
     "defocus_kernel",
     "pick_noise_level",
     "poisson_gaussian",
+    "sample_codec",
     "sensor_noise",
     "vignette_field",
 ]

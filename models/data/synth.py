@@ -41,6 +41,7 @@ from models.data.degrade import (
     compress,
     defocus_kernel,
     pick_noise_level,
+    sample_codec,
     sensor_noise,
     vignette_field,
 )
@@ -79,6 +80,9 @@ class SynthConfig:
     content: str = "dental"  # see CONTENTS; "photo:NAME" for one named photograph
     degradation: str = "recipe"  # recipe | wide (degrade.DegradationRanges) | mixed (either, per clip)
     recipe_share: float = MIXED_RECIPE_SHARE  # mixed: the odds that a clip keeps the recipe's camera
+    # The odds that a clip under the recipe's camera reaches the network through a client codec (JPEG
+    # or H.264, drawn as the wide cameras draw theirs): a streaming client compresses whatever the camera.
+    recipe_codec: float = 0.0
 
     def __post_init__(self) -> None:
         if self.content not in CONTENTS and not (
@@ -90,6 +94,8 @@ class SynthConfig:
             raise ValueError(f"degradation must be one of {', '.join(DEGRADATIONS)}, got {self.degradation!r}")
         if not 0.0 <= self.recipe_share <= 1.0:
             raise ValueError(f"recipe_share must be within [0, 1], got {self.recipe_share}")
+        if not 0.0 <= self.recipe_codec <= 1.0:
+            raise ValueError(f"recipe_codec must be within [0, 1], got {self.recipe_codec}")
         if self.height < 16 or self.width < 16:
             raise ValueError(f"frame size {self.height}x{self.width} is too small (16x16 at least)")
         if self.frames < 1:
@@ -700,8 +706,9 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def _degradation_rng(seed: int | np.random.SeedSequence | list[int], key: int = 0xDE6) -> np.random.Generator:
-    """A stream for the per-clip degradation draw (``key`` 0xDE7: the mixed choice), apart from the
-    scene's, so drawing it leaves the scene (and the recipe's test split) exactly as before."""
+    """A stream for the per-clip degradation draw (``key`` 0xDE7: the mixed choice; 0xDE8: the recipe's
+    client codec), apart from the scene's, so drawing it leaves the scene (and the recipe's test split)
+    exactly as before."""
     base = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     return np.random.default_rng(np.random.SeedSequence(base.entropy, spawn_key=(*base.spawn_key, key)))
 
@@ -735,6 +742,10 @@ def render_sequence(
     level = pick_noise_level(rng, cfg.noise)
     if degradation is None:
         degradation = Degradation.recipe(response, level, exposure=cfg.exposure)
+        codec_rng = _degradation_rng(seed, 0xDE8)
+        if cfg.recipe_codec > 0 and codec_rng.random() < cfg.recipe_codec:
+            codec, quality = sample_codec(codec_rng, compressed=True)
+            degradation = replace(degradation, codec=codec, quality=quality)
     h, w = cfg.height, cfg.width
     px = h / 320.0
     kernel = defocus_kernel(degradation.defocus * px) if degradation.defocus > 0 else None

@@ -93,6 +93,10 @@ def content_text(extra: dict) -> str:
         "mixed": f"the recipe's for {share:.0%} of the clips, the rest drawn over docs/data.md's ranges (mixed, "
         f"`--recipe-share {share:g}`)",
     }.get(str(extra.get("degradation")), "the recipe's")
+    codec = float(extra.get("recipe_codec", 0))
+    if codec:
+        how += (f"; {codec:.0%} of the recipe's clips through a client codec (JPEG or H.264 over the same ranges, "
+                f"`--recipe-codec {codec:g}`)")  # fmt: skip
     return f"; content per clip {mix} (`--mix`); degradations {how}"
 
 

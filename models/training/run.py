@@ -64,6 +64,7 @@ def training_batches(
     mix: ContentMix | None = None,
     degradation: str = "recipe",
     recipe_share: float = MIXED_RECIPE_SHARE,
+    recipe_codec: float = 0.0,
 ) -> Iterator[ClipBatch]:
     """Endless batches: fresh synthetic clips, continuing after ``start_step`` batches on resume so a
     resumed run sees the clips an uninterrupted one would; or shuffled clips of on-disk sequences.
@@ -81,7 +82,7 @@ def training_batches(
                 yield _to_batch(sample)
     height, width, crop = _render_plan(cfg, render_size)
     synth = SynthConfig(height=height, width=width, frames=cfg.clip_length, noise=noise, motion=motion,
-                        degradation=degradation, recipe_share=recipe_share)  # fmt: skip
+                        degradation=degradation, recipe_share=recipe_share, recipe_codec=recipe_codec)  # fmt: skip
     if not whole_every:
         yield from _synthetic_batches(synth, cfg, start_step * cfg.batch, cfg.batch, workers, crop, mix)
         return
@@ -155,6 +156,7 @@ def train(
     degradation: str = "recipe",
     minutes: float | None = None,
     recipe_share: float = MIXED_RECIPE_SHARE,
+    recipe_codec: float = 0.0,
 ) -> Path:
     """One resumable run; returns the final weights (``cfg.out / 'last.safetensors'``). ``stop_at`` ends
     it early with the learning-rate schedule of ``cfg.steps`` intact, as an interrupted run would;
@@ -185,6 +187,8 @@ def train(
         extra["degradation"] = degradation
         if degradation == "mixed":
             extra["recipe_share"] = str(recipe_share)
+        if recipe_codec and degradation != "wide":
+            extra["recipe_codec"] = str(recipe_codec)
     if render_size is not None:
         rendered = f"{render_size[0]}x{render_size[1]}"
         if render_size[0] < cfg.height or render_size[1] < cfg.width:
@@ -215,7 +219,7 @@ def train(
     trainer.batches = training_batches(cfg, data, noise, workers, start_step=trainer.step_index, motion=motion,
                                        render_size=render_size, whole_every=whole_every,
                                        whole_batch=whole_batch, mix=mix, degradation=degradation,
-                                       recipe_share=recipe_share)  # fmt: skip
+                                       recipe_share=recipe_share, recipe_codec=recipe_codec)  # fmt: skip
     original_log = trainer.log
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     keeper = BestKeeper(trainer, keep_best, carry_over=resumed) if keep_best is not None else None

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SynthConfig(
         height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion,
-        degradation=args.degradation, recipe_share=args.recipe_share,
+        degradation=args.degradation, recipe_share=args.recipe_share, recipe_codec=args.recipe_codec,
     )  # fmt: skip
 
     def render(cfg: SynthConfig, index: int):  # noqa: ANN202 - LabelledSequence
@@ -131,6 +131,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "per sequence (odds: --recipe-share)")
     p.add_argument("--recipe-share", type=share, default=MIXED_RECIPE_SHARE,
                    help="with --degradation mixed: the odds that a sequence keeps the recipe's camera (default 0.5)")
+    p.add_argument("--recipe-codec", type=share, default=0.0,
+                   help="the odds that a sequence under the recipe's camera is compressed by the client (JPEG or "
+                   "H.264 over docs/data.md's ranges; default 0, the dissertation's uncompressed recipe)")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
     p.set_defaults(func=run)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                      keep_best=args.keep_best, whole_every=args.whole_every,
                      whole_batch=args.whole_batch, keep_validated=args.keep_validated, mix=args.mix,
                      degradation=args.degradation, minutes=args.minutes,
-                     recipe_share=args.recipe_share)  # fmt: skip
+                     recipe_share=args.recipe_share, recipe_codec=args.recipe_codec)  # fmt: skip
         steps = int(read_metadata(path).get("steps", "0")) if args.minutes is not None else args.steps
         if steps < min(args.steps, args.stop_at or args.steps):
             print(f"stopped at step {steps} of {args.steps}: the {args.minutes:g}-minute budget ran out "
@@ -126,6 +126,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "clip (keeps the recipe's camera while learning the wide ones)")
     p.add_argument("--recipe-share", type=share, default=MIXED_RECIPE_SHARE,
                    help="with --degradation mixed: the odds that a clip keeps the recipe's camera (default 0.5)")
+    p.add_argument("--recipe-codec", type=share, default=0.0,
+                   help="the odds that a clip under the recipe's camera is compressed by the client (JPEG or "
+                   "H.264 over docs/data.md's ranges; default 0, the dissertation's uncompressed recipe)")
     p.add_argument("--motion", type=float, default=1.0,
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
