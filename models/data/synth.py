@@ -742,8 +742,8 @@ def render_sequence(
     level = pick_noise_level(rng, cfg.noise)
     if degradation is None:
         degradation = Degradation.recipe(response, level, exposure=cfg.exposure)
-        codec_rng = _degradation_rng(seed, 0xDE8)
-        if cfg.recipe_codec > 0 and codec_rng.random() < cfg.recipe_codec:
+        codec_rng = _degradation_rng(seed, 0xDE8) if cfg.recipe_codec > 0 else None
+        if codec_rng is not None and codec_rng.random() < cfg.recipe_codec:
             codec, quality = sample_codec(codec_rng, compressed=True)
             degradation = replace(degradation, codec=codec, quality=quality)
     h, w = cfg.height, cfg.width
