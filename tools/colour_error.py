@@ -6,7 +6,8 @@ channels (a saturation change) or bends the tone curve is still penalised for it
 fits three colour models of growing freedom from a frame to its target by least squares and reports
 the PSNR after each, for the input, the model's output and the NL-means comparator:
 
-- ``ca``: per-channel gain and offset (the metric itself);
+- ``ca``: per-channel gain and offset, the metric's map; clipped to 0-255 like the other two, so it
+  reads up to a few tenths of a dB above ``colour_aligned_psnr`` where the fit overshoots;
 - ``3x4``: any affine map of RGB (cross-channel: saturation, white balance, colour mixing);
 - ``quad``: a full quadratic in RGB (a tone curve and colour mixing together).
 
