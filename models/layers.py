@@ -31,6 +31,55 @@ def conv1x1(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 1, bias=bias)
 
 
+def zero_linear(linear: nn.Linear) -> nn.Linear:
+    """A linear layer that starts as the zero function (a path added to a trained network)."""
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+# Per frame: the input's and the restored frame's channel means and standard deviations, and the
+# input's three channel correlations (how saturated the camera left it).
+COLOUR_FEATURES = 15
+
+
+def colour_features(frame: Tensor, restored: Tensor) -> Tensor:
+    """(b, COLOUR_FEATURES) float32 statistics of (b, 3, H, W) frames: what tells one camera's colour
+    response from another's without looking at any one neighbourhood."""
+    with torch.autocast(frame.device.type, enabled=False):
+        stats = []
+        for x in (frame.float(), restored.float()):
+            mean = x.mean(dim=(2, 3))
+            centred = x - mean[:, :, None, None]
+            stats += [mean, (centred * centred).mean(dim=(2, 3)).clamp_min(1e-8).sqrt()]
+        centred = frame.float() - stats[0][:, :, None, None]
+        pairs = [(0, 1), (0, 2), (1, 2)]
+        cov = torch.stack([(centred[:, i] * centred[:, j]).mean(dim=(1, 2)) for i, j in pairs], dim=1)
+        scale = torch.stack([stats[1][:, i] * stats[1][:, j] for i, j in pairs], dim=1)
+        return torch.cat((*stats, cov / (scale + 1e-6)), dim=1)
+
+
+def colour_transform_state(state: dict[str, Tensor], add: bool) -> dict[str, Tensor]:
+    """Weights with a zero colour map added (``add``) or the map removed, which must then be zero:
+    both compute the same function (each family's ``checkpoint_filter_fn`` converts with it)."""
+    if add:
+        return {**state, "colour_transform.weight": torch.zeros(12, COLOUR_FEATURES),
+                "colour_transform.bias": torch.zeros(12)}  # fmt: skip
+    if any(state[f"colour_transform.{p}"].any() for p in ("weight", "bias")):
+        raise ValueError("colour_transform not zero: the fitted colour map would be lost by removing it")
+    return {k: v for k, v in state.items() if not k.startswith("colour_transform.")}
+
+
+def apply_colour_transform(restored: Tensor, params: Tensor) -> Tensor:
+    """restored + A [restored; 1] per frame, with ``params`` (b, 12) = A's 3x3 part row-major, then its
+    offsets. A matrix product, so every runtime exports it as one MatMul."""
+    b = restored.shape[0]
+    matrix = params[:, :9].reshape(b, 3, 3).to(restored.dtype)
+    offset = params[:, 9:].reshape(b, 3, 1, 1).to(restored.dtype)
+    mapped = torch.matmul(matrix, restored.flatten(2)).reshape(restored.shape)
+    return restored + mapped + offset
+
+
 class MECA(nn.Module):
     """Modulated efficient channel attention (eq. 3.8).
 

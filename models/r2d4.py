@@ -12,13 +12,24 @@ E'(B_{t-2}, R^_{t-2})); ``reset = 1`` substitutes the current frame for every pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import MSRDM, RDB, DeformableAlignment, conv1x1, conv3x3
+from models.layers import (
+    COLOUR_FEATURES,
+    MSRDM,
+    RDB,
+    DeformableAlignment,
+    apply_colour_transform,
+    colour_features,
+    colour_transform_state,
+    conv1x1,
+    conv3x3,
+    zero_linear,
+)
 from models.registry import register_model
 from models.spec import ModelSpec, StateSpec, TensorSpec
 
@@ -34,6 +45,10 @@ class R2D4Config:
     decoder_widths: tuple[int, int] = (256, 128)  # convs before each x2 pixel shuffle (eq. 3.20)
     decoder_growth: tuple[int, int] = (32, 16)
     two_stage: bool = True  # False: R2-D3, one decoder (3.3.2 ablation)
+    # A per-frame 3x4 colour map of the restored output, as MOST's (``MostConfig.colour_transform``):
+    # fitted by ``vident fit-colour``, trained by the restoration loss. The recurrent state keeps the
+    # frame before it, so the map never changes what the trunk sees. False rebuilds older checkpoints.
+    colour_transform: bool = False
 
 
 class R2D4Encoder(nn.Module):
@@ -111,6 +126,7 @@ class R2D4(nn.Module):
         self.fusion = Fusion(2 * cfg.aligned_channels, cfg.fusion_channels, cfg.fusion_growth)
         self.denoise_decoder = Decoder(cfg.fusion_channels, cfg)
         self.deblur_decoder = Decoder(cfg.fusion_channels, cfg) if cfg.two_stage else None
+        self.colour_transform = zero_linear(nn.Linear(COLOUR_FEATURES, 12)) if cfg.colour_transform else None
         self.spec = ModelSpec(
             name=name,
             outputs=(
@@ -126,11 +142,22 @@ class R2D4(nn.Module):
 
     def layout_metadata(self) -> dict[str, str]:
         """What a checkpoint records of the layout (the name fixes the rest); see :func:`checkpoint_filter_fn`."""
-        return {"layout_version": str(LAYOUT_VERSION)}
+        return {"layout_version": str(LAYOUT_VERSION), "colour_transform": str(int(self.cfg.colour_transform))}
 
     def step(
         self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        outputs, new_state, _ = self.forward_intermediates(frame, reset, state)
+        return outputs, new_state
+
+    def forward_intermediates(
+        self, frame: Tensor, reset: Tensor, state: dict[str, Tensor], scales: tuple[int, ...] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`step` that also returns, with ``cfg.colour_transform``, the ``colour_features`` and the
+        ``restored_before_colour`` frame the colour map reads (MOST's names, for ``vident fit-colour``).
+        ``scales`` is MOST's; R2-D4 has one scale and takes None only."""
+        if scales is not None:
+            raise ValueError("R2-D4 decodes one scale: scales must be None")
         keep = 1.0 - reset
         prev_frame = reset * frame + keep * state["prev_frame"]
         prev_restored = reset * frame + keep * state["prev_restored"]
@@ -146,9 +173,13 @@ class R2D4(nn.Module):
             restored = denoised
         else:
             restored = denoised + self.deblur_decoder(shared, deb_half, deb_full)  # eq. 3.22
-        outputs = {"restored": restored, "denoised": denoised}
         new_state = {"prev_frame": frame, "prev_restored": restored, "prev_past_features": past1}
-        return outputs, new_state
+        intermediates: dict[str, Tensor] = {}
+        if self.colour_transform is not None:
+            features = colour_features(frame, restored)
+            intermediates = {"colour_features": features, "restored_before_colour": restored}
+            restored = apply_colour_transform(restored, self.colour_transform(features))
+        return {"restored": restored, "denoised": denoised}, new_state, intermediates
 
     def forward(self, frame: Tensor, reset: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         """Streaming form: (restored, denoised, *next_state) in spec order."""
@@ -161,41 +192,50 @@ class R2D4(nn.Module):
 
 
 # Version 1 records ``layout_version``; version 0 (checkpoints written before it) has the same weights.
-LAYOUT_VERSION = 1
+# Version 2 records ``colour_transform`` (older files have none).
+LAYOUT_VERSION = 2
 
 
 def checkpoint_filter_fn(
     state_dict: dict[str, Tensor], metadata: dict[str, str], into: R2D4Config | None = None
 ) -> tuple[dict[str, object], dict[str, Tensor]]:
-    """An R2-D4 checkpoint's ``create_model`` kwargs and weights (timm's ``checkpoint_filter_fn``). No layout
-    option has changed yet: every version loads as it is, and ``into`` converts nothing."""
+    """An R2-D4 checkpoint's ``create_model`` kwargs and weights (timm's ``checkpoint_filter_fn``).
+
+    ``into``: the weights converted to that config's colour map, added (zero: the same function) or
+    removed while it is zero; removing a fitted map raises."""
     version = int(metadata.get("layout_version", "0"))
     if version > LAYOUT_VERSION:
         raise ValueError(f"layout version {version} is newer than this code reads ({LAYOUT_VERSION})")
-    return {}, dict(state_dict)
+    if version >= 2 and "colour_transform" not in metadata:
+        raise ValueError(f"layout version {version} metadata without colour_transform")
+    made = metadata.get("colour_transform", "0") == "1"
+    state = dict(state_dict)
+    if into is None or into.colour_transform == made:
+        return {"colour_transform": made}, state
+    return {"colour_transform": into.colour_transform}, colour_transform_state(state, add=into.colour_transform)
 
 
 @register_model("r2-d4", checkpoint_filter=checkpoint_filter_fn)
-def r2_d4() -> R2D4:
-    return R2D4(R2D4Config(), name="r2-d4")
+def r2_d4(**overrides: object) -> R2D4:
+    return R2D4(replace(R2D4Config(), **overrides), name="r2-d4")  # type: ignore[arg-type]
 
 
 @register_model("r2-d3", checkpoint_filter=checkpoint_filter_fn)
-def r2_d3() -> R2D4:
+def r2_d3(**overrides: object) -> R2D4:
     """The one-decoder ablation of 3.3.2."""
-    return R2D4(R2D4Config(two_stage=False), name="r2-d3")
+    return R2D4(replace(R2D4Config(two_stage=False), **overrides), name="r2-d3")  # type: ignore[arg-type]
+
+
+TINY = R2D4Config(
+    encoder_channels=(8, 8),
+    aligned_channels=16,
+    fusion_channels=16,
+    fusion_growth=8,
+    decoder_widths=(32, 16),
+    decoder_growth=(8, 4),
+)
 
 
 @register_model("r2-d4-tiny", checkpoint_filter=checkpoint_filter_fn)
-def r2_d4_tiny() -> R2D4:
-    return R2D4(
-        R2D4Config(
-            encoder_channels=(8, 8),
-            aligned_channels=16,
-            fusion_channels=16,
-            fusion_growth=8,
-            decoder_widths=(32, 16),
-            decoder_growth=(8, 4),
-        ),
-        name="r2-d4-tiny",
-    )
+def r2_d4_tiny(**overrides: object) -> R2D4:
+    return R2D4(replace(TINY, **overrides), name="r2-d4-tiny")  # type: ignore[arg-type]

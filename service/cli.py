@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.train",
     "service.commands.fit_filter",
     "service.commands.fit_homography",
+    "service.commands.fit_colour",
     "service.commands.ship",
     "service.commands.serve",
     "service.commands.worker",

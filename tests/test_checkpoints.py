@@ -44,6 +44,7 @@ LAYOUT_OPTIONS = (
     "homography_refine_prior",
     "homography_refine_prior_scale",
     "homography_refine_frames",
+    "colour_transform",
 )
 
 

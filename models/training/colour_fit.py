@@ -1,0 +1,178 @@
+"""Least-squares fit of a network's per-frame colour map (``MostConfig.colour_transform``,
+``R2D4Config.colour_transform``).
+
+The output is ``x + A(f) [x; 1]`` with ``x`` the restored frame before the map, ``f`` the frame's
+colour statistics (``models.most.colour_features``) and ``A(f)`` a 3x4 matrix linear in ``[f; 1]``.
+Each output channel is then linear in the map's weights (design row ``kron([x; 1], [f; 1])`` per
+pixel), so the weights that minimise the squared error to the clean targets solve one set of normal
+equations, accumulated from per-frame sufficient statistics (``[x; 1]``'s 4x4 Gram matrix and its
+products with the residual): every pixel enters, and the held-out error of any solution is exact.
+
+The map reads only what the trunk already computed, so MOST's mask and homography, and R2-D4's
+recurrent state, stay exactly as they were. Fit it after MOST's restoration filter (``vident
+fit-filter``), whose output it maps. The fit
+uses labelled training sequences (``vident synth --split train``), never the test split; the last
+``holdout`` sequences are kept out of it and choose the ridge, then report what the map does there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import most, r2d4
+from models.checkpoints import load_model, read_metadata
+from models.data.format import find_sequences, read_sequence
+from models.layers import COLOUR_FEATURES
+from models.most import MostNet
+from models.r2d4 import R2D4
+from models.streaming import stream_intermediates
+
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+UNKNOWNS = 4 * (COLOUR_FEATURES + 1)  # per output channel
+
+
+@dataclass(frozen=True)
+class ColourFit:
+    """What a fit did (PSNR in dB, unclipped, on 0-1 frames); stored in the checkpoint's metadata as JSON."""
+
+    data: str
+    fit_sequences: int
+    holdout_sequences: int
+    frames: int
+    ridge: float  # relative to the Gram matrix's mean diagonal; the held-out sequences chose it
+    fit_psnr_before: float
+    fit_psnr_after: float
+    holdout_psnr_before: float | None
+    holdout_psnr_after: float | None
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    """One frame's sufficient statistics for the fit, float64: ``gram`` (UNKNOWNS, UNKNOWNS) and
+    ``cross`` (UNKNOWNS, 3) of the design rows, the residual's squared sum per channel, the pixel count."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    residual_energy: np.ndarray
+    pixels: int
+
+
+def frame_stats(features: np.ndarray, restored: np.ndarray, target: np.ndarray) -> FrameStats:
+    """``features`` (COLOUR_FEATURES,), ``restored`` and ``target`` (3, H, W) in [0, 1]."""
+    x = np.concatenate((restored.reshape(3, -1), np.ones((1, restored[0].size))), axis=0)  # (4, P)
+    y = (target - restored).reshape(3, -1)  # (3, P)
+    f = np.append(features, 1.0)
+    xx, xy = x @ x.T, x @ y.T  # (4, 4), (4, 3)
+    return FrameStats(
+        gram=np.kron(xx, np.outer(f, f)),
+        cross=np.einsum("jc,k->jkc", xy, f).reshape(UNKNOWNS, 3),
+        residual_energy=(y * y).sum(axis=1),
+        pixels=x.shape[1],
+    )
+
+
+def frame_psnr(stats: FrameStats, theta: np.ndarray | None) -> float:
+    """PSNR of the frame with the map ``theta`` (UNKNOWNS, 3) applied (None: without it)."""
+    energy = stats.residual_energy.sum()
+    if theta is not None:
+        energy += -2 * np.sum(theta * stats.cross) + np.einsum("ic,ij,jc->", theta, stats.gram, theta)
+    mse = max(float(energy) / (3 * stats.pixels), 1e-12)
+    return float(10 * np.log10(1.0 / mse))
+
+
+def solve(frames: list[FrameStats], ridge: float) -> np.ndarray:
+    """The least-squares map (UNKNOWNS, 3) over ``frames``; ``ridge`` relative to the mean diagonal."""
+    gram = sum(s.gram for s in frames)
+    cross = sum(s.cross for s in frames)
+    gram = gram + ridge * np.trace(gram) / UNKNOWNS * np.eye(UNKNOWNS)
+    return np.linalg.solve(gram, cross)
+
+
+def theta_to_linear(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(UNKNOWNS, 3) -> the colour layer's (12, COLOUR_FEATURES) weight and (12,) bias.
+
+    Row ``j * (F + 1) + k`` of channel c's column multiplies ``[x; 1]_j [f; 1]_k``; the layer's
+    output ``3c + j`` is A's (c, j) entry, ``9 + c`` channel c's offset."""
+    per = theta.reshape(4, COLOUR_FEATURES + 1, 3)
+    weight = np.zeros((12, COLOUR_FEATURES + 1))
+    for c in range(3):
+        for j in range(4):
+            weight[3 * c + j if j < 3 else 9 + c] = per[j, :, c]
+    return weight[:, :-1], weight[:, -1]
+
+
+Mapped = MostNet | R2D4
+
+
+def load_for_colour_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
+    """A MOST or R2-D4 checkpoint rebuilt with the colour map (zero where it had none) and its metadata."""
+    model, _ = load_model(str(weights))
+    if not isinstance(model, MostNet | R2D4):
+        raise ValueError(f"{weights}: a {type(model).__name__} has no colour map (MOST and R2-D4 networks do)")
+    if not model.cfg.colour_transform:
+        into = replace(model.cfg, colour_transform=True)
+        family = most if isinstance(model, MostNet) else r2d4
+        _, state = family.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)  # type: ignore[arg-type]
+        model = type(model)(into, name=model.spec.name)  # type: ignore[arg-type]
+        model.load_state_dict(state, strict=True)
+    return model.float().eval(), read_metadata(weights)
+
+
+def sequence_stats(model: Mapped, path: Path, frames: int) -> list[FrameStats]:
+    """Per frame of one labelled sequence, streamed with the state carried."""
+    seq = read_sequence(path, count=frames)
+    out = []
+    with torch.no_grad():
+        for t, (_, _, found) in enumerate(stream_intermediates(model, seq.input[:frames])):
+            target = seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
+            out.append(frame_stats(found["colour_features"][0].double().numpy(),
+                                   found["restored_before_colour"][0].double().numpy(), target))  # fmt: skip
+    return out
+
+
+def fit_colour_transform(
+    model: Mapped, data: Path, frames: int = 6, holdout: int = 2, progress: bool = True
+) -> ColourFit:
+    """Solve the colour map in place; returns the fit's record."""
+    if not model.cfg.colour_transform:
+        raise ValueError("the network has no colour map: load it with load_for_colour_fit")
+    paths = find_sequences(data)
+    if len(paths) <= holdout or holdout < 1:
+        raise ValueError(f"{data}: {len(paths)} sequences; --holdout must be >= 1 and leave some to fit")
+    fit_paths, holdout_paths = paths[: len(paths) - holdout], paths[len(paths) - holdout :]
+    fit = [s for p in tqdm(fit_paths, desc="fit clips", disable=not progress) for s in sequence_stats(model, p, frames)]
+    held = [s for p in holdout_paths for s in sequence_stats(model, p, frames)]
+
+    def mean_psnr(stats: list[FrameStats], theta: np.ndarray | None) -> float:
+        return float(np.mean([frame_psnr(s, theta) for s in stats]))
+
+    ridge = max(RIDGES, key=lambda r: mean_psnr(held, solve(fit, r)))
+    theta = solve(fit, ridge)
+    weight, bias = theta_to_linear(theta)
+    layer = model.colour_transform
+    assert layer is not None
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
+        layer.bias.copy_(torch.from_numpy(bias).to(layer.bias))
+    return ColourFit(
+        data=str(data),
+        fit_sequences=len(fit_paths),
+        holdout_sequences=len(holdout_paths),
+        frames=frames,
+        ridge=ridge,
+        fit_psnr_before=mean_psnr(fit, None),
+        fit_psnr_after=mean_psnr(fit, theta),
+        holdout_psnr_before=mean_psnr(held, None),
+        holdout_psnr_after=mean_psnr(held, theta),
+    )
+
+
+def colour_fit_of(meta: dict[str, str]) -> ColourFit | None:
+    """The fit recorded in a checkpoint's metadata (None: its colour map was not fitted)."""
+    return ColourFit(**json.loads(meta["colour_fit"])) if "colour_fit" in meta else None
