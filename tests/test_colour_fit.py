@@ -19,6 +19,7 @@ from models.most import MostNet
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.streaming import as_stream
+from models.training.card import colour_map_text
 from models.training.colour_fit import colour_fit_of, frame_psnr, frame_stats, solve, theta_to_linear
 from service.cli import main as vident
 
@@ -139,6 +140,7 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(name: str, t
     assert fit is not None and (fit.fit_sequences, fit.holdout_sequences) == (6, 2)
     assert meta["colour_transform"] == "1" and meta["steps"] == "3"
     assert json.loads((tmp_path / "run" / "colour_fit.json").read_text())["ridge"] == fit.ridge
+    assert f"`vident fit-colour --data {tmp_path / 'fit'}`: 6 training sequences" in colour_map_text(meta)  # the card
     assert fit.holdout_psnr_before is not None and fit.holdout_psnr_after is not None
     assert fit.holdout_psnr_after > 40 > fit.holdout_psnr_before  # only 8-bit rounding is left
     assert fit.holdout_psnr_after - fit.holdout_psnr_before > 10
