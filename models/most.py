@@ -707,9 +707,9 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # The layout each registered name builds is the one its shipped checkpoint has
 # (models/checkpoints/<name>.safetensors), so ``create_model(name)`` loads it strictly and ``vident info``
 # counts what users run; tiny variants follow their big siblings. most-net ships weights made before corner
-# pooling, input-fed heads and input filters; most-nss has the pooling, the filter and the photometric
-# refinement, not the input. The refinement's levels and prior were chosen on held-out sequences of a
-# training split (docs/experiments.md).
+# pooling, input-fed heads and input filters; most-nss has the pooling, the filter, the photometric
+# refinement and the colour map, not the input. The refinement's levels and prior were chosen on
+# held-out sequences of a training split (docs/experiments.md).
 MOST_NET = MostConfig(
     structure=MOST_NET_STRUCTURE, homography_pool="global", restoration_input=False, restoration_filter=0
 )
@@ -722,6 +722,7 @@ MOST_NSS = MostConfig(
     homography_refine_prior=0.1,
     homography_refine_prior_scale="residual",
     homography_refine_frames="restored+input",
+    colour_transform=True,
 )
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {

@@ -215,9 +215,14 @@ def checkpoint_filter_fn(
     return {"colour_transform": into.colour_transform}, colour_transform_state(state, add=into.colour_transform)
 
 
+# The layout each registered name builds is its shipped checkpoint's (models/checkpoints/r2-d4.safetensors
+# has the colour map); the tiny variant follows; r2-d3, the ablation, ships no weights.
+R2_D4 = R2D4Config(colour_transform=True)
+
+
 @register_model("r2-d4", checkpoint_filter=checkpoint_filter_fn)
 def r2_d4(**overrides: object) -> R2D4:
-    return R2D4(replace(R2D4Config(), **overrides), name="r2-d4")  # type: ignore[arg-type]
+    return R2D4(replace(R2_D4, **overrides), name="r2-d4")  # type: ignore[arg-type]
 
 
 @register_model("r2-d3", checkpoint_filter=checkpoint_filter_fn)
@@ -233,6 +238,7 @@ TINY = R2D4Config(
     fusion_growth=8,
     decoder_widths=(32, 16),
     decoder_growth=(8, 4),
+    colour_transform=True,
 )
 
 

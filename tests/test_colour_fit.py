@@ -52,7 +52,7 @@ def test_the_added_colour_map_computes_the_same_function_and_records_its_layout(
     """Weights without the map convert to a zero map: the same outputs and state; a fitted map changes
     the restored frame only (R2-D4's recurrent state keeps the frame before it); removing it refuses."""
     torch.manual_seed(0)
-    plain = create_model(name).eval()
+    plain = create_model(name, colour_transform=False).eval()
     coloured = _coloured(plain)
     frames = render_sequence(SynthConfig(height=48, width=64, frames=3, noise="moderate"), seed=1).input
     for a, b in zip(_stream(plain, frames), _stream(coloured, frames), strict=True):
@@ -112,7 +112,7 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(name: str, t
     brings the held-out clip close to those targets, through ``vident fit-colour``; the fitted file
     loads with the map and records the fit."""
     torch.manual_seed(0)
-    plain = create_model(name).eval()
+    plain = create_model(name, colour_transform=False).eval()
     if isinstance(plain, R2D4):  # an untrained R2-D4 strays far outside 0-1, where 8-bit targets clip
         with torch.no_grad():
             for decoder in (plain.denoise_decoder, plain.deblur_decoder):
@@ -174,7 +174,7 @@ def test_exported_colour_map_matches_torch_over_a_stream(
 
     monkeypatch.setenv("VIDENT_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    model = _coloured(exercise_untrained(create_model(name).eval()))
+    model = _coloured(exercise_untrained(create_model(name, colour_transform=False).eval()))
     with torch.no_grad():
         model.colour_transform.weight.normal_(std=0.05)  # type: ignore[union-attr]
         model.colour_transform.bias.normal_(std=0.05)  # type: ignore[union-attr]
