@@ -36,7 +36,7 @@ def test_fit_recovers_a_planted_filter_through_the_cli(tmp_path: Path) -> None:
     filter recovers that filter (up to the targets' 8-bit rounding), on the held-out clip too; the
     run folder ships with a card that says how the filter was made."""
     torch.manual_seed(0)
-    model = create_model("most-nss-tiny").eval()
+    model = create_model("most-nss-tiny", colour_transform=False).eval()
     planted = model.restoration_filters["1"]
     with torch.no_grad():
         planted.weight.normal_(std=0.05)

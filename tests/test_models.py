@@ -9,7 +9,7 @@ from parity import assert_same_outputs
 
 from models import create_model, list_models
 from models.complexity import count_parameters
-from models.layers import offsets_to_homography
+from models.layers import apply_colour_transform, colour_features, offsets_to_homography
 from models.most import (
     MOST_NSS_STRUCTURE,
     CornerPool,
@@ -162,8 +162,8 @@ def test_r2d4_streaming_equals_reference_loop() -> None:
         else:
             past2 = model.past_encoder(torch.cat((clip[t - 2], restored[t - 2]), dim=1))[1]
         ref_state = {"prev_frame": prev_frame, "prev_restored": prev_restored, "prev_past_features": past2}
-        outputs, _ = model.step(clip[t], torch.zeros(2, 1, 1, 1), ref_state)
-        restored.append(outputs["restored"])
+        outputs, _, found = model.forward_intermediates(clip[t], torch.zeros(2, 1, 1, 1), ref_state)
+        restored.append(found["restored_before_colour"])  # the history holds the frame before the colour map
         torch.testing.assert_close(outputs["restored"], streamed[t], atol=1e-5, rtol=1e-5)
 
 
@@ -360,6 +360,13 @@ def test_forward_intermediates_returns_what_forward_does_and_the_features_it_rea
     torch.testing.assert_close(estimate, step.homography[3], atol=1e-6, rtol=1e-6)
     image = frames[1]
     restored = image + found["restoration_residual_s1"] + model.restoration_filters["1"](image)
-    torch.testing.assert_close(restored, step.restored[1], atol=0, rtol=0)
+    if model.colour_transform is None:
+        torch.testing.assert_close(restored, step.restored[1], atol=0, rtol=0)
+    else:  # the colour map of that frame, read from its statistics, is the output (and the scale-1 loss's)
+        torch.testing.assert_close(restored, found["restored_before_colour"], atol=0, rtol=0)
+        torch.testing.assert_close(colour_features(image, restored), found["colour_features"], atol=0, rtol=0)
+        mapped = apply_colour_transform(restored, model.colour_transform(found["colour_features"]))
+        torch.testing.assert_close(mapped, step.restored[1], atol=0, rtol=0)
+        torch.testing.assert_close(mapped, step.final_restored, atol=0, rtol=0)
     reads = found["head_features_s1"].shape[1] + 3 * model.cfg.restoration_input
     assert reads == model.restoration_heads["1"].body[0].in_channels
