@@ -2,7 +2,7 @@
 ``R2D4Config.colour_transform``).
 
 The output is ``x + A(f) [x; 1]`` with ``x`` the restored frame before the map, ``f`` the frame's
-colour statistics (``models.most.colour_features``) and ``A(f)`` a 3x4 matrix linear in ``[f; 1]``.
+colour statistics (``models.layers.colour_features``) and ``A(f)`` a 3x4 matrix linear in ``[f; 1]``.
 Each output channel is then linear in the map's weights (design row ``kron([x; 1], [f; 1])`` per
 pixel), so the weights that minimise the squared error to the clean targets solve one set of normal
 equations, accumulated from per-frame sufficient statistics (``[x; 1]``'s 4x4 Gram matrix and its
@@ -10,9 +10,9 @@ products with the residual): every pixel enters, and the held-out error of any s
 
 The map reads only what the trunk already computed, so MOST's mask and homography, and R2-D4's
 recurrent state, stay exactly as they were. Fit it after MOST's restoration filter (``vident
-fit-filter``), whose output it maps. The fit
-uses labelled training sequences (``vident synth --split train``), never the test split; the last
-``holdout`` sequences are kept out of it and choose the ridge, then report what the map does there.
+fit-filter``), whose output it maps. The fit uses labelled training sequences (``vident synth
+--split train``), never the test split; the last ``holdout`` sequences are kept out of it and
+choose the ridge, then report what the map does there.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class ColourFit:
     ridge: float  # relative to the Gram matrix's mean diagonal; the held-out sequences chose it
     fit_psnr_before: float
     fit_psnr_after: float
-    holdout_psnr_before: float | None
-    holdout_psnr_after: float | None
+    holdout_psnr_before: float
+    holdout_psnr_after: float
 
 
 @dataclass(frozen=True)

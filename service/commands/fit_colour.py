@@ -1,4 +1,4 @@
-"""``vident fit-colour``: solve a MOST checkpoint's per-frame colour map by least squares.
+"""``vident fit-colour``: solve a MOST or R2-D4 checkpoint's per-frame colour map by least squares.
 
 Writes a run folder (``OUT/last.safetensors``) that ``vident ship`` and ``vident train --init-from``
 take like any training run. Fit it after the restoration filter, on a training split, never on the
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("fit-colour", help="least-squares fit of a MOST checkpoint's per-frame colour map")
-    p.add_argument("weights", help="MOST checkpoint (.safetensors) or shipped model name")
+    p = subparsers.add_parser("fit-colour", help="least-squares fit of a network's per-frame colour map (MOST, R2-D4)")
+    p.add_argument("weights", help="MOST or R2-D4 checkpoint (.safetensors) or shipped model name")
     p.add_argument("--data", type=Path, required=True,
                    help="labelled training sequences (`vident synth --split train`)")
     p.add_argument("--out", type=Path, required=True, help="run folder to write last.safetensors to")
