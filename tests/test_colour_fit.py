@@ -20,20 +20,21 @@ from models.r2d4 import R2D4
 from models.registry import create_model
 from models.streaming import as_stream
 from models.training.card import colour_map_text
-from models.training.colour_fit import colour_fit_of, frame_psnr, frame_stats, solve, theta_to_linear
+from models.training.colour_fit import (
+    colour_fit_of,
+    frame_psnr,
+    frame_stats,
+    solve,
+    theta_to_linear,
+    with_colour_map,
+)
 from service.cli import main as vident
 
 
 def _coloured(model: torch.nn.Module) -> MostNet | R2D4:
-    """``model`` (a MOST or R2-D4 network without the colour map) with a zero colour map added, as
-    ``vident fit-colour`` and ``vident train --init-from`` convert it."""
+    """``model`` (a MOST or R2-D4 network without the colour map) with a zero colour map added."""
     assert isinstance(model, MostNet | R2D4)
-    family = most if isinstance(model, MostNet) else r2d4
-    into = replace(model.cfg, colour_transform=True)
-    _, state = family.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)  # type: ignore[arg-type]
-    coloured = type(model)(into, name=model.spec.name).eval()  # type: ignore[arg-type]
-    coloured.load_state_dict(state, strict=True)
-    return coloured
+    return with_colour_map(model).eval()
 
 
 @torch.no_grad()

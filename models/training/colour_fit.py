@@ -32,6 +32,7 @@ from models.layers import COLOUR_FEATURES
 from models.most import MostNet
 from models.r2d4 import R2D4
 from models.streaming import stream_intermediates
+from models.training.filter_fit import target_chw
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 UNKNOWNS = 4 * (COLOUR_FEATURES + 1)  # per output channel
@@ -110,18 +111,26 @@ def theta_to_linear(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 Mapped = MostNet | R2D4
 
 
+def with_colour_map(model: Mapped) -> Mapped:
+    """``model`` rebuilt with a zero colour map where it has none (the same function), through its
+    family's ``checkpoint_filter_fn`` as ``vident train --init-from`` converts weights; a network that
+    has one comes back as it is."""
+    if model.cfg.colour_transform:
+        return model
+    into = replace(model.cfg, colour_transform=True)
+    family = most if isinstance(model, MostNet) else r2d4
+    _, state = family.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)  # type: ignore[arg-type]
+    coloured = type(model)(into, name=model.spec.name)  # type: ignore[arg-type]
+    coloured.load_state_dict(state, strict=True)
+    return coloured
+
+
 def load_for_colour_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
     """A MOST or R2-D4 checkpoint rebuilt with the colour map (zero where it had none) and its metadata."""
     model, _ = load_model(str(weights))
     if not isinstance(model, MostNet | R2D4):
         raise ValueError(f"{weights}: a {type(model).__name__} has no colour map (MOST and R2-D4 networks do)")
-    if not model.cfg.colour_transform:
-        into = replace(model.cfg, colour_transform=True)
-        family = most if isinstance(model, MostNet) else r2d4
-        _, state = family.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)  # type: ignore[arg-type]
-        model = type(model)(into, name=model.spec.name)  # type: ignore[arg-type]
-        model.load_state_dict(state, strict=True)
-    return model.float().eval(), read_metadata(weights)
+    return with_colour_map(model).float().eval(), read_metadata(weights)
 
 
 def sequence_stats(model: Mapped, path: Path, frames: int) -> list[FrameStats]:
@@ -130,9 +139,8 @@ def sequence_stats(model: Mapped, path: Path, frames: int) -> list[FrameStats]:
     out = []
     with torch.no_grad():
         for t, (_, _, found) in enumerate(stream_intermediates(model, seq.input[:frames])):
-            target = seq.target[t].astype(np.float64).transpose(2, 0, 1) / 255.0
-            out.append(frame_stats(found["colour_features"][0].double().numpy(),
-                                   found["restored_before_colour"][0].double().numpy(), target))  # fmt: skip
+            features = found["colour_features"][0].double().numpy()
+            out.append(frame_stats(features, found["restored_before_colour"][0].double().numpy(), target_chw(seq, t)))
     return out
 
 

@@ -172,13 +172,17 @@ def fit_restoration_filter(
     )
 
 
-def save_fitted(model: MostNet, meta: dict[str, str], out: Path, **records: object) -> Path:
+def save_fitted(model: torch.nn.Module, meta: dict[str, str], out: Path, **records: object) -> Path:
     """``out/last.safetensors`` (float32), keeping the source's training record (and earlier fits) so
     ``vident ship`` describes the training of the trunk, plus each fit's record under its keyword
-    (``filter_fit=FilterFit(...)``, ``homography_fit=HomographyFit(...)``), as JSON."""
+    (``filter_fit=FilterFit(...)``, ``colour_fit=ColourFit(...)``), as JSON in the metadata and
+    beside the weights (``out/filter_fit.json``)."""
     kept = {k: v for k, v in meta.items() if k not in ("model", "structure", "dtype", "source_run")}
     kept.update({key: json.dumps(asdict(record)) for key, record in records.items()})  # type: ignore[call-overload]
-    return save_checkpoint(model, out / "last.safetensors", kept)
+    path = save_checkpoint(model, out / "last.safetensors", kept)
+    for key, record in records.items():
+        (out / f"{key}.json").write_text(json.dumps(asdict(record), indent=2) + "\n")  # type: ignore[call-overload]
+    return path
 
 
 def filter_fit_of(meta: dict[str, str]) -> FilterFit | None:

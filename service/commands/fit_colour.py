@@ -11,8 +11,6 @@ test split::
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -33,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot fit: {exc}")
         return 2
     out = save_fitted(model, meta, args.out, colour_fit=fit)
-    (args.out / "colour_fit.json").write_text(json.dumps(asdict(fit), indent=2) + "\n")
     print(f"colour map fitted on {fit.fit_sequences} sequences x {fit.frames} frames: PSNR "
           f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB; {fit.holdout_sequences} held-out sequences "
           f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, chosen on them)")

@@ -10,8 +10,6 @@ take like any training run. Fit on a training split, never on the test split::
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -47,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot fit: {exc}")
         return 2
     out = save_fitted(model, meta, args.out, filter_fit=fit)
-    (args.out / "filter_fit.json").write_text(json.dumps(asdict(fit), indent=2) + "\n")
     held = (f"; {fit.holdout_sequences} held-out sequences {fit.holdout_psnr_before:.2f} -> "
             f"{fit.holdout_psnr_after:.2f} dB" if fit.holdout_psnr_before is not None else "")  # fmt: skip
     print(f"{fit.kernel}x{fit.kernel} filter fitted on {fit.fit_sequences} sequences x {fit.frames} frames "

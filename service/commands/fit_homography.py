@@ -12,8 +12,6 @@ split; refit the restoration filter afterwards (finer scales warp by the new est
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -39,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot fit: {exc}")
         return 2
     out = save_fitted(model, meta, args.out, homography_fit=fit)
-    (args.out / "homography_fit.json").write_text(json.dumps(asdict(fit), indent=2) + "\n")
     held = (f"; {fit.holdout_sequences} held-out sequences {fit.holdout_mace_before:.3f} -> "
             f"{fit.holdout_mace_after:.3f} (identity {fit.holdout_mace_identity:.3f})"
             if fit.holdout_mace_before is not None else "")  # fmt: skip
