@@ -369,30 +369,43 @@ def test_inference_failure_is_reported_and_the_session_goes_on(frames: list[np.n
         assert (header["seq"], header["index"]) == (2, 0)  # state was discarded: a new stream starts
 
 
-def test_session_limit_message_size_idle_timeout_and_fps_cap(frames: list[np.ndarray]) -> None:
-    with make_client(max_sessions=1, max_message_bytes=20_000, idle_timeout_s=0.5, fps_cap=2.0) as client:
+def test_session_limit(frames: list[np.ndarray]) -> None:
+    with make_client(max_sessions=1) as client:
         with client.websocket_connect("/v1/stream") as first:
             first.receive_json()
             with client.websocket_connect("/v1/stream") as second:
                 error = expect_close(second, 1013)
                 assert error["code"] == "too_many_sessions"
-            # fps cap 2: frame 0 runs at once, the next may start 0.5 s later; frames 1-3 arrive first
+            first.send_bytes(png(frames[0]))
+            assert receive_result(first)[0]["seq"] == 0  # the refusal did not touch the open session
+        wait_sessions_closed(client)
+        refused = client.get("/metrics").text
+        assert 'vident_sessions_refused_total{reason="too_many_sessions"} 1.0' in refused
+
+
+def test_fps_cap_and_message_size(frames: list[np.ndarray]) -> None:
+    # fps cap 0.5: frame 0 runs at once, the next may start 2 s later; frames 1-3 arrive well before
+    with make_client(max_message_bytes=20_000, fps_cap=0.5) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.receive_json()
             for frame in frames[:4]:
-                first.send_bytes(png(frame))
-            a, _ = receive_result(first)
-            b, _ = receive_result(first)
+                ws.send_bytes(png(frame))
+            a, _ = receive_result(ws)
+            b, _ = receive_result(ws)
             assert (a["seq"], b["seq"], b["dropped"]) == (0, 3, 2)
-            first.send_bytes(b"\x89PNG\r\n\x1a\n" + bytes(25_000))
-            error = expect_close(first, 1009)
+            ws.send_bytes(b"\x89PNG\r\n\x1a\n" + bytes(25_000))
+            error = expect_close(ws, 1009)
             assert error["code"] == "message_too_big" and "20000" in error["message"]
         wait_sessions_closed(client)
+
+
+def test_idle_timeout() -> None:
+    with make_client(idle_timeout_s=0.5) as client:
         with client.websocket_connect("/v1/stream") as idle:
             idle.receive_json()
             error = expect_close(idle, 4408)
             assert error["code"] == "idle_timeout"
         wait_sessions_closed(client)
-        refused = client.get("/metrics").text
-        assert 'vident_sessions_refused_total{reason="too_many_sessions"} 1.0' in refused
 
 
 def test_api_key(frames: list[np.ndarray]) -> None:
