@@ -220,18 +220,20 @@ def open_source(source: str, fps: float | None = None) -> Source:
 
 
 def _video(path: Path, fps: float | None) -> Source:
-    import av
+    """The service's own decoder (``service.video``), so a phone clip streams upright as jobs see it."""
+    from service.video import open_video
 
-    container = av.open(str(path))
-    stream = container.streams.video[0]
-    rate = fps or float(stream.average_rate or 25)
+    source = open_video(path)
+    info = source.info
+    rate = fps or float(info.fps or 25)
 
     def frames() -> Iterator[np.ndarray]:
-        with container:
-            for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+        with source:
+            for frame in source:
+                yield frame.rgb
 
-    return Source(frames(), rate, f"{path} ({stream.codec_context.name}, {stream.width}x{stream.height}, {rate:g} fps)")
+    turned = f", turned {info.rotation} degrees upright" if info.rotation else ""
+    return Source(frames(), rate, f"{path} ({info.codec}, {info.width}x{info.height}{turned}, {rate:g} fps)")
 
 
 def _camera(index: int, fps: float | None) -> Source:

@@ -42,7 +42,7 @@ from service.video import DecodedFrame, VideoError, VideoSource, VideoWriter, op
 OVERLAY_COLOUR = np.array([0, 230, 160], np.float32)  # teeth drawn in teal over the restored frame
 OVERLAY_ALPHA = 0.45
 HOMOGRAPHY_CONVENTION = (
-    "H[t] maps frame t-1 to frame t (H_{t-1->t}) in continuous pixel coordinates of the input frame: "
+    "H[t] maps frame t-1 to frame t (H_{t-1->t}) in continuous pixel coordinates of the upright input frame: "
     "image spans [0,W]x[0,H], pixel (i,j) centre at (j+0.5, i+0.5). H[0] is the identity."
 )
 
@@ -398,6 +398,7 @@ def _report(
             "container": info.container,
             "width": info.width,
             "height": info.height,
+            "rotation": info.rotation,
             "fps": str(info.fps),
             "frames_in_container": info.frame_count,
         },

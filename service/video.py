@@ -10,10 +10,17 @@ H.264 in yuv420p needs even width and height. An odd-sized frame is padded by on
 bottom/right by edge replication (the same convention as :class:`service.pipeline.Geometry`): every
 pixel keeps its coordinates, so masks and homographies still map onto the encoded video; the lossless
 PNG frames (``--frames``) keep the exact input size.
+
+Phone clips are stored sideways with a display matrix (a portrait clip is stored landscape, rotation
+-90) that players apply. The decoder applies it too, so frames, sizes and every output are upright as
+players show the input, and the outputs carry no rotation: they play the same in every player. An angle
+between quarter turns goes to the nearest one, with a warning (:func:`_upright_turns`).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,11 +30,13 @@ from types import TracebackType
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_FOLDER_FPS = Fraction(30)
 MAX_BAD_PACKETS = 50  # consecutive undecodable packets before a stream counts as garbage
+
+log = logging.getLogger("vident.video")
 
 
 class VideoError(ValueError):
@@ -52,7 +61,12 @@ def check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> 
 @dataclass(frozen=True)
 class VideoInfo:
     """What the container says before decoding. ``frame_count`` is None where the container does not
-    store it (webm, mkv): it is then estimated from the duration by :attr:`expected_frames`."""
+    store it (webm, mkv): it is then estimated from the duration by :attr:`expected_frames`.
+
+    ``width`` and ``height`` are those of the upright frames, as players show them: a portrait phone
+    clip stored 1920x1080 reports 1080x1920. ``rotation`` is what was applied to get there (see
+    :func:`_upright_turns`).
+    """
 
     width: int
     height: int
@@ -62,6 +76,7 @@ class VideoInfo:
     duration_s: float | None
     codec: str
     container: str
+    rotation: int = 0  # degrees counter-clockwise (0, 90, 180, 270) the stored frames were turned
 
     @property
     def expected_frames(self) -> int | None:
@@ -75,7 +90,7 @@ class VideoInfo:
 @dataclass
 class DecodedFrame:
     index: int
-    rgb: np.ndarray  # uint8 (h, w, 3)
+    rgb: np.ndarray  # uint8 (h, w, 3), upright
     pts: int  # presentation time in VideoInfo.time_base units, 0 for the first frame
 
 
@@ -116,7 +131,8 @@ def open_video(
     """A video file or a folder of PNG/JPEG frames (sorted by name, played at ``folder_fps``).
 
     ``max_pixels`` refuses frames with more pixels (:class:`FrameTooLarge`): checked on the header
-    here and again on every decoded frame, before it is converted to RGB.
+    here and again on every decoded frame, before it is converted to RGB. A file's first frame is
+    decoded here already: the display rotation rides on the frames, and it decides the reported size.
     """
     path = Path(path)
     if path.is_dir():
@@ -148,27 +164,54 @@ def _open_file(path: Path, max_pixels: int | None) -> VideoSource:
             duration = float(stream.duration * stream.time_base)
         elif container.duration:
             duration = container.duration / av.time_base
+        # The display matrix rides on the decoded frames (from the container, or from the codec's
+        # orientation message), so the first frame says which way up the video is.
+        items = _frames_salvaged(container, stream)
+        first = next(items, None)
+        warnings: list[str] = []
+        turns = _upright_turns(first.rotation, path.name, warnings) if isinstance(first, av.VideoFrame) else 0
+        width, height = (ctx.height, ctx.width) if turns % 2 else (ctx.width, ctx.height)
         info = VideoInfo(
-            width=ctx.width,
-            height=ctx.height,
+            width=width,
+            height=height,
             fps=Fraction(fps),
             time_base=Fraction(time_base),
             frame_count=stream.frames or None,
             duration_s=duration,
             codec=ctx.name,
             container=container.format.name,
+            rotation=turns * 90,
         )
     except BaseException:
         container.close()
         raise
-    source = VideoSource(info, iter(()), container)
-    source._frames = _decode(container, stream, info, source.warnings, path.name, max_pixels)
+    source = VideoSource(info, iter(()), container, warnings)
+    frames = items if first is None else itertools.chain([first], items)
+    source._frames = _decode(frames, info, source.warnings, path.name, max_pixels)
     return source
 
 
+def _upright_turns(rotation: float, name: str, warnings: list[str]) -> int:
+    """Counter-clockwise quarter turns (0-3, for ``np.rot90``) that show a stored frame as players do.
+
+    ``rotation`` is PyAV's ``VideoFrame.rotation``: the display matrix's angle in degrees, counter-clockwise
+    as the picture is seen (y pointing down), in [-180, 180]. A portrait phone clip says -90 (its MP4
+    matrix, and the old ``rotate=90`` tag, mean "turn a quarter clockwise"), so its frames turn -1 times.
+    Other angles (no phone writes them; PyAV truncates to whole degrees, so 90 can read 89) go to the
+    nearest quarter turn, so that frames stay rectangular and the model sees them at full size; an exact
+    diagonal (45, 135, ...) keeps the stored shape. More than a degree off, a warning in ``warnings``
+    (the job's report) and the log says so. Mirroring in the matrix is not applied.
+    """
+    turns = round(rotation / 90)
+    if abs(rotation - 90 * turns) > 1:
+        message = f"{name}: the display rotation of {rotation} degrees is not a quarter turn; used {90 * turns % 360}"
+        log.warning(message)
+        warnings.append(message)
+    return turns % 4
+
+
 def _decode(
-    container: av.container.InputContainer,
-    stream: av.video.stream.VideoStream,
+    items: Iterator[av.VideoFrame | str],
     info: VideoInfo,
     warnings: list[str],
     name: str,
@@ -179,16 +222,23 @@ def _decode(
     first_pts: int | None = None
     last_pts = -1
     size = (info.height, info.width)
+    rotation, turns = None, info.rotation // 90
     error: str | None = None
     try:
-        for frame in _frames_salvaged(container, stream):
+        for frame in items:
             if isinstance(frame, str):
                 error = frame
                 continue
             check_pixels(name, frame.width, frame.height, max_pixels)
-            if (frame.height, frame.width) != size:
-                raise VideoError(f"{name}: frame size changes from {size[1]}x{size[0]} to {frame.width}x{frame.height}")
+            if rotation is not None and frame.rotation != rotation:  # the orientation changes mid-stream
+                turns = _upright_turns(frame.rotation, name, warnings)
+            rotation = frame.rotation
+            upright = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+            if upright != size:
+                raise VideoError(f"{name}: frame size changes from {size[1]}x{size[0]} to {upright[1]}x{upright[0]}")
             rgb = frame.to_ndarray(format="rgb24")
+            if turns:
+                rgb = np.ascontiguousarray(np.rot90(rgb, turns))  # (h, w, 3) as displayed
             if frame.pts is None:  # some AVI/raw streams: derive time from the frame index
                 pts = round(index * frame_ticks)
             else:
@@ -265,7 +315,7 @@ def _read_image(file: Path, max_pixels: int | None) -> Image.Image:
         raise FrameTooLarge(f"{file.name}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise VideoError(f"{file.name} is not a readable image ({exc})") from None
-    return image
+    return ImageOps.exif_transpose(image)  # phone JPEGs: upright, as viewers show them (EXIF orientation)
 
 
 def _reason(exc: BaseException) -> str:
@@ -278,7 +328,9 @@ class VideoWriter:
 
     The default is what results use: H.264 (libx264, yuv420p) in mp4, ``crf`` 18 (visually lossless
     at these sizes) and ``preset`` veryfast, which keeps encoding far below inference time (see
-    docs/jobs.md). Other codecs and pixel formats make test and benchmark inputs.
+    docs/jobs.md), and no display matrix: results are upright. Other codecs and pixel formats, and
+    ``display_rotation`` (degrees counter-clockwise, as PyAV's ``VideoFrame.rotation`` reads it back; a
+    portrait phone clip is -90), make test and benchmark inputs.
     """
 
     def __init__(
@@ -291,6 +343,7 @@ class VideoWriter:
         codec: str = "libx264",
         pix_fmt: str = "yuv420p",
         options: dict[str, str] | None = None,
+        display_rotation: int = 0,
     ) -> None:
         self.path = Path(path)
         self.width, self.height = width, height
@@ -304,6 +357,8 @@ class VideoWriter:
         self._stream = self._container.add_stream(codec, rate=fps, options=options)
         self._stream.height, self._stream.width = self.encoded_size
         self._stream.pix_fmt = pix_fmt
+        if display_rotation:
+            self._stream.set_display_rotation(display_rotation)  # PyAV >= 17.1
         self.time_base = Fraction(time_base) if time_base else 1 / fps
         self._stream.time_base = self.time_base
         # The codec's time base too: left at 1/fps, it would round variable-rate timestamps to frames.

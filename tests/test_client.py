@@ -97,3 +97,24 @@ def test_client_errors(server: str, clip: list[np.ndarray]) -> None:
 def test_missing_source_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stream", str(tmp_path / "nothing.mp4"), "--url", "ws://127.0.0.1:9/v1/stream"]) == 2
     assert "not a folder, a video file or a camera index" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not hasattr(av.video.stream.VideoStream, "set_display_rotation"), reason="PyAV < 17.1 writes no display matrix"
+)
+def test_phone_clip_streams_upright(clip: list[np.ndarray], tmp_path: Path) -> None:
+    """``vident stream`` decodes with the service's decoder: a portrait clip (stored sideways, rotation
+    -90) is sent as players show it, a quarter turn clockwise from what is stored."""
+    from service.video import VideoWriter
+
+    path = tmp_path / "phone.mp4"
+    with VideoWriter(path, W, H, 25, display_rotation=-90) as writer:
+        for frame in clip:
+            writer.write(frame)
+    source = open_source(str(path))
+    frames = list(source.frames)
+    assert "turned 270 degrees" in source.description and len(frames) == len(clip)
+    for sent, stored in zip(frames, clip, strict=True):
+        assert isinstance(sent, np.ndarray) and sent.shape == (W, H, 3)
+        upright = np.rot90(stored, -1).astype(int)
+        assert np.abs(sent.astype(int) - upright).mean() < 6 < np.abs(sent.astype(int) - np.rot90(stored, 1)).mean()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import moving_frames, write_clip
+from test_video import moving_frames, mp4_display_matrix, needs_display_matrix, write_clip
 from torch import nn
 
 from export.runtime import Backend
@@ -107,6 +107,26 @@ def test_odd_size_and_variable_frame_rate(tmp_path: Path, nss: Backend, engine: 
     expected = reference(nss, frames)  # ffv1 is lossless: the decoded frames are these
     for i in (0, 9):
         assert np.array_equal(png(tmp_path / "out" / "frames" / "restored" / f"{i:06d}.png"), expected[i].restored)
+
+
+@needs_display_matrix
+def test_portrait_phone_clip_comes_out_upright(tmp_path: Path, nss: Backend, engine: InferenceEngine) -> None:
+    """Stored 64x48 with rotation -90, shown 48x64 by players: every output is 48x64, with no rotation
+    tag. That the decoder turns the right way is tests/test_video.py's job."""
+    clip = write_clip(tmp_path / "phone.mp4", moving_frames(4, 48, 64), rotation=-90)
+    report = process_video(clip, tmp_path / "out", engine, ProcessOptions(frames=True))
+    assert (report["input"]["width"], report["input"]["height"], report["input"]["rotation"]) == (48, 64, 270)
+    assert report["encoded_size"] == [64, 48]
+    _, upright = read_video_frames(clip)
+    expected = reference(nss, [f.rgb for f in upright])
+    for name in ("restored", "overlay", "mask"):
+        video = tmp_path / "out" / f"{name}.mp4"
+        assert mp4_display_matrix(video) == (1, 0, 0, 1)
+        info, frames = read_video_frames(video)
+        assert (info.width, info.height, info.rotation, len(frames)) == (48, 64, 0, 4)
+    assert np.array_equal(png(tmp_path / "out" / "frames" / "restored" / "000002.png"), expected[2].restored)
+    _, restored = read_video_frames(tmp_path / "out" / "restored.mp4")
+    assert np.abs(restored[2].rgb.astype(int) - expected[2].restored.astype(int)).mean() < 6
 
 
 def test_model_without_mask_writes_its_other_outputs(tmp_path: Path) -> None:

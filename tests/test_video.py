@@ -3,6 +3,8 @@ rate, folders of frames, and inputs that are not (or no longer) videos."""
 
 from __future__ import annotations
 
+import re
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -44,10 +46,14 @@ def write_clip(
     fps: int | Fraction = 25,
     pts: list[int] | None = None,
     time_base: Fraction | None = None,
+    rotation: int = 0,
 ) -> Path:
+    """``rotation``: a display matrix in degrees counter-clockwise, as phones write (portrait is -90)."""
     height, width = frames[0].shape[:2]
     options = {"b": "2000000"} if codec == "mpeg4" else None  # its default bit rate is too low to compare frames
-    with VideoWriter(path, width, height, fps, time_base, codec=codec, pix_fmt=pix_fmt, options=options) as writer:
+    with VideoWriter(
+        path, width, height, fps, time_base, codec=codec, pix_fmt=pix_fmt, options=options, display_rotation=rotation
+    ) as writer:
         for i, frame in enumerate(frames):
             writer.write(frame, None if pts is None else pts[i])
     return path
@@ -55,6 +61,33 @@ def write_clip(
 
 def available(codec: str) -> bool:
     return codec in av.codecs_available
+
+
+needs_display_matrix = pytest.mark.skipif(
+    not hasattr(av.video.stream.VideoStream, "set_display_rotation"), reason="PyAV < 17.1 writes no display matrix"
+)
+
+
+def mp4_display_matrix(path: Path) -> tuple[float, float, float, float]:
+    """(a, b, c, d) of the first track header's matrix (ISO/IEC 14496-12, 8.3.2): players show the stored
+    point (p, q), q pointing down, at (a*p + c*q + x, b*p + d*q + y). Read from the file's bytes, so the
+    direction a test expects does not rest on PyAV's or FFmpeg's sign conventions."""
+    data = path.read_bytes()
+    box = data.index(b"tkhd") + 4  # version (1 byte), flags (3), times and ids (20 or 32), 16 bytes, matrix
+    matrix = box + 4 + (32 if data[box] == 1 else 20) + 16
+    a, b, _, c, d = struct.unpack(">5i", data[matrix : matrix + 20])
+    return a / 65536, b / 65536, c / 65536, d / 65536
+
+
+def best_turns(decoded: np.ndarray, stored: np.ndarray) -> tuple[int, float]:
+    """Which np.rot90 of the stored frame the decoded frame is (0-3), and the mean abs error there."""
+    errors = {
+        k: np.abs(decoded.astype(int) - np.rot90(stored, k).astype(int)).mean()
+        for k in range(4)
+        if np.rot90(stored, k).shape == decoded.shape
+    }
+    k = min(errors, key=errors.__getitem__)
+    return k, errors[k]
 
 
 @pytest.mark.parametrize(("codec", "suffix", "pix_fmt", "lossless"), CODECS, ids=[c[0] for c in CODECS])
@@ -101,6 +134,41 @@ def test_odd_size_lossless_decode(tmp_path: Path) -> None:
     assert all(np.array_equal(d.rgb, f) for d, f in zip(decoded, frames, strict=True))
 
 
+@needs_display_matrix
+@pytest.mark.parametrize("rotation", [-90, 90, 180, 270])
+def test_rotated_clip_decodes_upright(tmp_path: Path, rotation: int) -> None:
+    """-90 is a portrait phone clip (the ``rotate=90`` tag of older FFmpeg): stored landscape, shown a
+    quarter turn clockwise. The expected turn comes from the matrix in the file, not from the decoder."""
+    frames = moving_frames(6, 48, 80)
+    clip = write_clip(tmp_path / "phone.mp4", frames, rotation=rotation)
+    turns = round(rotation / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
+    angle = np.radians(90 * turns)
+    # a quarter turn counter-clockwise on screen (q down) takes the stored point (p, q) to (q, -p) + translation
+    np.testing.assert_allclose(mp4_display_matrix(clip), [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)],
+                               atol=1e-4)  # fmt: skip
+    info, decoded = read_video_frames(clip)
+    assert info.rotation == 90 * turns
+    assert (info.width, info.height) == ((48, 80) if turns % 2 else (80, 48))
+    for d, f in zip(decoded, frames, strict=True):
+        assert d.rgb.shape == (info.height, info.width, 3) and d.rgb.flags.c_contiguous
+        k, error = best_turns(d.rgb, f)
+        assert k == turns and error < 6, f"decoded frame is np.rot90(stored, {k}) (error {error:.1f}), not {turns}"
+
+
+@needs_display_matrix
+@pytest.mark.parametrize(("rotation", "turns"), [(100, 1), (45, 0)])
+def test_rotation_between_quarter_turns_goes_to_the_nearest(tmp_path: Path, rotation: int, turns: int) -> None:
+    frames = moving_frames(3, 48, 80)
+    with open_video(write_clip(tmp_path / "tilted.mp4", frames, rotation=rotation)) as source:
+        decoded = list(source)
+    assert source.info.rotation == 90 * turns
+    assert [best_turns(d.rgb, f)[0] for d, f in zip(decoded, frames, strict=True)] == [turns] * 3
+    # PyAV truncates the angle to whole degrees: 100 can read 99
+    assert len(source.warnings) == 1
+    assert re.fullmatch(rf"tilted\.mp4: the display rotation of \d+ degrees is not a quarter turn; used {90 * turns}",
+                        source.warnings[0])  # fmt: skip
+
+
 def test_folder_of_frames(tmp_path: Path) -> None:
     frames = moving_frames(6, 37, 51)
     for i, frame in enumerate(frames):
@@ -111,6 +179,21 @@ def test_folder_of_frames(tmp_path: Path) -> None:
         decoded = list(source)
     assert [f.pts for f in decoded] == list(range(6))
     assert all(np.array_equal(d.rgb, f) for d, f in zip(decoded, frames, strict=True))
+
+
+def test_folder_of_phone_jpegs_is_upright(tmp_path: Path) -> None:
+    """EXIF orientation 6 (stored sideways; viewers turn it a quarter clockwise) is applied, as for videos."""
+    frames = moving_frames(3, 40, 56)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"f{i:03d}.jpg", quality=95, exif=exif)
+    with open_video(tmp_path) as source:
+        assert (source.info.width, source.info.height) == (40, 56)
+        decoded = list(source)
+    for d, f in zip(decoded, frames, strict=True):
+        rgb = d.rgb.astype(int)
+        assert np.abs(rgb - np.rot90(f, -1)).mean() < 6 < np.abs(rgb - np.rot90(f, 1)).mean()
 
 
 def test_folder_with_mixed_sizes_is_an_error(tmp_path: Path) -> None:
