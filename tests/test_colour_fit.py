@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,6 +147,17 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(name: str, t
     assert fit.holdout_psnr_after - fit.holdout_psnr_before > 10
     fitted, _ = load_model(str(tmp_path / "run" / "last.safetensors"))
     assert isinstance(fitted, type(plain)) and fitted.cfg.colour_transform
+    # the same planted clips as a validation split choose the ridge instead of the held-out ones
+    val = tmp_path / "val"
+    for i in range(6, 8):
+        shutil.copytree(tmp_path / "fit" / f"seq_{i:03d}", val / f"seq_{i:03d}")
+    (val / "dataset.json").write_text(json.dumps({"generator": "vident synth", "split": "val"}))
+    code = vident(["fit-colour", str(weights), "--data", str(tmp_path / "fit"), "--out", str(tmp_path / "run2"),
+                   "--holdout", "2", "--frames", "3", "--choose-on", str(val), "--quiet"])  # fmt: skip
+    chosen = colour_fit_of(read_metadata(tmp_path / "run2" / "last.safetensors"))
+    assert code == 0 and chosen is not None and chosen.chosen_on == str(val)
+    assert chosen.chosen_psnr_after is not None and chosen.chosen_psnr_after > 40 > (chosen.chosen_psnr_before or 99)
+    assert f"the validation split {val} (PSNR" in colour_map_text(read_metadata(tmp_path / "run2" / "last.safetensors"))
 
 
 def test_fit_colour_refuses_the_test_split_and_too_few_sequences(
@@ -158,6 +170,12 @@ def test_fit_colour_refuses_the_test_split_and_too_few_sequences(
     write_sequence(seq, tmp_path / "d" / "seq_000")
     assert vident(["fit-colour", str(weights), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "b")]) == 2
     assert "--holdout must be >= 1 and leave some to fit" in capsys.readouterr().out
+    for split in ("real", "test", "train"):  # only a validation split may choose the ridge
+        write_sequence(seq, tmp_path / split / "seq_000")
+        (tmp_path / split / "dataset.json").write_text(json.dumps({"split": split}))
+        assert vident(["fit-colour", str(weights), "--data", str(tmp_path / "d"), "--holdout", "0",
+                       "--choose-on", str(tmp_path / split), "--out", str(tmp_path / "c")]) == 2  # fmt: skip
+        assert f"not a '{split}' split" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

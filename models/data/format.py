@@ -97,6 +97,13 @@ def write_sequence(seq: LabelledSequence, folder: str | Path, meta: dict[str, ob
 # ----------------------------------------------------------------------------------------------
 
 
+def dataset_split(root: str | Path) -> str | None:
+    """The split ``vident synth`` wrote a data set as (``dataset.json``'s ``split``); None for data
+    made otherwise (converted recordings, a folder of sequences)."""
+    info = Path(root) / "dataset.json"
+    return json.loads(info.read_text()).get("split") if info.is_file() else None
+
+
 def find_sequences(root: str | Path) -> list[Path]:
     """Sequence folders under ``root``: ``root`` itself if it has ``input/``, else its sub-folders that do."""
     root = Path(root)

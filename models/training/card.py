@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from models.checkpoints import CHECKPOINT_DIR, checkpoint_config, read_metadata
 from models.hardware import cpu_model
 from models.most import TASKS, Structure
-from models.training.colour_fit import colour_fit_of
+from models.training.colour_fit import ColourFit, colour_fit_of
 from models.training.filter_fit import filter_fit_of
 from models.training.trainer import recorded_prior
 
@@ -294,13 +294,20 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"them{held})")  # fmt: skip
 
 
+def chooser(fit: ColourFit) -> str:
+    if fit.chosen_on is None:
+        return "which chose"
+    return (f"while the validation split {fit.chosen_on} (PSNR {fit.chosen_psnr_before:.2f} -> "
+            f"{fit.chosen_psnr_after:.2f} dB there) chose")  # fmt: skip
+
+
 def colour_map_text(meta: dict[str, str]) -> str:
     """How the per-frame colour map of the restored frame was made, for a layout that has one."""
     fit = colour_fit_of(meta)
     made = ("solved by least squares given the trained network (`vident fit-colour --data "
             f"{fit.data}`: {fit.fit_sequences} training sequences x {fit.frames} frames, PSNR "
             f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on them, {fit.holdout_psnr_before:.2f} -> "
-            f"{fit.holdout_psnr_after:.2f} dB on {fit.holdout_sequences} held-out ones, which chose the ridge "
+            f"{fit.holdout_psnr_after:.2f} dB on {fit.holdout_sequences} held-out ones, {chooser(fit)} the ridge "
             f"{fit.ridge:g})" if fit is not None else "trained with the network")  # fmt: skip
     return ("Colour map: the restored frame is mapped by a 3x4 colour matrix per frame, read linearly from the "
             f"frame's colour statistics (docs/models.md); its weights were {made}.")  # fmt: skip

@@ -7,6 +7,9 @@ Each output channel is then linear in the map's weights (design row ``kron([x; 1
 pixel), so the weights that minimise the squared error to the clean targets solve one set of normal
 equations, accumulated from per-frame sufficient statistics (``[x; 1]``'s 4x4 Gram matrix and its
 products with the residual): every pixel enters, and the held-out error of any solution is exact.
+The held-out sequences choose the ridge, or validation splits do (``choose_on``): a handful of
+held-out training clips can pick a ridge so small that the map's weights grow large, which fits the
+training cameras and amplifies any rounding of the statistics (a bf16 runtime's, say).
 
 The map reads only what the trunk already computed, so MOST's mask and homography, and R2-D4's
 recurrent state, stay exactly as they were. Fit it after MOST's restoration filter (``vident
@@ -18,6 +21,7 @@ choose the ridge, then report what the map does there.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from tqdm import tqdm
 
 from models import most, r2d4
 from models.checkpoints import load_model, read_metadata
-from models.data.format import find_sequences, read_sequence
+from models.data.format import dataset_split, find_sequences, read_sequence
 from models.layers import COLOUR_FEATURES
 from models.most import MostNet
 from models.r2d4 import R2D4
@@ -51,6 +55,9 @@ class ColourFit:
     fit_psnr_after: float
     holdout_psnr_before: float
     holdout_psnr_after: float
+    chosen_on: str | None = None  # validation splits that chose the ridge (None: the held-out sequences)
+    chosen_psnr_before: float | None = None
+    chosen_psnr_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,19 @@ def sequence_stats(model: Mapped, path: Path, frames: int) -> list[FrameStats]:
 
 
 def fit_colour_transform(
-    model: Mapped, data: Path, frames: int = 6, holdout: int = 2, progress: bool = True
+    model: Mapped,
+    data: Path,
+    frames: int = 6,
+    holdout: int = 2,
+    progress: bool = True,
+    choose_on: Sequence[Path] = (),
 ) -> ColourFit:
-    """Solve the colour map in place; returns the fit's record."""
+    """Solve the colour map in place; returns the fit's record. ``choose_on``: validation splits
+    (``vident synth --split val``) whose sequences choose the ridge instead of the held-out ones."""
+    for split in choose_on:
+        if dataset_split(split) != "val":
+            raise ValueError(f"{split}: the ridge is chosen on validation splits (--split val), "
+                             f"not a {dataset_split(split)!r} split")  # fmt: skip
     if not model.cfg.colour_transform:
         raise ValueError("the network has no colour map: load it with load_for_colour_fit")
     paths = find_sequences(data)
@@ -160,7 +177,8 @@ def fit_colour_transform(
     def mean_psnr(stats: list[FrameStats], theta: np.ndarray | None) -> float:
         return float(np.mean([frame_psnr(s, theta) for s in stats]))
 
-    ridge = max(RIDGES, key=lambda r: mean_psnr(held, solve(fit, r)))
+    chooser = [s for v in choose_on for p in find_sequences(v) for s in sequence_stats(model, p, frames)] or held
+    ridge = max(RIDGES, key=lambda r: mean_psnr(chooser, solve(fit, r)))
     theta = solve(fit, ridge)
     weight, bias = theta_to_linear(theta)
     layer = model.colour_transform
@@ -178,6 +196,9 @@ def fit_colour_transform(
         fit_psnr_after=mean_psnr(fit, theta),
         holdout_psnr_before=mean_psnr(held, None),
         holdout_psnr_after=mean_psnr(held, theta),
+        chosen_on=",".join(str(v) for v in choose_on) or None,
+        chosen_psnr_before=mean_psnr(chooser, None) if choose_on else None,
+        chosen_psnr_after=mean_psnr(chooser, theta) if choose_on else None,
     )
 
 

@@ -6,6 +6,8 @@ test split::
 
     vident synth --out data/fit --split train --sequences 64 --frames 6 --mix ... --degradation mixed
     vident fit-colour runs/most-nss-filter/last.safetensors --data data/fit --out runs/most-nss-colour
+
+``--choose-on`` lets validation splits choose the ridge instead of the held-out training sequences.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, meta = load_for_colour_fit(weights)
         fit = fit_colour_transform(model, args.data, frames=args.frames, holdout=args.holdout,
-                                   progress=not args.quiet)  # fmt: skip
+                                   progress=not args.quiet, choose_on=args.choose_on)  # fmt: skip
     except (ValueError, DataFormatError, FileNotFoundError) as exc:
         print(f"cannot fit: {exc}")
         return 2
     out = save_fitted(model, meta, args.out, colour_fit=fit)
+    chosen = ("chosen on them" if fit.chosen_on is None else f"chosen on {fit.chosen_on}: PSNR "
+              f"{fit.chosen_psnr_before:.2f} -> {fit.chosen_psnr_after:.2f} dB there")  # fmt: skip
     print(f"colour map fitted on {fit.fit_sequences} sequences x {fit.frames} frames: PSNR "
           f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB; {fit.holdout_sequences} held-out sequences "
-          f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, chosen on them)")
+          f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, {chosen})")
     print(f"wrote {out}: `vident ship {args.out} --name NAME` ships it with a measured card")
     return 0
 
@@ -46,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder to write last.safetensors to")
     p.add_argument("--frames", type=int, default=6, help="frames streamed per sequence (default 6)")
     p.add_argument("--holdout", type=int, default=4,
-                   help="last N sequences kept out of the fit: they choose the ridge and report (default 4)")
+                   help="last N sequences kept out of the fit: they report, and choose the ridge (default 4)")
+    p.add_argument("--choose-on", type=Path, nargs="+", default=[], metavar="VAL",
+                   help="validation splits (`vident synth --split val`) that choose the ridge instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
