@@ -103,8 +103,13 @@ def _stream(model: torch.nn.Module, clip: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("name", "layout", "dropped"),
     [
-        # most-net's shipped layout: written before any option, it has none of their keys
-        ("most-net-tiny", {}, ("homography_pool", "restoration_input", "restoration_filter")),
+        # most-net's first shipped layout: written before any option, it has none of their keys
+        (
+            "most-net-tiny",
+            {"restoration_filter": 0, "homography_refine": (), "colour_transform": False},
+            ("homography_pool", "restoration_input", "restoration_filter"),
+        ),
+        ("most-net-tiny", {}, ()),
         # most-nss's shipped file: every key there, only the version missing
         ("most-nss-tiny", {}, ()),
         (

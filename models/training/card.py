@@ -297,7 +297,9 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
 def chooser(fit: ColourFit) -> str:
     if fit.chosen_on is None:
         return "which chose"
-    return (f"while the validation split {fit.chosen_on} (PSNR {fit.chosen_psnr_before:.2f} -> "
+    splits = fit.chosen_on.split(",")
+    named = f"split{'s' if len(splits) > 1 else ''} {' and '.join(splits)}"
+    return (f"while the validation {named} (PSNR {fit.chosen_psnr_before:.2f} -> "
             f"{fit.chosen_psnr_after:.2f} dB there) chose")  # fmt: skip
 
 
