@@ -97,6 +97,9 @@ def test_client_errors(server: str, clip: list[np.ndarray]) -> None:
 def test_missing_source_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stream", str(tmp_path / "nothing.mp4"), "--url", "ws://127.0.0.1:9/v1/stream"]) == 2
     assert "not a folder, a video file or a camera index" in capsys.readouterr().err
+    (tmp_path / "notes.mp4").write_text("not a video")
+    assert main(["stream", str(tmp_path / "notes.mp4"), "--url", "ws://127.0.0.1:9/v1/stream"]) == 2
+    assert "notes.mp4" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         source = open_source(args.source, args.fps)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: service.video.VideoError, said in words
         print(f"vident stream: {exc}", file=sys.stderr)
         return 2
     print(f"streaming {source.description} to {args.url} ({'realtime' if args.realtime else 'fast'})", file=sys.stderr)
