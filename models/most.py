@@ -710,17 +710,18 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # refinement and the colour map, not the input; most-net's weights were made before corner pooling. The
 # refinement's levels and prior were chosen for most-nss on held-out sequences of a training split
 # (docs/experiments.md) and most-net uses the same.
-_SHIPPED = {
-    "restoration_input": False,
-    "restoration_filter": 5,
-    "homography_refine": ((8, 10), (4, 20)),
-    "homography_refine_prior": 0.1,
-    "homography_refine_prior_scale": "residual",
-    "homography_refine_frames": "restored+input",
-    "colour_transform": True,
-}
-MOST_NET = MostConfig(structure=MOST_NET_STRUCTURE, homography_pool="global", **_SHIPPED)  # type: ignore[arg-type]
-MOST_NSS = MostConfig(structure=MOST_NSS_STRUCTURE, homography_pool="corners", **_SHIPPED)  # type: ignore[arg-type]
+MOST_NET = MostConfig(
+    structure=MOST_NET_STRUCTURE,
+    homography_pool="global",
+    restoration_input=False,
+    restoration_filter=5,
+    homography_refine=((8, 10), (4, 20)),
+    homography_refine_prior=0.1,
+    homography_refine_prior_scale="residual",
+    homography_refine_frames="restored+input",
+    colour_transform=True,
+)
+MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners")
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {
         "most-net": MOST_NET,

@@ -169,7 +169,8 @@ def _open_file(path: Path, max_pixels: int | None) -> VideoSource:
         items = _frames_salvaged(container, stream)
         first = next(items, None)
         warnings: list[str] = []
-        turns = _upright_turns(first.rotation, path.name, warnings) if isinstance(first, av.VideoFrame) else 0
+        angle = first.rotation if isinstance(first, av.VideoFrame) else 0.0  # no frame yet: taken as upright
+        turns = _upright_turns(angle, path.name, warnings)
         width, height = (ctx.height, ctx.width) if turns % 2 else (ctx.width, ctx.height)
         info = VideoInfo(
             width=width,
@@ -187,7 +188,7 @@ def _open_file(path: Path, max_pixels: int | None) -> VideoSource:
         raise
     source = VideoSource(info, iter(()), container, warnings)
     frames = items if first is None else itertools.chain([first], items)
-    source._frames = _decode(frames, info, source.warnings, path.name, max_pixels)
+    source._frames = _decode(frames, info, angle, source.warnings, path.name, max_pixels)
     return source
 
 
@@ -213,6 +214,7 @@ def _upright_turns(rotation: float, name: str, warnings: list[str]) -> int:
 def _decode(
     items: Iterator[av.VideoFrame | str],
     info: VideoInfo,
+    rotation: float,
     warnings: list[str],
     name: str,
     max_pixels: int | None,
@@ -222,7 +224,7 @@ def _decode(
     first_pts: int | None = None
     last_pts = -1
     size = (info.height, info.width)
-    rotation, turns = None, info.rotation // 90
+    turns = info.rotation // 90  # what ``rotation``, the display angle measured at opening, gave
     error: str | None = None
     try:
         for frame in items:
@@ -230,9 +232,9 @@ def _decode(
                 error = frame
                 continue
             check_pixels(name, frame.width, frame.height, max_pixels)
-            if rotation is not None and frame.rotation != rotation:  # the orientation changes mid-stream
+            if frame.rotation != rotation:  # the orientation changes mid-stream
                 turns = _upright_turns(frame.rotation, name, warnings)
-            rotation = frame.rotation
+                rotation = frame.rotation
             upright = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
             if upright != size:
                 raise VideoError(f"{name}: frame size changes from {size[1]}x{size[0]} to {upright[1]}x{upright[0]}")

@@ -11,6 +11,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from test_video import needs_display_matrix, write_clip
 
 from benchmarks.make_sample import synthetic_clip
 from service.app import create_app, serve_in_thread
@@ -102,19 +103,11 @@ def test_missing_source_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "notes.mp4" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    not hasattr(av.video.stream.VideoStream, "set_display_rotation"), reason="PyAV < 17.1 writes no display matrix"
-)
+@needs_display_matrix
 def test_phone_clip_streams_upright(clip: list[np.ndarray], tmp_path: Path) -> None:
     """``vident stream`` decodes with the service's decoder: a portrait clip (stored sideways, rotation
     -90) is sent as players show it, a quarter turn clockwise from what is stored."""
-    from service.video import VideoWriter
-
-    path = tmp_path / "phone.mp4"
-    with VideoWriter(path, W, H, 25, display_rotation=-90) as writer:
-        for frame in clip:
-            writer.write(frame)
-    source = open_source(str(path))
+    source = open_source(str(write_clip(tmp_path / "phone.mp4", clip, rotation=-90)))
     frames = list(source.frames)
     assert "turned 270 degrees" in source.description and len(frames) == len(clip)
     for sent, stored in zip(frames, clip, strict=True):

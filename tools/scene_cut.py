@@ -15,20 +15,14 @@ import torch
 from models.checkpoints import load_model
 from models.data.format import find_sequences, read_sequence
 from models.metrics import psnr
-from models.streaming import as_stream
+from models.streaming import as_stream, run_stream
 from service.backends.torch import TorchBackend
 
 
-def restored(runner: TorchBackend, frames: np.ndarray, resets: list[bool]) -> list[np.ndarray]:
-    """The restored frames (H, W, 3) in 0-255 of one stream, the state reset where ``resets`` says."""
-    spec, state, out = runner.spec, None, []
-    for frame, reset in zip(as_stream(frames), resets, strict=True):
-        state = state or spec.initial_state(1, *frame.shape[2:])
-        feed = {spec.frame.name: frame, spec.reset.name: np.full((1, 1, 1, 1), float(reset), np.float32), **state}
-        outputs = runner.infer(feed)
-        state = {s.name: outputs[s.next_name] for s in spec.states}
-        out.append(np.clip(outputs["restored"][0].transpose(1, 2, 0) * 255, 0, 255))
-    return out
+def restored(runner: TorchBackend, frames: np.ndarray) -> list[np.ndarray]:
+    """The restored frames (H, W, 3) in 0-255 of one stream (a reset, ``reset = 1``, on its first frame)."""
+    outputs = run_stream(runner, as_stream(frames))
+    return [np.clip(out["restored"][0].transpose(1, 2, 0) * 255, 0, 255) for out in outputs]
 
 
 def main() -> None:
@@ -44,8 +38,8 @@ def main() -> None:
     for a, b in zip(paths[0::2], paths[1::2], strict=False):
         first, second = read_sequence(a, count=n), read_sequence(b, count=n)
         frames, targets = np.concatenate([first.input, second.input]), np.concatenate([first.target, second.target])
-        carried = restored(runner, frames, [t == 0 for t in range(2 * n)])
-        reset = restored(runner, frames, [t in (0, n) for t in range(2 * n)])
+        carried = restored(runner, frames)
+        reset = restored(runner, frames[:n]) + restored(runner, frames[n:])  # a new stream at the cut
         rows.append([psnr(carried[t], targets[t])[0] - psnr(reset[t], targets[t])[0] for t in range(n, 2 * n)])
         print(f"{a.name} -> {b.name}: carried minus reset, dB per frame after the cut: {np.round(rows[-1], 2)}")
     print(f"mean over {len(rows)} cuts: {np.round(np.mean(rows, axis=0), 2)}")

@@ -15,7 +15,7 @@ The map reads only what the trunk already computed, so MOST's mask and homograph
 recurrent state, stay exactly as they were. Fit it after MOST's restoration filter (``vident
 fit-filter``), whose output it maps. The fit uses labelled training sequences (``vident synth
 --split train``), never the test split; the last ``holdout`` sequences are kept out of it and
-choose the ridge, then report what the map does there.
+report what the map does there.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class ColourFit:
     fit_sequences: int
     holdout_sequences: int
     frames: int
-    ridge: float  # relative to the Gram matrix's mean diagonal; the held-out sequences chose it
+    ridge: float  # relative to the Gram matrix's mean diagonal; chosen on ``chosen_on`` or the held-out sequences
     fit_psnr_before: float
     fit_psnr_after: float
     holdout_psnr_before: float
@@ -162,9 +162,8 @@ def fit_colour_transform(
     """Solve the colour map in place; returns the fit's record. ``choose_on``: validation splits
     (``vident synth --split val``) whose sequences choose the ridge instead of the held-out ones."""
     for split in choose_on:
-        if dataset_split(split) != "val":
-            raise ValueError(f"{split}: the ridge is chosen on validation splits (--split val), "
-                             f"not a {dataset_split(split)!r} split")  # fmt: skip
+        if (kind := dataset_split(split)) != "val":
+            raise ValueError(f"{split}: the ridge is chosen on validation splits (--split val), not a {kind!r} split")
     if not model.cfg.colour_transform:
         raise ValueError("the network has no colour map: load it with load_for_colour_fit")
     paths = find_sequences(data)
