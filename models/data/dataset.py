@@ -103,8 +103,14 @@ class ContentMix:
         probabilities = np.array([w for _, w in self.weights], float)
         return self.weights[int(rng.choice(len(self.weights), p=probabilities / probabilities.sum()))][0]
 
+    def check_split(self, split: str) -> None:
+        """Validation photographs only render into the validation split, so they never reach a fit."""
+        if split != "val" and any(name == "val-photos" and weight > 0 for name, weight in self.weights):
+            raise ValueError(f"val-photos is validation content; a {split!r} split cannot use it")
+
     def for_clip(self, cfg: SynthConfig, seed: int, split: str, index: int) -> SynthConfig:
         """``cfg`` with the content of clip ``index``, drawn from a stream of the clip's own seed."""
+        self.check_split(split)
         return replace(cfg, content=self.pick(np.random.default_rng(sequence_seed(seed, split, index).spawn(3)[2])))
 
 

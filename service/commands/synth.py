@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if args.split == "real" and (args.mix is not None or args.degradation != "recipe"):
         console.print("[red]--split real has its own content and degradations[/] (drop --mix / --degradation)")
         return 2
+    if args.mix is not None:
+        try:
+            args.mix.check_split(args.split)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            return 2
     cfg = SynthConfig(
         height=height, width=width, frames=args.frames, noise=args.noise or noise_default, motion=args.motion,
         degradation=args.degradation, recipe_share=args.recipe_share, recipe_codec=args.recipe_codec,

@@ -45,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and (args.search or not args.minutes > 0):
         print("--minutes must be positive and applies to one run, not to --search's three phases")
         return 2
+    if args.mix is not None:
+        try:
+            args.mix.check_split("train")
+        except ValueError as exc:
+            print(exc)
+            return 2
     height, width = args.size
     cfg = TrainConfig(
         model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
