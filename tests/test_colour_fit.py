@@ -201,3 +201,17 @@ def test_exported_colour_map_matches_torch_over_a_stream(
     with TorchBackend(model) as reference, backend(model.spec, path) as candidate:
         report = compare_backends(reference, candidate, 2, 48, 80, frames=3)
     assert report.within_fp32(), report.summary()
+
+
+def test_a_map_that_lowers_validation_psnr_is_flagged() -> None:
+    from types import SimpleNamespace
+
+    from service.commands.fit_colour import lowering_warning
+
+    chosen = SimpleNamespace(chosen_on="data/val-a,data/val-b", chosen_psnr_before=20.72, chosen_psnr_after=20.40,
+                             holdout_psnr_before=17.0, holdout_psnr_after=18.0)  # fmt: skip
+    text = lowering_warning(chosen, "runs/x/last.safetensors")
+    assert text is not None and "data/val-a,data/val-b (20.72 -> 20.40 dB)" in text and "runs/x" in text
+    assert lowering_warning(SimpleNamespace(**{**vars(chosen), "chosen_psnr_after": 20.9}), "w") is None
+    held = SimpleNamespace(**{**vars(chosen), "chosen_on": None, "holdout_psnr_after": 16.5})
+    assert "the held-out sequences (17.00 -> 16.50 dB)" in (lowering_warning(held, "w") or "")

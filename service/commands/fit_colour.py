@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.training.colour_fit import ColourFit
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +43,23 @@ def run(args: argparse.Namespace) -> int:
           f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB; {fit.holdout_sequences} held-out sequences "
           f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, {chosen})")
     print(f"wrote {out}: `vident ship {args.out} --name NAME` ships it with a measured card")
+    warning = lowering_warning(fit, weights)
+    if warning:
+        print(warning)
     return 0
+
+
+def lowering_warning(fit: ColourFit, weights: str) -> str | None:
+    """The best ridge can still lower PSNR on the data that chose it; then the network without the
+    map is the better file there, and shipping the map needs another reason."""
+    if fit.chosen_on is None:
+        before, after, where = fit.holdout_psnr_before, fit.holdout_psnr_after, "the held-out sequences"
+    else:
+        before, after, where = fit.chosen_psnr_before, fit.chosen_psnr_after, fit.chosen_on
+    if after >= before:
+        return None
+    return (f"warning: the map lowers PSNR on {where} ({before:.2f} -> {after:.2f} dB) at every ridge tried: "
+            f"there, {weights} without it is the better file")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
