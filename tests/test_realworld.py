@@ -382,7 +382,7 @@ def test_vident_train_records_the_mix_and_degradation(tmp_path: Path) -> None:
     assert extra["recipe_share"] == "0.5" and extra["recipe_codec"] == "0.3"
     # dead leaves take their palette from the training photographs: the set that trained is recorded
     assert extra["training_photos"].split(",") == list(TRAINING_PHOTOS)
-    assert f"({len(TRAINING_PHOTOS)} training photographs, docs/data.md)" in content_text(extra)
+    assert f"(`--mix`; {len(TRAINING_PHOTOS)} training photographs, docs/data.md)" in content_text(extra)
     refused = ["train", "--model", "most-nss-tiny", "--out", str(tmp_path / "val"), "--steps", "1",
                "--mix", "val-photos=1"]  # fmt: skip
     assert main(refused) == 2 and not (tmp_path / "val").exists()
@@ -515,7 +515,8 @@ def test_ship_with_the_real_split_prints_both_evaluations_and_the_targets(tmp_pa
     assert main(["ship", str(run), "--name", "most-nss-tiny", "--data", str(test), "--real-data", str(real),
                  "--checkpoint-dir", str(shipped)]) == 0  # fmt: skip
     card = (shipped / "most-nss-tiny.md").read_text()
-    assert "content per clip dental=1,photos=1 (`--mix`); degradations drawn per clip" in card
+    assert (f"content per clip dental=1,photos=1 (`--mix`; {len(TRAINING_PHOTOS)} training photographs, "
+            "docs/data.md); degradations drawn per clip") in card
     assert "## Real-content evaluation" in card and "--split real" in card and "| ECC (OpenCV) |" in card
     assert "## Targets" in card and "| real content: MACE |" in card and "| synthetic test: IoU |" in card
 

@@ -99,8 +99,8 @@ def content_text(extra: dict) -> str:
         how += (f"; {codec:.0%} of the recipe's clips through a client codec (JPEG or H.264 over the same ranges, "
                 f"`--recipe-codec {codec:g}`)")  # fmt: skip
     photos = [name for name in str(extra.get("training_photos", "")).split(",") if name]
-    seen = f" ({len(photos)} training photographs, docs/data.md)" if photos else ""
-    return f"; content per clip {mix} (`--mix`){seen}; degradations {how}"
+    seen = f"; {len(photos)} training photographs, docs/data.md" if photos else ""
+    return f"; content per clip {mix} (`--mix`{seen}); degradations {how}"
 
 
 def write_card(
