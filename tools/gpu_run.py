@@ -440,7 +440,7 @@ def training_mix(spec: str) -> tuple[ContentMix, str | None]:
     from models.data.scenes import PHOTOS_DIR_ENV, TRAINING_PHOTOS, photos_available
 
     mix = ContentMix.parse(spec)
-    needs_photos = {"photos", "dead-leaves"} & {name for name, _ in mix.weights}
+    needs_photos = mix.photo_contents()
     if not needs_photos or photos_available(TRAINING_PHOTOS):
         return mix, None
     kept = tuple((name, w) for name, w in mix.weights if name not in needs_photos)

@@ -103,6 +103,11 @@ class ContentMix:
         probabilities = np.array([w for _, w in self.weights], float)
         return self.weights[int(rng.choice(len(self.weights), p=probabilities / probabilities.sum()))][0]
 
+    def photo_contents(self) -> set[str]:
+        """The contents in the mix that read the training photographs (dead leaves take half their
+        palettes from them)."""
+        return {"photos", "dead-leaves"} & {name for name, weight in self.weights if weight > 0}
+
     def check_split(self, split: str) -> None:
         """Validation photographs only render into the validation split, so they never reach a fit."""
         if split != "val" and any(name == "val-photos" and weight > 0 for name, weight in self.weights):

@@ -184,7 +184,7 @@ def train(
     extra = {**cfg.extra, "noise": noise, "data": source, "motion": str(motion)}
     if data is None:
         extra["content_mix"] = str(mix) if mix is not None else "dental=1"
-        if mix is not None and {"photos", "dead-leaves"} & {name for name, w in mix.weights if w > 0}:
+        if mix is not None and mix.photo_contents():
             from models.data.scenes import TRAINING_PHOTOS  # the set grows: record which one trained
 
             extra["training_photos"] = ",".join(TRAINING_PHOTOS)
