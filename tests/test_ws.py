@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import json
+import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 
@@ -101,6 +104,27 @@ def wait_sessions_closed(client: TestClient, timeout: float = 10.0) -> None:
         time.sleep(0.01)
     assert client.app.state.sessions.count == 0, "a session leaked"
     assert open_sessions_metric(client) == 0, "vident_sessions on /metrics did not return to 0"
+
+
+def wait_entered(gated: GatedBackend, client: TestClient, ws, timeout: float) -> None:
+    """Waits for a frame to reach the gated backend; on a timeout the failure says where the frame
+    is: the sessions' counters, the server loop's tasks and every thread's stack."""
+    if gated.entered.wait(timeout):
+        return
+
+    def task_stacks() -> str:
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=out)
+        return out.getvalue()
+
+    sessions = [(s.received, s.processed, s.dropped, s.errors, s.in_flight, s.slot.pending, s.slot.closed)
+                for s in client.app.state.sessions.sessions()]  # fmt: skip
+    frames = sys._current_frames()
+    threads = "".join(f"--- thread {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
+                      for t in threading.enumerate() if t.ident in frames)  # fmt: skip
+    pytest.fail(f"no frame reached the backend in {timeout:g} s; sessions (received, processed, dropped, errors, "
+                f"in_flight, pending, closed): {sessions}\nserver tasks:\n{ws.portal.call(task_stacks)}\n{threads}")
 
 
 def receive_result(ws) -> tuple[dict, dict[str, bytes]]:
@@ -302,7 +326,7 @@ def test_newest_frame_wins_and_drops_are_reported(frames: list[np.ndarray]) -> N
             gated.gate.clear()
             gated.entered.clear()
             ws.send_bytes(png(frames[0]))
-            assert gated.entered.wait(30)  # frame 0 is in flight, held at the gate
+            wait_entered(gated, client, ws, 30)  # frame 0 is in flight, held at the gate
             for frame in frames[1:4]:
                 ws.send_bytes(png(frame))
             (session,) = client.app.state.sessions.sessions()
@@ -335,7 +359,7 @@ def test_disconnect_mid_stream_releases_the_session(frames: list[np.ndarray]) ->
                 backends[0].entered.clear()
                 ws.send_bytes(png(frames[0]))
                 ws.send_bytes(png(frames[1]))
-                assert backends[0].entered.wait(30)
+                wait_entered(backends[0], client, ws, 30)
                 assert client.app.state.sessions.count == 1
             # the client left while its frame was inside the backend and another was pending
             wait_sessions_closed(client)
@@ -453,7 +477,7 @@ def test_frames_of_several_sessions_are_batched(frames: list[np.ndarray]) -> Non
             gated = backends[0]
             gated.gate.clear()
             first.send_bytes(png(frames[0]))
-            assert gated.entered.wait(60)  # a call of one frame holds the engine (generous: CI cores are shared)
+            wait_entered(gated, client, first, 60)  # one frame holds the engine (generous: CI cores are shared)
             second.send_bytes(png(frames[1]))
             third.send_bytes(png(frames[2]))
             engine = client.app.state.engines[TINY]

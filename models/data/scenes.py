@@ -139,15 +139,30 @@ def stage_photos(names: tuple[str, ...], folder: Path) -> list[Path]:
     return copies
 
 
-def _decode_frame(path: Path, index: int) -> np.ndarray | None:
-    """Frame ``index`` of a video file as (H, W, 3) uint8 RGB (None if the file has fewer frames)."""
+@lru_cache(maxsize=4)
+def _decode_frames(path: Path, indices: frozenset[int]) -> dict[int, np.ndarray]:
+    """Frames ``indices`` of a video file as (H, W, 3) uint8 RGB, in one pass: decoding is sequential,
+    so reading each frame on its own would decode the file from its start every time."""
     import av  # the video decoder the service uses; imported here as only video photographs need it
 
+    found: dict[int, np.ndarray] = {}
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
-            if i == index:
-                return frame.to_ndarray(format="rgb24")
-    return None
+            if i in indices:
+                found[i] = frame.to_ndarray(format="rgb24")
+                if len(found) == len(indices):
+                    break
+    return found
+
+
+def _decode_frame(name: str, path: Path) -> np.ndarray | None:
+    """Photograph ``name``'s frame of the video at ``path`` (None if the file has fewer frames); the
+    frames of every photograph of the same file and set are decoded together."""
+    same_set = next((s for s in (TRAINING_PHOTOS, VALIDATION_PHOTOS) if name in s), (name,))
+    indices = frozenset(
+        frame for n in same_set if (frame := PHOTOS[n].frame) is not None and PHOTOS[n].path == PHOTOS[name].path
+    )
+    return _decode_frames(path, indices).get(PHOTOS[name].frame)  # type: ignore[arg-type]
 
 
 def _read_rgb8(name: str) -> np.ndarray | None:
@@ -155,7 +170,7 @@ def _read_rgb8(name: str) -> np.ndarray | None:
     array, repeated over the channels) or one frame of a video."""
     photo, path = PHOTOS[name], photo_path(name)
     if photo.frame is not None and path.suffix != ".png":  # a staged frame is a PNG
-        return _decode_frame(path, photo.frame)
+        return _decode_frame(name, path)
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             grey = np.asarray(arrays[arrays.files[0]])
