@@ -22,6 +22,7 @@ from models.registry import create_model
 from models.streaming import as_stream
 from models.training.card import colour_map_text
 from models.training.colour_fit import (
+    ColourFit,
     colour_fit_of,
     frame_psnr,
     frame_stats,
@@ -109,7 +110,9 @@ def test_normal_equations_recover_a_planted_map() -> None:
 
 
 @pytest.mark.parametrize("name", ["most-nss-tiny", "r2-d4-tiny"])
-def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(name: str, tmp_path: Path) -> None:
+def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Targets made by a network whose colour map is known: fitting the same network without the map
     brings the held-out clip close to those targets, through ``vident fit-colour``; the fitted file
     loads with the map and records the fit."""
@@ -158,6 +161,29 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(name: str, t
     assert code == 0 and chosen is not None and chosen.chosen_on == str(val)
     assert chosen.chosen_psnr_after is not None and chosen.chosen_psnr_after > 40 > (chosen.chosen_psnr_before or 99)
     assert f"the validation split {val} (PSNR" in colour_map_text(read_metadata(tmp_path / "run2" / "last.safetensors"))
+    # a validation split whose targets are the network's own output without a map: every ridge lowers PSNR
+    # there, so "no map" is chosen and the file computes the network without one
+    capsys.readouterr()
+    bare = tmp_path / "val-bare"
+    for i in range(6, 8):
+        seq = render_sequence(SynthConfig(height=48, width=64, frames=3, noise="moderate"), seed=i)
+        own = np.stack([
+            np.clip(out[0][0].permute(1, 2, 0).numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
+            for out in _stream(plain, seq.input)
+        ])  # fmt: skip
+        write_sequence(replace(seq, target=own), bare / f"seq_{i:03d}")
+    (bare / "dataset.json").write_text(json.dumps({"generator": "vident synth", "split": "val"}))
+    code = vident(["fit-colour", str(weights), "--data", str(tmp_path / "fit"), "--out", str(tmp_path / "run3"),
+                   "--holdout", "2", "--frames", "3", "--choose-on", str(bare), "--quiet"])  # fmt: skip
+    meta3 = read_metadata(tmp_path / "run3" / "last.safetensors")
+    none = colour_fit_of(meta3)
+    assert code == 0 and none is not None and not none.kept and none.ridge is None
+    assert none.best_ridge_psnr is not None and none.chosen_psnr_before is not None
+    assert none.best_ridge_psnr < none.chosen_psnr_before == none.chosen_psnr_after
+    assert f"colour map not kept: every ridge lowered PSNR on {bare}" in capsys.readouterr().out
+    assert "left at zero" in colour_map_text(meta3)
+    kept, _ = load_model(str(tmp_path / "run3" / "last.safetensors"))
+    assert not any(t.abs().max() > 0 for t in kept.colour_transform.parameters())  # type: ignore[union-attr]
 
 
 def test_fit_colour_refuses_the_test_split_and_too_few_sequences(
@@ -203,15 +229,15 @@ def test_exported_colour_map_matches_torch_over_a_stream(
     assert report.within_fp32(), report.summary()
 
 
-def test_a_map_that_lowers_validation_psnr_is_flagged() -> None:
-    from types import SimpleNamespace
+def test_the_summary_names_the_ridge_or_says_the_map_was_not_kept() -> None:
+    from service.commands.fit_colour import fit_summary
 
-    from service.commands.fit_colour import lowering_warning
-
-    chosen = SimpleNamespace(chosen_on="data/val-a,data/val-b", chosen_psnr_before=20.72, chosen_psnr_after=20.40,
-                             holdout_psnr_before=17.0, holdout_psnr_after=18.0)  # fmt: skip
-    text = lowering_warning(chosen, "runs/x/last.safetensors")
-    assert text is not None and "data/val-a,data/val-b (20.72 -> 20.40 dB)" in text and "runs/x" in text
-    assert lowering_warning(SimpleNamespace(**{**vars(chosen), "chosen_psnr_after": 20.9}), "w") is None
-    held = SimpleNamespace(**{**vars(chosen), "chosen_on": None, "holdout_psnr_after": 16.5})
-    assert "the held-out sequences (17.00 -> 16.50 dB)" in (lowering_warning(held, "w") or "")
+    fit = ColourFit(data="data/cfit", fit_sequences=60, holdout_sequences=4, frames=6, ridge=0.1,
+                    fit_psnr_before=21.51, fit_psnr_after=22.13, holdout_psnr_before=21.21, holdout_psnr_after=21.98,
+                    chosen_on="data/val-a,data/val-b", chosen_psnr_before=20.30, chosen_psnr_after=20.72)  # fmt: skip
+    assert "ridge 0.1, chosen on data/val-a,data/val-b: PSNR 20.30 -> 20.72 dB there" in fit_summary(fit)
+    dropped = replace(fit, ridge=None, fit_psnr_after=21.51, holdout_psnr_after=21.21, chosen_psnr_before=20.72,
+                      chosen_psnr_after=20.72, best_ridge_psnr=20.40)  # fmt: skip
+    assert "every ridge lowered PSNR on data/val-a,data/val-b (20.72 -> 20.40 dB" in fit_summary(dropped)
+    held = replace(dropped, chosen_on=None, chosen_psnr_before=None, chosen_psnr_after=None, best_ridge_psnr=20.9)
+    assert "on the held-out sequences (21.21 -> 20.90 dB" in fit_summary(held)

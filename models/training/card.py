@@ -308,6 +308,11 @@ def chooser(fit: ColourFit) -> str:
 def colour_map_text(meta: dict[str, str]) -> str:
     """How the per-frame colour map of the restored frame was made, for a layout that has one."""
     fit = colour_fit_of(meta)
+    if fit is not None and not fit.kept:
+        where = "its held-out training sequences" if fit.chosen_on is None else f"the validation data ({fit.chosen_on})"
+        return ("Colour map: the layout has a per-frame colour map, left at zero: a least-squares fit (`vident "
+                f"fit-colour --data {fit.data}`) lowered PSNR on {where} at every ridge, so the restored frame is "
+                "the trunk's own.")  # fmt: skip
     made = ("solved by least squares given the trained network (`vident fit-colour --data "
             f"{fit.data}`: {fit.fit_sequences} training sequences x {fit.frames} frames, PSNR "
             f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on them, {fit.holdout_psnr_before:.2f} -> "

@@ -9,7 +9,9 @@ equations, accumulated from per-frame sufficient statistics (``[x; 1]``'s 4x4 Gr
 products with the residual): every pixel enters, and the held-out error of any solution is exact.
 The held-out sequences choose the ridge, or validation splits do (``choose_on``): a handful of
 held-out training clips can pick a ridge so small that the map's weights grow large, which fits the
-training cameras and amplifies any rounding of the statistics (a bf16 runtime's, say).
+training cameras and amplifies any rounding of the statistics (a bf16 runtime's, say). "No map" is
+one of the choices: where every ridge lowers PSNR on the sequences that choose, the map stays zero,
+which is the network without it.
 
 The map reads only what the trunk already computed, so MOST's mask and homography, and R2-D4's
 recurrent state, stay exactly as they were. Fit it after MOST's restoration filter (``vident
@@ -50,7 +52,7 @@ class ColourFit:
     fit_sequences: int
     holdout_sequences: int
     frames: int
-    ridge: float  # relative to the Gram matrix's mean diagonal; chosen on ``chosen_on`` or the held-out sequences
+    ridge: float | None  # relative to the Gram matrix's mean diagonal; None: no map (it lowered PSNR where chosen)
     fit_psnr_before: float
     fit_psnr_after: float
     holdout_psnr_before: float
@@ -58,6 +60,12 @@ class ColourFit:
     chosen_on: str | None = None  # validation splits that chose the ridge (None: the held-out sequences)
     chosen_psnr_before: float | None = None
     chosen_psnr_after: float | None = None
+    best_ridge_psnr: float | None = None  # the best ridge's PSNR where chosen, when no map was chosen over it
+
+    @property
+    def kept(self) -> bool:
+        """Whether the file carries the fitted map (False: every ridge lowered PSNR where chosen)."""
+        return self.ridge is not None
 
 
 @dataclass(frozen=True)
@@ -177,8 +185,10 @@ def fit_colour_transform(
         return float(np.mean([frame_psnr(s, theta) for s in stats]))
 
     chooser = [s for v in choose_on for p in find_sequences(v) for s in sequence_stats(model, p, frames)] or held
-    ridge = max(RIDGES, key=lambda r: mean_psnr(chooser, solve(fit, r)))
-    theta = solve(fit, ridge)
+    best = max(RIDGES, key=lambda r: mean_psnr(chooser, solve(fit, r)))
+    best_psnr = mean_psnr(chooser, solve(fit, best))
+    ridge = best if best_psnr >= mean_psnr(chooser, None) else None
+    theta = solve(fit, best) if ridge is not None else np.zeros((UNKNOWNS, 3))
     weight, bias = theta_to_linear(theta)
     layer = model.colour_transform
     assert layer is not None
@@ -198,6 +208,7 @@ def fit_colour_transform(
         chosen_on=",".join(str(v) for v in choose_on) or None,
         chosen_psnr_before=mean_psnr(chooser, None) if choose_on else None,
         chosen_psnr_after=mean_psnr(chooser, theta) if choose_on else None,
+        best_ridge_psnr=None if ridge is not None else best_psnr,
     )
 
 

@@ -8,6 +8,7 @@ test split::
     vident fit-colour runs/most-nss-filter/last.safetensors --data data/fit --out runs/most-nss-colour
 
 ``--choose-on`` lets validation splits choose the ridge instead of the held-out training sequences.
+"No map" is one of the choices: where every ridge lowers PSNR on them, the map stays zero.
 """
 
 from __future__ import annotations
@@ -37,29 +38,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot fit: {exc}")
         return 2
     out = save_fitted(model, meta, args.out, colour_fit=fit)
-    chosen = ("chosen on them" if fit.chosen_on is None else f"chosen on {fit.chosen_on}: PSNR "
-              f"{fit.chosen_psnr_before:.2f} -> {fit.chosen_psnr_after:.2f} dB there")  # fmt: skip
-    print(f"colour map fitted on {fit.fit_sequences} sequences x {fit.frames} frames: PSNR "
-          f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB; {fit.holdout_sequences} held-out sequences "
-          f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, {chosen})")
+    print(fit_summary(fit))
     print(f"wrote {out}: `vident ship {args.out} --name NAME` ships it with a measured card")
-    warning = lowering_warning(fit, weights)
-    if warning:
-        print(warning)
     return 0
 
 
-def lowering_warning(fit: ColourFit, weights: str) -> str | None:
-    """The best ridge can still lower PSNR on the data that chose it; then the network without the
-    map is the better file there, and shipping the map needs another reason."""
-    if fit.chosen_on is None:
-        before, after, where = fit.holdout_psnr_before, fit.holdout_psnr_after, "the held-out sequences"
-    else:
-        before, after, where = fit.chosen_psnr_before, fit.chosen_psnr_after, fit.chosen_on
-    if after >= before:
-        return None
-    return (f"warning: the map lowers PSNR on {where} ({before:.2f} -> {after:.2f} dB) at every ridge tried: "
-            f"there, {weights} without it is the better file")  # fmt: skip
+def fit_summary(fit: ColourFit) -> str:
+    """One line: what the fit did on the training sequences and on the data that chose the ridge;
+    when every ridge lowered PSNR there, that the map stays zero (the network without it)."""
+    where = "the held-out sequences" if fit.chosen_on is None else fit.chosen_on
+    if not fit.kept:
+        before = fit.holdout_psnr_before if fit.chosen_on is None else fit.chosen_psnr_before
+        best = fit.best_ridge_psnr
+        return (f"colour map not kept: every ridge lowered PSNR on {where} ({before:.2f} -> {best:.2f} dB at the "
+                "best one), so the map stays zero and the file computes what the network did without it")  # fmt: skip
+    chosen = ("chosen on them" if fit.chosen_on is None else f"chosen on {fit.chosen_on}: PSNR "
+              f"{fit.chosen_psnr_before:.2f} -> {fit.chosen_psnr_after:.2f} dB there")  # fmt: skip
+    return (f"colour map fitted on {fit.fit_sequences} sequences x {fit.frames} frames: PSNR "
+            f"{fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB; {fit.holdout_sequences} held-out sequences "
+            f"{fit.holdout_psnr_before:.2f} -> {fit.holdout_psnr_after:.2f} dB (ridge {fit.ridge:g}, "
+            f"{chosen})")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
