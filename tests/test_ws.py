@@ -321,7 +321,7 @@ def test_newest_frame_wins_and_drops_are_reported(frames: list[np.ndarray]) -> N
     backends: list[GatedBackend] = []
     with make_client(backends) as client:
         with client.websocket_connect("/v1/stream") as ws:
-            ws.receive_json()
+            assert ws.receive_json()["type"] == "hello"
             gated = backends[0]
             gated.gate.clear()
             gated.entered.clear()
@@ -354,7 +354,7 @@ def test_disconnect_mid_stream_releases_the_session(frames: list[np.ndarray]) ->
         manager.open = lambda *a: opened.append(weakref.ref(s := open_session(*a))) or s  # type: ignore[method-assign]
         for _ in range(3):
             with client.websocket_connect("/v1/stream") as ws:
-                ws.receive_json()
+                assert ws.receive_json()["type"] == "hello"
                 backends[0].gate.clear()
                 backends[0].entered.clear()
                 ws.send_bytes(png(frames[0]))
@@ -471,7 +471,7 @@ def test_frames_of_several_sessions_are_batched(frames: list[np.ndarray]) -> Non
         first, second, third = (s.__enter__() for s in sockets)
         try:
             for ws in (first, second, third):
-                ws.receive_json()
+                assert ws.receive_json()["type"] == "hello"
                 ws.send_text(json.dumps({"type": "config", "output_format": "png"}))
                 ws.receive_json()
             gated = backends[0]
