@@ -432,6 +432,25 @@ def test_idle_timeout() -> None:
         wait_sessions_closed(client)
 
 
+def test_the_idle_clock_starts_at_the_hello_not_while_the_model_loads() -> None:
+    """A session that waited for a slow model load (longer than the idle timeout) is not closed as idle
+    right after its hello: the client has had no time to send anything yet."""
+
+    def factory(name: str, runtime: str, device: str, precision: str, checkpoint: object) -> Backend:
+        time.sleep(1.5)  # a slow load: a large checkpoint, an engine build, a busy machine
+        return create_backend(name, "torch")
+
+    settings = Settings(model=TINY, backend="torch", idle_timeout_s=1.0, warmup_size="", preload=False,
+                        _env_file=None)  # fmt: skip
+    with TestClient(create_app(settings, backend_factory=factory)) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            assert ws.receive_json()["type"] == "hello"  # after the 1.5 s load
+            ws.send_text(json.dumps({"type": "ping", "data": 1}))
+            assert ws.receive_json() == {"type": "pong", "data": 1}
+            assert expect_close(ws, 4408)["code"] == "idle_timeout"  # the timeout itself still holds
+        wait_sessions_closed(client)
+
+
 def test_api_key(frames: list[np.ndarray]) -> None:
     with make_client(api_key="s3cret") as client:
         with client.websocket_connect("/v1/stream") as ws:

@@ -377,6 +377,7 @@ async def stream_socket(websocket: WebSocket) -> None:
         runner = SessionRunner(conn, session, loaded, settings, metrics)
         session.config.outputs = runner.image_outputs
         await conn.send(hello_message(session, loaded, settings))
+        session.touch()  # the idle clock starts now: the client could not send anything while the model loaded
         await runner.run()
     finally:
         state.sessions.close(session)
