@@ -62,7 +62,7 @@ for _frame in (0, 65, 131):
 PHOTOS["pywt-ascent"] = Photo("pywt", "PyWavelets", "data/ascent.npz")
 PHOTOS["pywt-aero"] = Photo("pywt", "PyWavelets", "data/aero.npz")
 # Validation only, from a source no training photograph shares (no camera, recording or package in
-# common): the five photographs SPORCO ships (768x512 but "barbara", 702x574), among them Kodak's
+# common): the five photographs SPORCO ships (768x512; "barbara" 702x574), among them Kodak's
 # parrots ("kodim23").
 for _name in ("barbara", "kodim23", "monarch", "sail", "tulips"):
     PHOTOS[f"sporco-{_name}"] = Photo("sporco", "sporco", f"data/{_name}.png")
