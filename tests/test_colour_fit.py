@@ -50,6 +50,17 @@ def _stream(model: torch.nn.Module, frames: np.ndarray) -> list[torch.Tensor]:
     return out
 
 
+def _write_targets_of(model: torch.nn.Module, seeds: range, folder: Path) -> None:
+    """Rendered sequences whose targets are ``model``'s own restored frames (8-bit), one folder each."""
+    for i in seeds:
+        seq = render_sequence(SynthConfig(height=48, width=64, frames=3, noise="moderate"), seed=i)
+        restored = np.stack([
+            np.clip(out[0][0].permute(1, 2, 0).numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
+            for out in _stream(model, seq.input)
+        ])  # fmt: skip
+        write_sequence(replace(seq, target=restored), folder / f"seq_{i:03d}")
+
+
 @pytest.mark.parametrize("name", ["most-nss-tiny", "r2-d4-tiny"])
 def test_the_added_colour_map_computes_the_same_function_and_records_its_layout(name: str) -> None:
     """Weights without the map convert to a zero map: the same outputs and state; a fitted map changes
@@ -129,13 +140,7 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(
     with torch.no_grad():
         layer.weight.normal_(std=0.02)
         layer.bias.copy_(torch.tensor([0.1, -0.05, 0, 0.05, 0.1, 0, 0, 0, -0.1, 0.02, -0.02, 0.01]))
-    for i in range(8):
-        seq = render_sequence(SynthConfig(height=48, width=64, frames=3, noise="moderate"), seed=i)
-        restored = np.stack([
-            np.clip(out[0][0].permute(1, 2, 0).numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
-            for out in _stream(model, seq.input)
-        ])  # fmt: skip
-        write_sequence(replace(seq, target=restored), tmp_path / "fit" / f"seq_{i:03d}")
+    _write_targets_of(model, range(8), tmp_path / "fit")
     weights = save_checkpoint(plain, tmp_path / "plain.safetensors", {"steps": "3"})
     code = vident(["fit-colour", str(weights), "--data", str(tmp_path / "fit"), "--out", str(tmp_path / "run"),
                    "--holdout", "2", "--frames", "3", "--quiet"])  # fmt: skip
@@ -165,13 +170,7 @@ def test_fit_colour_cli_recovers_a_planted_map_and_ships_its_record(
     # there, so "no map" is chosen and the file computes the network without one
     capsys.readouterr()
     bare = tmp_path / "val-bare"
-    for i in range(6, 8):
-        seq = render_sequence(SynthConfig(height=48, width=64, frames=3, noise="moderate"), seed=i)
-        own = np.stack([
-            np.clip(out[0][0].permute(1, 2, 0).numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
-            for out in _stream(plain, seq.input)
-        ])  # fmt: skip
-        write_sequence(replace(seq, target=own), bare / f"seq_{i:03d}")
+    _write_targets_of(plain, range(6, 8), bare)
     (bare / "dataset.json").write_text(json.dumps({"generator": "vident synth", "split": "val"}))
     code = vident(["fit-colour", str(weights), "--data", str(tmp_path / "fit"), "--out", str(tmp_path / "run3"),
                    "--holdout", "2", "--frames", "3", "--choose-on", str(bare), "--quiet"])  # fmt: skip

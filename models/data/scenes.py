@@ -168,12 +168,10 @@ def _decode_frames(path: Path, indices: frozenset[int]) -> dict[int, np.ndarray]
 
 def _decode_frame(name: str, path: Path) -> np.ndarray | None:
     """Photograph ``name``'s frame of the video at ``path`` (None if the file has fewer frames); the
-    frames of every photograph of the same file and set are decoded together."""
-    same_set = next((s for s in (TRAINING_PHOTOS, *VALIDATION_SETS.values()) if name in s), (name,))
-    indices = frozenset(
-        frame for n in same_set if (frame := PHOTOS[n].frame) is not None and PHOTOS[n].path == PHOTOS[name].path
-    )
-    return _decode_frames(path, indices).get(PHOTOS[name].frame)  # type: ignore[arg-type]
+    frames of every photograph of the same file are decoded together."""
+    photo = PHOTOS[name]
+    indices = frozenset(p.frame for p in PHOTOS.values() if p.frame is not None and p.path == photo.path)
+    return _decode_frames(path, indices).get(photo.frame)  # type: ignore[arg-type]
 
 
 def _read_rgb8(name: str) -> np.ndarray | None:

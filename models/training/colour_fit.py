@@ -185,10 +185,12 @@ def fit_colour_transform(
         return float(np.mean([frame_psnr(s, theta) for s in stats]))
 
     chooser = [s for v in choose_on for p in find_sequences(v) for s in sequence_stats(model, p, frames)] or held
-    best = max(RIDGES, key=lambda r: mean_psnr(chooser, solve(fit, r)))
-    best_psnr = mean_psnr(chooser, solve(fit, best))
-    ridge = best if best_psnr >= mean_psnr(chooser, None) else None
-    theta = solve(fit, best) if ridge is not None else np.zeros((UNKNOWNS, 3))
+    thetas = {r: solve(fit, r) for r in RIDGES}
+    scores = {r: mean_psnr(chooser, theta) for r, theta in thetas.items()}
+    without = mean_psnr(chooser, None)
+    best = max(RIDGES, key=scores.__getitem__)
+    ridge = best if scores[best] >= without else None
+    theta = thetas[best] if ridge is not None else np.zeros((UNKNOWNS, 3))
     weight, bias = theta_to_linear(theta)
     layer = model.colour_transform
     assert layer is not None
@@ -206,9 +208,9 @@ def fit_colour_transform(
         holdout_psnr_before=mean_psnr(held, None),
         holdout_psnr_after=mean_psnr(held, theta),
         chosen_on=",".join(str(v) for v in choose_on) or None,
-        chosen_psnr_before=mean_psnr(chooser, None) if choose_on else None,
-        chosen_psnr_after=mean_psnr(chooser, theta) if choose_on else None,
-        best_ridge_psnr=None if ridge is not None else best_psnr,
+        chosen_psnr_before=without if choose_on else None,
+        chosen_psnr_after=(scores[best] if ridge is not None else without) if choose_on else None,
+        best_ridge_psnr=None if ridge is not None else scores[best],
     )
 
 
