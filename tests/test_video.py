@@ -252,3 +252,26 @@ def test_truncated_and_corrupt_files(tmp_path: Path) -> None:
     (tmp_path / "cut.webm").write_bytes(data[: len(data) // 2])
     with open_video(tmp_path / "cut.webm") as source:
         assert 0 < len(list(source)) < 20
+
+
+@needs_display_matrix
+def test_rotated_clip_whose_first_packet_is_corrupt_still_decodes_upright(tmp_path: Path) -> None:
+    """The orientation is read from the first frame that decodes, not from the first packet: a portrait
+    clip whose first frame is lost keeps its upright size, and the loss is reported."""
+    frames = moving_frames(6, 48, 80)
+    clip = tmp_path / "phone.mp4"
+    with VideoWriter(clip, 80, 48, 25, options={"g": "1"}, display_rotation=-90) as writer:  # every frame a keyframe
+        for frame in frames:
+            writer.write(frame)
+    with av.open(str(clip)) as container:
+        first = next(p for p in container.demux(container.streams.video[0]) if p.size)
+        position, size = first.pos, first.size
+    data = bytearray(clip.read_bytes())
+    data[position : position + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "bad.mp4").write_bytes(bytes(data))
+    with open_video(tmp_path / "bad.mp4") as source:
+        decoded = list(source)
+    assert (source.info.width, source.info.height, source.info.rotation) == (48, 80, 270)
+    assert len(decoded) == 5 and "could not be decoded" in source.warnings[0]
+    for d, f in zip(decoded, frames[1:], strict=True):
+        assert best_turns(d.rgb, f)[0] == 3
