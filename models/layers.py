@@ -14,6 +14,8 @@ integers) converts with ``T^-1 H T``, ``T`` a translation by +0.5.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,6 +80,55 @@ def apply_colour_transform(restored: Tensor, params: Tensor) -> Tensor:
     offset = params[:, 9:].reshape(b, 3, 1, 1).to(restored.dtype)
     mapped = torch.matmul(matrix, restored.flatten(2)).reshape(restored.shape)
     return restored + mapped + offset
+
+
+# Per frame: the log noise level of the input's luma and the log size of what the network removed
+# from it (``detail_features``), the two things that say how much of the input's detail to give back.
+DETAIL_FEATURES = 2
+_LAPLACE_DIFFERENCE = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))
+
+
+def input_matched(frame: Tensor, restored: Tensor) -> Tensor:
+    """The input mapped onto the restored frame's colours, per channel and frame (the least-squares gain
+    and offset): the input's detail and noise in the output's colours."""
+    x_mean = frame.mean(dim=(2, 3), keepdim=True)
+    r_mean = restored.mean(dim=(2, 3), keepdim=True)
+    x = frame - x_mean
+    variance = (x * x).mean(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+    gain = (x * (restored - r_mean)).mean(dim=(2, 3), keepdim=True) / variance
+    return gain * x + r_mean
+
+
+def detail_features(frame: Tensor, matched: Tensor, restored: Tensor) -> Tensor:
+    """(b, DETAIL_FEATURES) float32: log of the input luma's noise level (Immerkaer 1996: the mean absolute
+    response to a Laplacian difference, which cancels smooth image structure) and log of the standard
+    deviation of what the network removed (``matched - restored``), both in 0-255 units."""
+    with torch.autocast(frame.device.type, enabled=False):
+        weights = frame.new_tensor((0.299, 0.587, 0.114), dtype=torch.float32).reshape(1, 3, 1, 1)
+        y = (frame.float() * weights).sum(dim=1, keepdim=True) * 255.0
+        kernel = y.new_tensor(_LAPLACE_DIFFERENCE).reshape(1, 1, 3, 3)
+        noise = F.conv2d(y, kernel).abs().mean(dim=(1, 2, 3)) * (math.sqrt(math.pi / 2) / 6)
+        removed = (matched.float() - restored.float()).flatten(1).std(dim=1) * 255.0
+        return torch.stack((noise.clamp_min(0.05).log(), removed.clamp_min(0.05).log()), dim=1)
+
+
+def detail_return_state(state: dict[str, Tensor], add: bool) -> dict[str, Tensor]:
+    """Weights with a zero detail gate added (``add``) or the gate removed, which must then be zero."""
+    if add:
+        return {**state, "detail_gate.weight": torch.zeros(1, DETAIL_FEATURES), "detail_gate.bias": torch.zeros(1)}
+    if any(state[f"detail_gate.{p}"].any() for p in ("weight", "bias")):
+        raise ValueError("detail_gate not zero: the fitted detail return would be lost by removing it")
+    return {k: v for k, v in state.items() if not k.startswith("detail_gate.")}
+
+
+def apply_detail_return(frame: Tensor, restored: Tensor, gate: nn.Linear) -> tuple[Tensor, Tensor]:
+    """``restored + a (matched - restored)`` per frame, ``a = clamp(gate(features), 0, 1)``: a share of the
+    input's own detail given back, in the output's colours. Returns the frame and the features."""
+    matched = input_matched(frame.float(), restored.float())
+    features = detail_features(frame, matched, restored)
+    share = gate(features).clamp(0.0, 1.0).reshape(-1, 1, 1, 1)
+    out = restored.float() + share * (matched - restored.float())
+    return out.to(restored.dtype), features
 
 
 class MECA(nn.Module):

@@ -27,13 +27,16 @@ from torch import Tensor, nn
 
 from models.layers import (
     COLOUR_FEATURES,
+    DETAIL_FEATURES,
     ResBlock,
     SqueezeExcitation,
     apply_colour_transform,
+    apply_detail_return,
     colour_features,
     colour_transform_state,
     conv1x1,
     conv3x3,
+    detail_return_state,
     identity_homography,
     offsets_to_homography,
     rescale_homography,
@@ -143,6 +146,14 @@ class MostConfig:
     # the scale-1 loss trains it. It starts at zero, the same function as without it; False rebuilds
     # checkpoints made before it.
     colour_transform: bool = False
+    # A share of the input's own detail given back after the colour map, per frame: restored + a (x~ -
+    # restored), x~ the input mapped onto the output's colours per channel, a = clamp(linear(f), 0, 1)
+    # from the input's noise level and the size of what the network removed (``detail_features``). The
+    # heads smooth clean and lightly compressed frames of content unlike training's; the input's detail is
+    # what they lost. ``vident fit-detail`` solves the gate by least squares on training clips; training
+    # does not move it. It starts at zero, the same function as without it; False rebuilds checkpoints
+    # made before it.
+    detail_return: bool = False
 
     def __post_init__(self) -> None:
         factors = [f for f, _ in self.homography_refine]
@@ -433,6 +444,7 @@ class MostNet(nn.Module):
         )
         self.homography_heads = nn.ModuleDict({str(s): HomographyHead(cfg.channels(s), s, cfg) for s in st.homography})
         self.colour_transform = zero_linear(nn.Linear(COLOUR_FEATURES, 12)) if cfg.colour_transform else None
+        self.detail_gate = zero_linear(nn.Linear(DETAIL_FEATURES, 1)) if cfg.detail_return else None
         self.spec = ModelSpec(
             name=name,
             outputs=(
@@ -477,6 +489,7 @@ class MostNet(nn.Module):
             "homography_refine_prior_scale": self.cfg.homography_refine_prior_scale,
             "homography_refine_frames": self.cfg.homography_refine_frames,
             "colour_transform": str(int(self.cfg.colour_transform)),
+            "detail_return": str(int(self.cfg.detail_return)),
         }
 
     def step(
@@ -602,6 +615,10 @@ class MostNet(nn.Module):
             final_restored = apply_colour_transform(final_restored, self.colour_transform(features))
             if 1 in restored:  # the scale-1 loss then trains the map with the rest
                 restored[1] = final_restored
+        if self.detail_gate is not None:  # after the losses' frame: fitted, not trained
+            intermediates["restored_before_detail"] = final_restored
+            final_restored, features = apply_detail_return(frame, final_restored, self.detail_gate)
+            intermediates["detail_features"] = features
         step = MostStep(
             restored=restored,
             mask_logits=mask_logits,
@@ -626,11 +643,11 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
 # appeared with its option. Version 2 added the photometric homography refinement, 3 its prior, 4 the
-# prior's scale, 5 the frames it matches, 6 the colour map.
+# prior's scale, 5 the frames it matches, 6 the colour map, 7 the detail return.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
@@ -641,6 +658,7 @@ LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_refine_prior_scale": (4, "hessian", str),
     "homography_refine_frames": (5, "restored", str),
     "colour_transform": (6, "0", lambda text: text == "1"),
+    "detail_return": (7, "0", lambda text: text == "1"),
 }
 
 
@@ -653,8 +671,8 @@ def checkpoint_filter_fn(
     ``into``: the weights converted to that config's layout instead (``vident train --init-from``), where a
     conversion computes the same function: global to corner pooling (``corner_pooled_state``), heads
     that read B^s (``input_fed_restoration_state``), input filters added, resized or removed while they
-    are zero (``filtered_restoration_state``), the colour map added, or removed while it is zero. Other
-    changes, and another structure, raise."""
+    are zero (``filtered_restoration_state``), the colour map or the detail gate added, or removed while
+    zero. Other changes, and another structure, raise."""
     version = int(metadata.get("layout_version", "0"))
     if version > LAYOUT_VERSION:
         raise ValueError(f"layout version {version} is newer than this code reads ({LAYOUT_VERSION})")
@@ -695,6 +713,8 @@ def checkpoint_filter_fn(
             state = filtered_restoration_state(state, wanted["restoration_filter"])  # type: ignore[arg-type]
     if made["colour_transform"] != wanted["colour_transform"]:
         state = colour_transform_state(state, add=bool(wanted["colour_transform"]))
+    if made["detail_return"] != wanted["detail_return"]:
+        state = detail_return_state(state, add=bool(wanted["detail_return"]))
     return wanted, state
 
 

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.fit_filter",
     "service.commands.fit_homography",
     "service.commands.fit_colour",
+    "service.commands.fit_detail",
     "service.commands.ship",
     "service.commands.serve",
     "service.commands.worker",

@@ -45,6 +45,7 @@ LAYOUT_OPTIONS = (
     "homography_refine_prior_scale",
     "homography_refine_frames",
     "colour_transform",
+    "detail_return",
 )
 
 

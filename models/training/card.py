@@ -16,6 +16,7 @@ from models.checkpoints import CHECKPOINT_DIR, checkpoint_config, read_metadata
 from models.hardware import cpu_model
 from models.most import TASKS, Structure
 from models.training.colour_fit import ColourFit, colour_fit_of
+from models.training.detail_fit import DetailFit, detail_fit_of
 from models.training.filter_fit import filter_fit_of
 from models.training.trainer import recorded_prior
 
@@ -182,6 +183,8 @@ def write_card(
         ]
     if meta.get("colour_transform") == "1":
         parts += ["", colour_map_text(meta)]
+    if meta.get("detail_return") == "1":
+        parts += ["", detail_return_text(meta)]
     parts += [
         "",
         "## Evaluation",
@@ -296,7 +299,7 @@ def filter_text(meta: dict[str, str], kernel: int) -> str:
             f"them{held})")  # fmt: skip
 
 
-def chooser(fit: ColourFit) -> str:
+def chooser(fit: ColourFit | DetailFit) -> str:
     if fit.chosen_on is None:
         return "which chose"
     splits = fit.chosen_on.split(",")
@@ -320,6 +323,22 @@ def colour_map_text(meta: dict[str, str]) -> str:
             f"{fit.ridge:g})" if fit is not None else "trained with the network")  # fmt: skip
     return ("Colour map: the restored frame is mapped by a 3x4 colour matrix per frame, read linearly from the "
             f"frame's colour statistics (docs/models.md); its weights were {made}.")  # fmt: skip
+
+
+def detail_return_text(meta: dict[str, str]) -> str:
+    """How the per-frame detail return was made, for a layout that has one."""
+    fit = detail_fit_of(meta)
+    if fit is None or not fit.kept:
+        how = "" if fit is None else f": a least-squares fit (`vident fit-detail --data {fit.data}`) lowered PSNR"
+        return (f"Detail return: the layout has a per-frame detail gate, left at zero{how}, so no input detail "
+                "is given back.")  # fmt: skip
+    return ("Detail return: after the colour map, a share of the input's own detail (the input mapped onto the "
+            "output's colours) is given back per frame, read linearly from the input's noise level and the size of "
+            "what the network removed (docs/models.md); the gate was solved by least squares given the network "
+            f"(`vident fit-detail --data {fit.data}`: {fit.fit_sequences} training sequences x {fit.frames} frames, "
+            f"PSNR {fit.fit_psnr_before:.2f} -> {fit.fit_psnr_after:.2f} dB on them, {fit.holdout_psnr_before:.2f} -> "
+            f"{fit.holdout_psnr_after:.2f} dB on {fit.holdout_sequences} held-out ones, {chooser(fit)} the ridge "
+            f"{fit.ridge:g}; mean share {fit.mean_share:.2f} there).")  # fmt: skip
 
 
 def refine_text(

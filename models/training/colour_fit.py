@@ -23,9 +23,10 @@ report what the map does there.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,14 +46,15 @@ UNKNOWNS = 4 * (COLOUR_FEATURES + 1)  # per output channel
 
 
 @dataclass(frozen=True)
-class ColourFit:
-    """What a fit did (PSNR in dB, unclipped, on 0-1 frames); stored in the checkpoint's metadata as JSON."""
+class FitRecord:
+    """What a least-squares fit with a chosen ridge did (PSNR in dB, unclipped, on 0-1 frames); stored in the
+    checkpoint's metadata as JSON."""
 
     data: str
     fit_sequences: int
     holdout_sequences: int
     frames: int
-    ridge: float | None  # relative to the Gram matrix's mean diagonal; None: no map (it lowered PSNR where chosen)
+    ridge: float | None  # relative to the Gram matrix's mean diagonal; None: nothing kept (it lowered PSNR)
     fit_psnr_before: float
     fit_psnr_after: float
     holdout_psnr_before: float
@@ -60,12 +62,18 @@ class ColourFit:
     chosen_on: str | None = None  # validation splits that chose the ridge (None: the held-out sequences)
     chosen_psnr_before: float | None = None
     chosen_psnr_after: float | None = None
-    best_ridge_psnr: float | None = None  # the best ridge's PSNR where chosen, when no map was chosen over it
 
     @property
     def kept(self) -> bool:
-        """Whether the file carries the fitted map (False: every ridge lowered PSNR where chosen)."""
+        """Whether the file carries the fitted part (False: every ridge lowered PSNR where chosen)."""
         return self.ridge is not None
+
+
+@dataclass(frozen=True)
+class ColourFit(FitRecord):
+    """A colour map's fit."""
+
+    best_ridge_psnr: float | None = None  # the best ridge's PSNR where chosen, when no map was chosen over it
 
 
 @dataclass(frozen=True)
@@ -169,15 +177,9 @@ def fit_colour_transform(
 ) -> ColourFit:
     """Solve the colour map in place; returns the fit's record. ``choose_on``: validation splits
     (``vident synth --split val``) whose sequences choose the ridge instead of the held-out ones."""
-    for split in choose_on:
-        if (kind := dataset_split(split)) != "val":
-            raise ValueError(f"{split}: the ridge is chosen on validation splits (--split val), not a {kind!r} split")
     if not model.cfg.colour_transform:
         raise ValueError("the network has no colour map: load it with load_for_colour_fit")
-    paths = find_sequences(data)
-    if len(paths) <= holdout or holdout < 1:
-        raise ValueError(f"{data}: {len(paths)} sequences; --holdout must be >= 1 and leave some to fit")
-    fit_paths, holdout_paths = paths[: len(paths) - holdout], paths[len(paths) - holdout :]
+    fit_paths, holdout_paths = split_fit_data(data, holdout, choose_on)
     fit = [s for p in tqdm(fit_paths, desc="fit clips", disable=not progress) for s in sequence_stats(model, p, frames)]
     held = [s for p in holdout_paths for s in sequence_stats(model, p, frames)]
 
@@ -198,20 +200,51 @@ def fit_colour_transform(
         layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
         layer.bias.copy_(torch.from_numpy(bias).to(layer.bias))
     return ColourFit(
-        data=str(data),
-        fit_sequences=len(fit_paths),
-        holdout_sequences=len(holdout_paths),
-        frames=frames,
-        ridge=ridge,
-        fit_psnr_before=mean_psnr(fit, None),
-        fit_psnr_after=mean_psnr(fit, theta),
-        holdout_psnr_before=mean_psnr(held, None),
-        holdout_psnr_after=mean_psnr(held, theta),
-        chosen_on=",".join(str(v) for v in choose_on) or None,
-        chosen_psnr_before=without if choose_on else None,
-        chosen_psnr_after=(scores[best] if ridge is not None else without) if choose_on else None,
+        **fit_record(data, (fit_paths, holdout_paths), frames, ridge, mean_psnr, (fit, held, chooser), choose_on,
+                     theta),
         best_ridge_psnr=None if ridge is not None else scores[best],
     )
+
+
+def split_fit_data(data: Path, holdout: int, choose_on: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """``data``'s sequences to fit on and the last ``holdout`` ones; refuses choosers that are not
+    validation splits (shared by the least-squares fits whose ridge a split may choose)."""
+    for split in choose_on:
+        if (kind := dataset_split(split)) != "val":
+            raise ValueError(f"{split}: the ridge is chosen on validation splits (--split val), not a {kind!r} split")
+    paths = find_sequences(data)
+    if len(paths) <= holdout or holdout < 1:
+        raise ValueError(f"{data}: {len(paths)} sequences; --holdout must be >= 1 and leave some to fit")
+    return paths[: len(paths) - holdout], paths[len(paths) - holdout :]
+
+
+def fit_record(
+    data: Path,
+    paths: tuple[list[Path], list[Path]],
+    frames: int,
+    ridge: float | None,
+    score: Callable[[list[Any], Any], float],
+    stats: tuple[list[Any], list[Any], list[Any]],
+    choose_on: Sequence[Path],
+    solution: object,
+) -> dict[str, Any]:
+    """The record fields the least-squares fits share: sizes, the ridge, and mean PSNR (``score``) without
+    and with ``solution`` on the fit's, the held-out and the choosing frames' statistics."""
+    fit, held, chooser = stats
+    return {
+        "data": str(data),
+        "fit_sequences": len(paths[0]),
+        "holdout_sequences": len(paths[1]),
+        "frames": frames,
+        "ridge": ridge,
+        "fit_psnr_before": score(fit, None),
+        "fit_psnr_after": score(fit, solution),
+        "holdout_psnr_before": score(held, None),
+        "holdout_psnr_after": score(held, solution),
+        "chosen_on": ",".join(str(v) for v in choose_on) or None,
+        "chosen_psnr_before": score(chooser, None) if choose_on else None,
+        "chosen_psnr_after": score(chooser, solution) if choose_on else None,
+    }
 
 
 def colour_fit_of(meta: dict[str, str]) -> ColourFit | None:

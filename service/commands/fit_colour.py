@@ -14,16 +14,33 @@ test split::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from models.training.colour_fit import ColourFit
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.data.format import DataFormatError
     from models.training.colour_fit import fit_colour_transform, load_for_colour_fit
+
+    return run_fit(args, load_for_colour_fit, fit_colour_transform, "colour_fit", fit_summary)
+
+
+def run_fit(
+    args: argparse.Namespace,
+    load: Callable[[Path], tuple[torch.nn.Module, dict[str, str]]],
+    fit_in_place: Callable[..., object],
+    record: str,
+    summary: Callable[[Any], str],
+) -> int:
+    """What ``fit-colour`` and ``fit-detail`` share: load the checkpoint with the part to fit, solve it in
+    place on ``args.data`` (the ridge chosen on the held-out sequences or ``args.choose_on``), save the run
+    folder with the fit's record under ``record`` and print ``summary(fit)``."""
+    from models.data.format import DataFormatError
     from models.training.filter_fit import save_fitted
     from service.commands.fit_filter import fit_source
 
@@ -31,14 +48,14 @@ def run(args: argparse.Namespace) -> int:
     if weights is None:
         return 2
     try:
-        model, meta = load_for_colour_fit(weights)
-        fit = fit_colour_transform(model, args.data, frames=args.frames, holdout=args.holdout,
-                                   progress=not args.quiet, choose_on=args.choose_on)  # fmt: skip
+        model, meta = load(weights)
+        fit = fit_in_place(model, args.data, frames=args.frames, holdout=args.holdout,
+                           progress=not args.quiet, choose_on=args.choose_on)  # fmt: skip
     except (ValueError, DataFormatError, FileNotFoundError) as exc:
         print(f"cannot fit: {exc}")
         return 2
-    out = save_fitted(model, meta, args.out, colour_fit=fit)
-    print(fit_summary(fit))
+    out = save_fitted(model, meta, args.out, **{record: fit})
+    print(summary(fit))
     print(f"wrote {out}: `vident ship {args.out} --name NAME` ships it with a measured card")
     return 0
 
@@ -62,7 +79,13 @@ def fit_summary(fit: ColourFit) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fit-colour", help="least-squares fit of a network's per-frame colour map (MOST, R2-D4)")
-    p.add_argument("weights", help="MOST or R2-D4 checkpoint (.safetensors) or shipped model name")
+    add_fit_arguments(p, "MOST or R2-D4")
+    p.set_defaults(func=run)
+
+
+def add_fit_arguments(p: argparse.ArgumentParser, families: str) -> None:
+    """The arguments ``fit-colour`` and ``fit-detail`` share."""
+    p.add_argument("weights", help=f"{families} checkpoint (.safetensors) or shipped model name")
     p.add_argument("--data", type=Path, required=True,
                    help="labelled training sequences (`vident synth --split train`)")
     p.add_argument("--out", type=Path, required=True, help="run folder to write last.safetensors to")
@@ -72,4 +95,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--choose-on", type=Path, nargs="+", default=[], metavar="VAL",
                    help="validation splits (`vident synth --split val`) that choose the ridge instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
