@@ -727,7 +727,8 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # The layout each registered name builds is the one its shipped checkpoint has
 # (models/checkpoints/<name>.safetensors), so ``create_model(name)`` loads it strictly and ``vident info``
 # counts what users run; tiny variants follow their big siblings. Both ship the filter, the photometric
-# refinement and the colour map, not the input; most-net's weights were made before corner pooling. The
+# refinement and the colour map, not the input, and most-nss the detail return; most-net's weights were
+# made before corner pooling. The
 # refinement's levels and prior were chosen for most-nss on held-out sequences of a training split
 # (docs/experiments.md) and most-net uses the same.
 MOST_NET = MostConfig(
@@ -741,7 +742,7 @@ MOST_NET = MostConfig(
     homography_refine_frames="restored+input",
     colour_transform=True,
 )
-MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners")
+MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners", detail_return=True)
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {
         "most-net": MOST_NET,
