@@ -85,7 +85,6 @@ def apply_colour_transform(restored: Tensor, params: Tensor) -> Tensor:
 # Per frame: the log noise level of the input's luma and the log size of what the network removed
 # from it (``detail_features``), the two things that say how much of the input's detail to give back.
 DETAIL_FEATURES = 2
-_LAPLACE_DIFFERENCE = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))
 
 
 def input_matched(frame: Tensor, restored: Tensor) -> Tensor:
@@ -104,10 +103,12 @@ def detail_features(frame: Tensor, matched: Tensor, restored: Tensor) -> Tensor:
     response to a Laplacian difference, which cancels smooth image structure) and log of the standard
     deviation of what the network removed (``matched - restored``), both in 0-255 units."""
     with torch.autocast(frame.device.type, enabled=False):
-        weights = frame.new_tensor((0.299, 0.587, 0.114), dtype=torch.float32).reshape(1, 3, 1, 1)
-        y = (frame.float() * weights).sum(dim=1, keepdim=True) * 255.0
-        kernel = y.new_tensor(_LAPLACE_DIFFERENCE).reshape(1, 1, 3, 3)
-        noise = F.conv2d(y, kernel).abs().mean(dim=(1, 2, 3)) * (math.sqrt(math.pi / 2) / 6)
+        # Python-float weights and slices, no tensor from host data (CUDA-graph capture of the step).
+        r, g, b = frame.float().split(1, dim=1)
+        y = (0.299 * r + 0.587 * g + 0.114 * b) * 255.0
+        across = y[:, :, :, :-2] - 2.0 * y[:, :, :, 1:-1] + y[:, :, :, 2:]
+        laplace = across[:, :, :-2] - 2.0 * across[:, :, 1:-1] + across[:, :, 2:]  # the 3x3 kernel, separated
+        noise = laplace.abs().mean(dim=(1, 2, 3)) * (math.sqrt(math.pi / 2) / 6)
         removed = (matched.float() - restored.float()).flatten(1).std(dim=1) * 255.0
         return torch.stack((noise.clamp_min(0.05).log(), removed.clamp_min(0.05).log()), dim=1)
 

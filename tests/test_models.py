@@ -28,11 +28,11 @@ TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 # counts the layout it ships (both: 5x5 input filters and the colour map; most-net: global pooling).
 PARAMETERS = {
     "most-net": 9_188_566,
-    "most-nss": 5_857_230,
+    "most-nss": 5_857_233,  # with the detail gate (3)
     "r2-d4": 4_532_324,
     "r2-d3": 3_744_113,
     "most-net-tiny": 238_322,
-    "most-nss-tiny": 175_910,
+    "most-nss-tiny": 175_913,
     "r2-d4-tiny": 94_636,
 }
 
