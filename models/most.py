@@ -728,9 +728,8 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # (models/checkpoints/<name>.safetensors), so ``create_model(name)`` loads it strictly and ``vident info``
 # counts what users run; tiny variants follow their big siblings. Both ship the filter, the photometric
 # refinement and the colour map, not the input, and most-nss the detail return; most-net's weights were
-# made before corner pooling. The
-# refinement's levels and prior were chosen for most-nss on held-out sequences of a training split
-# (docs/experiments.md) and most-net uses the same.
+# made before corner pooling. The refinement's levels and prior were chosen for most-nss on held-out
+# sequences of a training split (docs/experiments.md) and most-net uses the same.
 MOST_NET = MostConfig(
     structure=MOST_NET_STRUCTURE,
     homography_pool="global",
