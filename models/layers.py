@@ -61,15 +61,23 @@ def colour_features(frame: Tensor, restored: Tensor) -> Tensor:
         return torch.cat((*stats, cov / (scale + 1e-6)), dim=1)
 
 
-def colour_transform_state(state: dict[str, Tensor], add: bool) -> dict[str, Tensor]:
-    """Weights with a zero colour map added (``add``) or the map removed, which must then be zero:
-    both compute the same function (each family's ``checkpoint_filter_fn`` converts with it)."""
+def zero_layer_state(
+    state: dict[str, Tensor], layer: str, shapes: dict[str, tuple[int, ...]], add: bool, what: str
+) -> dict[str, Tensor]:
+    """Weights with a zero linear ``layer`` (parameter name -> shape) added (``add``), or the layer removed,
+    which must then be zero: both compute the same function (the colour map, the detail gate; each
+    family's ``checkpoint_filter_fn`` converts with it). ``what`` names the layer in the refusal."""
     if add:
-        return {**state, "colour_transform.weight": torch.zeros(12, COLOUR_FEATURES),
-                "colour_transform.bias": torch.zeros(12)}  # fmt: skip
-    if any(state[f"colour_transform.{p}"].any() for p in ("weight", "bias")):
-        raise ValueError("colour_transform not zero: the fitted colour map would be lost by removing it")
-    return {k: v for k, v in state.items() if not k.startswith("colour_transform.")}
+        return {**state, **{f"{layer}.{name}": torch.zeros(shape) for name, shape in shapes.items()}}
+    if any(state[f"{layer}.{name}"].any() for name in shapes):
+        raise ValueError(f"{layer} not zero: the fitted {what} would be lost by removing it")
+    return {k: v for k, v in state.items() if not k.startswith(f"{layer}.")}
+
+
+def colour_transform_state(state: dict[str, Tensor], add: bool) -> dict[str, Tensor]:
+    """Weights with a zero colour map added (``add``) or the map removed, which must then be zero."""
+    shapes = {"weight": (12, COLOUR_FEATURES), "bias": (12,)}
+    return zero_layer_state(state, "colour_transform", shapes, add, "colour map")
 
 
 def apply_colour_transform(restored: Tensor, params: Tensor) -> Tensor:
@@ -115,11 +123,7 @@ def detail_features(frame: Tensor, matched: Tensor, restored: Tensor) -> Tensor:
 
 def detail_return_state(state: dict[str, Tensor], add: bool) -> dict[str, Tensor]:
     """Weights with a zero detail gate added (``add``) or the gate removed, which must then be zero."""
-    if add:
-        return {**state, "detail_gate.weight": torch.zeros(1, DETAIL_FEATURES), "detail_gate.bias": torch.zeros(1)}
-    if any(state[f"detail_gate.{p}"].any() for p in ("weight", "bias")):
-        raise ValueError("detail_gate not zero: the fitted detail return would be lost by removing it")
-    return {k: v for k, v in state.items() if not k.startswith("detail_gate.")}
+    return zero_layer_state(state, "detail_gate", {"weight": (1, DETAIL_FEATURES), "bias": (1,)}, add, "detail return")
 
 
 def apply_detail_return(frame: Tensor, restored: Tensor, gate: nn.Linear) -> tuple[Tensor, Tensor]:

@@ -200,8 +200,8 @@ def fit_colour_transform(
         layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
         layer.bias.copy_(torch.from_numpy(bias).to(layer.bias))
     return ColourFit(
-        **fit_record(data, (fit_paths, holdout_paths), frames, ridge, mean_psnr, (fit, held, chooser), choose_on,
-                     theta),
+        **fit_record(data, (fit_paths, holdout_paths), frames, ridge, mean_psnr, (fit, held), theta, choose_on,
+                     (without, scores[best] if ridge is not None else without)),
         best_ridge_psnr=None if ridge is not None else scores[best],
     )
 
@@ -224,13 +224,15 @@ def fit_record(
     frames: int,
     ridge: float | None,
     score: Callable[[list[Any], Any], float],
-    stats: tuple[list[Any], list[Any], list[Any]],
-    choose_on: Sequence[Path],
+    stats: tuple[list[Any], list[Any]],
     solution: object,
+    choose_on: Sequence[Path],
+    chosen_psnr: tuple[float, float],
 ) -> dict[str, Any]:
     """The record fields the least-squares fits share: sizes, the ridge, and mean PSNR (``score``) without
-    and with ``solution`` on the fit's, the held-out and the choosing frames' statistics."""
-    fit, held, chooser = stats
+    and with ``solution`` on the fit's and the held-out frames' statistics; ``chosen_psnr`` is the same pair
+    on the choosing frames, which the fit has already scored to choose the ridge."""
+    fit, held = stats
     return {
         "data": str(data),
         "fit_sequences": len(paths[0]),
@@ -242,8 +244,8 @@ def fit_record(
         "holdout_psnr_before": score(held, None),
         "holdout_psnr_after": score(held, solution),
         "chosen_on": ",".join(str(v) for v in choose_on) or None,
-        "chosen_psnr_before": score(chooser, None) if choose_on else None,
-        "chosen_psnr_after": score(chooser, solution) if choose_on else None,
+        "chosen_psnr_before": chosen_psnr[0] if choose_on else None,
+        "chosen_psnr_after": chosen_psnr[1] if choose_on else None,
     }
 
 

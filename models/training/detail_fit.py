@@ -145,7 +145,8 @@ def fit_detail_return(
         layer.weight.copy_(torch.from_numpy(weights[:-1]).reshape(1, -1).to(layer.weight))
         layer.bias.copy_(torch.from_numpy(weights[-1:]).to(layer.bias))
     return DetailFit(
-        **fit_record(data, (fit_paths, holdout_paths), frames, ridge, mean_psnr, (fit, held, chooser), choose_on, w),
+        **fit_record(data, (fit_paths, holdout_paths), frames, ridge, mean_psnr, (fit, held), w, choose_on,
+                     (without, scores[best] if ridge is not None else without)),
         mean_share=float(np.mean([s.share(w) for s in chooser])),
     )
 
