@@ -20,14 +20,17 @@ from torch import Tensor, nn
 
 from models.layers import (
     COLOUR_FEATURES,
+    DETAIL_FEATURES,
     MSRDM,
     RDB,
     DeformableAlignment,
     apply_colour_transform,
+    apply_detail_return,
     colour_features,
     colour_transform_state,
     conv1x1,
     conv3x3,
+    detail_return_state,
     zero_linear,
 )
 from models.registry import register_model
@@ -49,6 +52,10 @@ class R2D4Config:
     # fitted by ``vident fit-colour``, trained by the restoration loss. The recurrent state keeps the
     # frame before it, so the map never changes what the trunk sees. False rebuilds older checkpoints.
     colour_transform: bool = False
+    # A share of the input's own detail given back after the colour map, per frame, as MOST's
+    # (``MostConfig.detail_return``): fitted by ``vident fit-detail``, seen by no loss, kept out of the
+    # recurrent state. False rebuilds older checkpoints.
+    detail_return: bool = False
 
 
 class R2D4Encoder(nn.Module):
@@ -127,6 +134,7 @@ class R2D4(nn.Module):
         self.denoise_decoder = Decoder(cfg.fusion_channels, cfg)
         self.deblur_decoder = Decoder(cfg.fusion_channels, cfg) if cfg.two_stage else None
         self.colour_transform = zero_linear(nn.Linear(COLOUR_FEATURES, 12)) if cfg.colour_transform else None
+        self.detail_gate = zero_linear(nn.Linear(DETAIL_FEATURES, 1)) if cfg.detail_return else None
         self.spec = ModelSpec(
             name=name,
             outputs=(
@@ -142,7 +150,11 @@ class R2D4(nn.Module):
 
     def layout_metadata(self) -> dict[str, str]:
         """What a checkpoint records of the layout (the name fixes the rest); see :func:`checkpoint_filter_fn`."""
-        return {"layout_version": str(LAYOUT_VERSION), "colour_transform": str(int(self.cfg.colour_transform))}
+        return {
+            "layout_version": str(LAYOUT_VERSION),
+            "colour_transform": str(int(self.cfg.colour_transform)),
+            "detail_return": str(int(self.cfg.detail_return)),
+        }
 
     def step(
         self, frame: Tensor, reset: Tensor, state: dict[str, Tensor]
@@ -154,8 +166,9 @@ class R2D4(nn.Module):
         self, frame: Tensor, reset: Tensor, state: dict[str, Tensor], scales: tuple[int, ...] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
         """:meth:`step` that also returns, with ``cfg.colour_transform``, the ``colour_features`` and the
-        ``restored_before_colour`` frame the colour map reads (MOST's names, for ``vident fit-colour``).
-        ``scales`` is MOST's; R2-D4 has one scale and takes None only."""
+        ``restored_before_colour`` frame the colour map reads (MOST's names, for ``vident fit-colour``), and
+        with ``cfg.detail_return`` the ``restored_before_detail`` frame and its ``detail_features`` (for
+        ``vident fit-detail``). ``scales`` is MOST's; R2-D4 has one scale and takes None only."""
         if scales is not None:
             raise ValueError("R2-D4 decodes one scale: scales must be None")
         keep = 1.0 - reset
@@ -179,6 +192,10 @@ class R2D4(nn.Module):
             features = colour_features(frame, restored)
             intermediates = {"colour_features": features, "restored_before_colour": restored}
             restored = apply_colour_transform(restored, self.colour_transform(features))
+        if self.detail_gate is not None:  # after the losses' frame: fitted, not trained
+            intermediates["restored_before_detail"] = restored
+            restored, features = apply_detail_return(frame, restored, self.detail_gate)
+            intermediates["detail_features"] = features
         return {"restored": restored, "denoised": denoised}, new_state, intermediates
 
     def forward(self, frame: Tensor, reset: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
@@ -192,8 +209,9 @@ class R2D4(nn.Module):
 
 
 # Version 1 records ``layout_version``; version 0 (checkpoints written before it) has the same weights.
-# Version 2 records ``colour_transform`` (older files have none).
-LAYOUT_VERSION = 2
+# Version 2 records ``colour_transform``, version 3 ``detail_return`` (older files have none).
+LAYOUT_VERSION = 3
+LAYOUT_OPTIONS: dict[str, int] = {"colour_transform": 2, "detail_return": 3}  # option -> the version that records it
 
 
 def checkpoint_filter_fn(
@@ -201,18 +219,24 @@ def checkpoint_filter_fn(
 ) -> tuple[dict[str, object], dict[str, Tensor]]:
     """An R2-D4 checkpoint's ``create_model`` kwargs and weights (timm's ``checkpoint_filter_fn``).
 
-    ``into``: the weights converted to that config's colour map, added (zero: the same function) or
-    removed while it is zero; removing a fitted map raises."""
+    ``into``: the weights converted to that config's colour map and detail gate, each added (zero: the
+    same function) or removed while it is zero; removing a fitted one raises."""
     version = int(metadata.get("layout_version", "0"))
     if version > LAYOUT_VERSION:
         raise ValueError(f"layout version {version} is newer than this code reads ({LAYOUT_VERSION})")
-    if version >= 2 and "colour_transform" not in metadata:
-        raise ValueError(f"layout version {version} metadata without colour_transform")
-    made = metadata.get("colour_transform", "0") == "1"
+    made: dict[str, object] = {}
+    for key, since in LAYOUT_OPTIONS.items():
+        if version >= since and key not in metadata:
+            raise ValueError(f"layout version {version} metadata without {key}")
+        made[key] = metadata.get(key, "0") == "1"
     state = dict(state_dict)
-    if into is None or into.colour_transform == made:
-        return {"colour_transform": made}, state
-    return {"colour_transform": into.colour_transform}, colour_transform_state(state, add=into.colour_transform)
+    if into is None:
+        return made, state
+    if made["colour_transform"] != into.colour_transform:
+        state = colour_transform_state(state, add=into.colour_transform)
+    if made["detail_return"] != into.detail_return:
+        state = detail_return_state(state, add=into.detail_return)
+    return {key: getattr(into, key) for key in made}, state
 
 
 # The layout each registered name builds is its shipped checkpoint's (models/checkpoints/r2-d4.safetensors

@@ -119,6 +119,9 @@ def _stream(model: torch.nn.Module, clip: torch.Tensor) -> list[torch.Tensor]:
             ("homography_pool", "restoration_filter"),
         ),
         ("r2-d4-tiny", {}, ()),
+        # r2-d4 files written before the detail gate, and before the colour map
+        ("r2-d4-tiny", {"detail_return": False}, ("detail_return",)),
+        ("r2-d4-tiny", {"colour_transform": False, "detail_return": False}, ("colour_transform", "detail_return")),
     ],
 )
 def test_checkpoints_older_than_layout_versions_load_to_the_same_outputs(

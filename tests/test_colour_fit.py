@@ -210,7 +210,7 @@ def test_exported_colour_map_matches_torch_over_a_stream(
     name: str, runtime: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The map exports with the rest of the graph: a fitted (non-zero) map runs the same in each CPU runtime,
-    and so does MOST's detail gate after it."""
+    and so does the detail gate after it."""
     from export.onnx import export_onnx
     from export.verify import compare_backends, exercise_untrained
     from service.backends.onnxrt import OrtBackend
@@ -223,11 +223,10 @@ def test_exported_colour_map_matches_torch_over_a_stream(
     with torch.no_grad():
         model.colour_transform.weight.normal_(std=0.05)  # type: ignore[union-attr]
         model.colour_transform.bias.normal_(std=0.05)  # type: ignore[union-attr]
-    if isinstance(model, MostNet):
-        model = with_detail_gate(model).eval()
-        with torch.no_grad():
-            model.detail_gate.weight.copy_(torch.tensor([[0.1, -0.1]]))  # type: ignore[union-attr]
-            model.detail_gate.bias.fill_(0.4)  # type: ignore[union-attr]
+    model = with_detail_gate(model).eval()
+    with torch.no_grad():
+        model.detail_gate.weight.copy_(torch.tensor([[0.1, -0.1]]))  # type: ignore[union-attr]
+        model.detail_gate.bias.fill_(0.4)  # type: ignore[union-attr]
     path = export_onnx(model, tmp_path / "coloured.onnx")
     backend = OrtBackend if runtime == "onnxruntime" else OpenVinoBackend
     with TorchBackend(model) as reference, backend(model.spec, path) as candidate:

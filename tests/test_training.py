@@ -91,6 +91,29 @@ def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
     assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "log.jsonl").read_text().count("\n") >= 29
 
 
+@pytest.mark.parametrize("name", ["most-nss-tiny", "r2-d4-tiny"])
+def test_the_detail_gate_is_fitted_not_trained(name: str, tmp_path: Path) -> None:
+    """The losses read the frame before the detail return: a fitted gate changes no loss and gets no
+    gradient, so training from a gated file keeps its gate as ``vident fit-detail`` left it."""
+    torch.manual_seed(0)
+    model = create_model(name, detail_return=True)
+    with torch.no_grad():
+        model.detail_gate.bias.fill_(0.5)  # type: ignore[union-attr]
+    weights = save_checkpoint(model, tmp_path / "gated.safetensors", {"steps": "1"})
+    batch = _fixed_batch()
+    cfg = TrainConfig(model=name, out=tmp_path / "run", batch=2, clip_length=3, height=32, width=48, amp="off",
+                      init_from=weights)  # fmt: skip
+    trainer = Trainer(cfg, iter(()))
+    gate = trainer.model.detail_gate  # type: ignore[union-attr]
+    assert gate.bias.item() == 0.5
+    total, logs = trainer._clip_losses(batch)
+    total.backward()
+    assert gate.weight.grad is None and gate.bias.grad is None
+    with torch.no_grad():
+        gate.bias.zero_()
+    assert trainer._clip_losses(batch)[1] == logs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`vident train --device cuda`)")
 def test_cuda_mixed_precision_training_reduces_the_loss(tmp_path: Path) -> None:

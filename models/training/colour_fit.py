@@ -134,18 +134,23 @@ def theta_to_linear(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 Mapped = MostNet | R2D4
 
 
-def with_colour_map(model: Mapped) -> Mapped:
-    """``model`` rebuilt with a zero colour map where it has none (the same function), through its
-    family's ``checkpoint_filter_fn`` as ``vident train --init-from`` converts weights; a network that
-    has one comes back as it is."""
-    if model.cfg.colour_transform:
+def with_zero_layer(model: Mapped, option: str) -> Mapped:
+    """``model`` rebuilt with the zero layer of a layout option (``colour_transform``, ``detail_return``)
+    where it has none (the same function), through its family's ``checkpoint_filter_fn`` as ``vident
+    train --init-from`` converts weights; a network that has it comes back as it is."""
+    if getattr(model.cfg, option):
         return model
-    into = replace(model.cfg, colour_transform=True)
+    into = replace(model.cfg, **{option: True})
     family = most if isinstance(model, MostNet) else r2d4
     _, state = family.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)  # type: ignore[arg-type]
-    coloured = type(model)(into, name=model.spec.name)  # type: ignore[arg-type]
-    coloured.load_state_dict(state, strict=True)
-    return coloured
+    rebuilt = type(model)(into, name=model.spec.name)  # type: ignore[arg-type]
+    rebuilt.load_state_dict(state, strict=True)
+    return rebuilt
+
+
+def with_colour_map(model: Mapped) -> Mapped:
+    """``model`` with a zero colour map where it has none."""
+    return with_zero_layer(model, "colour_transform")
 
 
 def load_for_colour_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:

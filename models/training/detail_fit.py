@@ -1,4 +1,4 @@
-"""Least-squares fit of MOST's per-frame detail return (``MostConfig.detail_return``).
+"""Least-squares fit of the per-frame detail return (``MostConfig.detail_return``, ``R2D4Config.detail_return``).
 
 The output is ``r + a d`` with ``r`` the frame after the colour map, ``d = x~ - r`` what the network
 removed from the input (``x~`` the input mapped onto ``r``'s colours, ``models.layers.input_matched``) and
@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import most
 from models.checkpoints import load_model, read_metadata
 from models.data.format import find_sequences, read_sequence
 from models.layers import DETAIL_FEATURES, detail_features, input_matched
 from models.most import MostNet
+from models.r2d4 import R2D4
 from models.streaming import stream_intermediates
-from models.training.colour_fit import FitRecord, fit_record, split_fit_data
+from models.training.colour_fit import FitRecord, Mapped, fit_record, split_fit_data, with_zero_layer
 from models.training.filter_fit import target_chw
 
 RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
@@ -73,26 +73,20 @@ def frame_stats(frame: torch.Tensor, restored: torch.Tensor, target: np.ndarray)
     return FrameStats(features, float((residual**2).sum()), float((d * residual).sum()), float((d * d).sum()), r.size)
 
 
-def with_detail_gate(model: MostNet) -> MostNet:
-    """``model`` rebuilt with a zero detail gate where it has none (the same function)."""
-    if model.cfg.detail_return:
-        return model
-    into = replace(model.cfg, detail_return=True)
-    _, state = most.checkpoint_filter_fn(model.state_dict(), model.layout_metadata(), into)
-    gated = MostNet(into, name=model.spec.name)
-    gated.load_state_dict(state, strict=True)
-    return gated
+def with_detail_gate(model: Mapped) -> Mapped:
+    """``model`` with a zero detail gate where it has none."""
+    return with_zero_layer(model, "detail_return")
 
 
-def load_for_detail_fit(weights: str | Path) -> tuple[MostNet, dict[str, str]]:
-    """A MOST checkpoint rebuilt with the detail gate (zero where it had none) and its metadata."""
+def load_for_detail_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
+    """A MOST or R2-D4 checkpoint rebuilt with the detail gate (zero where it had none) and its metadata."""
     model, _ = load_model(str(weights))
-    if not isinstance(model, MostNet):
-        raise ValueError(f"{weights}: a {type(model).__name__} has no detail return (MOST networks do)")
+    if not isinstance(model, MostNet | R2D4):
+        raise ValueError(f"{weights}: a {type(model).__name__} has no detail return (MOST and R2-D4 networks do)")
     return with_detail_gate(model).float().eval(), read_metadata(weights)
 
 
-def sequence_stats(model: MostNet, path: Path, frames: int | None) -> list[FrameStats]:
+def sequence_stats(model: Mapped, path: Path, frames: int | None) -> list[FrameStats]:
     """Per frame of one labelled sequence, streamed with the state carried."""
     seq = read_sequence(path, count=frames)
     out = []
@@ -117,7 +111,7 @@ def mean_psnr(stats: list[FrameStats], w: np.ndarray | None) -> float:
 
 
 def fit_detail_return(
-    model: MostNet,
+    model: Mapped,
     data: Path,
     frames: int = 6,
     holdout: int = 4,

@@ -186,7 +186,11 @@ class Trainer:
             reset = torch.full((b, 1, 1, 1), float(k == 0), device=cfg.device)
             with torch.autocast(cfg.device.split(":")[0], dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):  # fmt: skip
-                step, state = self.model.step(frame, reset, state)  # type: ignore[operator]
+                if self.is_most:
+                    step, state = self.model.step(frame, reset, state)  # type: ignore[operator]
+                else:  # the loss trains the frame before the detail return, which is fitted (as MOST's)
+                    outputs, state, found = self.model.forward_intermediates(frame, reset, state)  # type: ignore[operator]
+                    step = {**outputs, "restored": found.get("restored_before_detail", outputs["restored"])}
             if self.is_most:
                 targets = MostTargets(batch.target[:, k], batch.mask[:, k], batch.homography[:, k])
                 losses = (

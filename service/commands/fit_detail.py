@@ -1,4 +1,4 @@
-"""``vident fit-detail``: solve a MOST checkpoint's per-frame detail return by least squares, last (it
+"""``vident fit-detail``: solve a MOST or R2-D4 checkpoint's per-frame detail return by least squares, last (it
 reads the output of the filter and the colour map), on a training split; the arguments and the run
 folder it writes are ``vident fit-colour``'s (docs/training.md). "No gate" is one of the choices.
 """
@@ -34,6 +34,6 @@ def fit_summary(fit: DetailFit) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("fit-detail", help="least-squares fit of MOST's per-frame detail return")
-    add_fit_arguments(p, "MOST")
+    p = subparsers.add_parser("fit-detail", help="least-squares fit of the per-frame detail return")
+    add_fit_arguments(p, "MOST or R2-D4")
     p.set_defaults(func=run)
