@@ -240,8 +240,8 @@ def checkpoint_filter_fn(
 
 
 # The layout each registered name builds is its shipped checkpoint's (models/checkpoints/r2-d4.safetensors
-# has the colour map); the tiny variant follows; r2-d3, the ablation, ships no weights.
-R2_D4 = R2D4Config(colour_transform=True)
+# has the colour map and the detail gate); the tiny variant follows; r2-d3, the ablation, ships no weights.
+R2_D4 = R2D4Config(colour_transform=True, detail_return=True)
 
 
 @register_model("r2-d4", checkpoint_filter=checkpoint_filter_fn)
@@ -263,6 +263,7 @@ TINY = R2D4Config(
     decoder_widths=(32, 16),
     decoder_growth=(8, 4),
     colour_transform=True,
+    detail_return=True,
 )
 
 

@@ -29,11 +29,11 @@ TINY = ("most-net-tiny", "most-nss-tiny", "r2-d4-tiny")
 PARAMETERS = {
     "most-net": 9_188_566,
     "most-nss": 5_857_233,  # with the detail gate (3)
-    "r2-d4": 4_532_324,
+    "r2-d4": 4_532_327,  # with the detail gate (3)
     "r2-d3": 3_744_113,
     "most-net-tiny": 238_322,
     "most-nss-tiny": 175_913,
-    "r2-d4-tiny": 94_636,
+    "r2-d4-tiny": 94_639,
 }
 
 
