@@ -153,12 +153,18 @@ def with_colour_map(model: Mapped) -> Mapped:
     return with_zero_layer(model, "colour_transform")
 
 
-def load_for_colour_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
-    """A MOST or R2-D4 checkpoint rebuilt with the colour map (zero where it had none) and its metadata."""
+def load_with_zero_layer(weights: str | Path, option: str, layer: str) -> tuple[Mapped, dict[str, str]]:
+    """A MOST or R2-D4 checkpoint rebuilt with ``option``'s layer (``layer`` names it in the refusal; zero
+    where it had none), float32 in eval mode, and its metadata: what a least-squares fit starts from."""
     model, _ = load_model(str(weights))
     if not isinstance(model, MostNet | R2D4):
-        raise ValueError(f"{weights}: a {type(model).__name__} has no colour map (MOST and R2-D4 networks do)")
-    return with_colour_map(model).float().eval(), read_metadata(weights)
+        raise ValueError(f"{weights}: a {type(model).__name__} has no {layer} (MOST and R2-D4 networks do)")
+    return with_zero_layer(model, option).float().eval(), read_metadata(weights)
+
+
+def load_for_colour_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
+    """A MOST or R2-D4 checkpoint rebuilt with the colour map (zero where it had none) and its metadata."""
+    return load_with_zero_layer(weights, "colour_transform", "colour map")
 
 
 def sequence_stats(model: Mapped, path: Path, frames: int) -> list[FrameStats]:

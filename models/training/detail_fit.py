@@ -24,13 +24,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoints import load_model, read_metadata
 from models.data.format import find_sequences, read_sequence
 from models.layers import DETAIL_FEATURES, detail_features, input_matched
-from models.most import MostNet
-from models.r2d4 import R2D4
 from models.streaming import stream_intermediates
-from models.training.colour_fit import FitRecord, Mapped, fit_record, split_fit_data, with_zero_layer
+from models.training.colour_fit import (
+    FitRecord,
+    Mapped,
+    fit_record,
+    load_with_zero_layer,
+    split_fit_data,
+    with_zero_layer,
+)
 from models.training.filter_fit import target_chw
 
 RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
@@ -80,10 +84,7 @@ def with_detail_gate(model: Mapped) -> Mapped:
 
 def load_for_detail_fit(weights: str | Path) -> tuple[Mapped, dict[str, str]]:
     """A MOST or R2-D4 checkpoint rebuilt with the detail gate (zero where it had none) and its metadata."""
-    model, _ = load_model(str(weights))
-    if not isinstance(model, MostNet | R2D4):
-        raise ValueError(f"{weights}: a {type(model).__name__} has no detail return (MOST and R2-D4 networks do)")
-    return with_detail_gate(model).float().eval(), read_metadata(weights)
+    return load_with_zero_layer(weights, "detail_return", "detail return")
 
 
 def sequence_stats(model: Mapped, path: Path, frames: int | None) -> list[FrameStats]:
