@@ -44,7 +44,7 @@ from models.layers import (
     warp_by_homography,
     zero_linear,
 )
-from models.refine import PRIOR_SCALES, REFINE_FRAMES, luma, refine_homography
+from models.refine import HIGHPASS, PRIOR_SCALES, REFINE_FRAMES, luma, refine_homography
 from models.registry import register_model
 from models.spec import ModelSpec, StateSpec, TensorSpec
 
@@ -138,6 +138,11 @@ class MostConfig:
     # restoration removes the dental camera's drift and noise, the input keeps natural content's detail
     # that the restoration smooths away. The state keeps one luma channel per frame kind.
     homography_refine_frames: str = "restored"
+    # The local-mean sides the refinement standardises each frame at (``refine_homography``'s
+    # ``highpass``), in the finest level's pixels: (5,) matches fine detail only, which instruments and
+    # spray moving on their own barely carry; adding a larger side also matches the coarser structure
+    # that aligns noisy or soft content, each pair leaning on whichever matches (docs/models.md).
+    homography_refine_highpass: tuple[int, ...] = (HIGHPASS,)
     # A per-frame 3x4 colour map of the restored frame, read linearly from the frame's colour statistics
     # (``colour_features``): restored + A(f) [restored; 1]. The heads see one neighbourhood at a time and
     # apply one average camera inverse; on cameras unlike the recipe's that over-saturated the output,
@@ -166,6 +171,8 @@ class MostConfig:
         if self.homography_refine_prior_scale not in PRIOR_SCALES:
             raise ValueError(f"homography_refine_prior_scale must be one of {', '.join(PRIOR_SCALES)}, "
                              f"not {self.homography_refine_prior_scale!r}")  # fmt: skip
+        if not self.homography_refine_highpass or any(side < 0 for side in self.homography_refine_highpass):
+            raise ValueError(f"homography_refine_highpass needs sides >= 0: {self.homography_refine_highpass}")
         if self.homography_refine_frames not in REFINE_FRAMES:
             raise ValueError(f"homography_refine_frames must be one of {', '.join(REFINE_FRAMES)}, "
                              f"not {self.homography_refine_frames!r}")  # fmt: skip
@@ -488,6 +495,7 @@ class MostNet(nn.Module):
             "homography_refine_prior": repr(float(self.cfg.homography_refine_prior)),
             "homography_refine_prior_scale": self.cfg.homography_refine_prior_scale,
             "homography_refine_frames": self.cfg.homography_refine_frames,
+            "homography_refine_highpass": json.dumps(list(self.cfg.homography_refine_highpass)),
             "colour_transform": str(int(self.cfg.colour_transform)),
             "detail_return": str(int(self.cfg.detail_return)),
         }
@@ -606,7 +614,7 @@ class MostNet(nn.Module):
             new_state["prev_luma"] = current
             final_h = refine_homography(
                 previous, current, final_h.detach(), self.cfg.homography_refine, self.cfg.homography_refine_prior,
-                prior_scale=self.cfg.homography_refine_prior_scale,
+                prior_scale=self.cfg.homography_refine_prior_scale, highpass=self.cfg.homography_refine_highpass,
             )
         if self.colour_transform is not None:
             features = colour_features(frame, final_restored)
@@ -643,11 +651,12 @@ class MostNet(nn.Module):
 
 # Bumped with each layout option added to ``MostNet.layout_metadata``. Checkpoints written before
 # ``layout_version`` existed are version 0.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 # Option -> (the version from which every checkpoint records it, what a checkpoint without its key was
 # made with: the network from before the option, and how its string reads). Before version 1 each key
 # appeared with its option. Version 2 added the photometric homography refinement, 3 its prior, 4 the
-# prior's scale, 5 the frames it matches, 6 the colour map, 7 the detail return.
+# prior's scale, 5 the frames it matches, 6 the colour map, 7 the detail return, 8 the refinement's
+# local-mean sides.
 LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_pool": (1, "global", str),
     "restoration_input": (1, "0", lambda text: text == "1"),
@@ -659,6 +668,7 @@ LAYOUT_OPTIONS: dict[str, tuple[int, str, Callable[[str], object]]] = {
     "homography_refine_frames": (5, "restored", str),
     "colour_transform": (6, "0", lambda text: text == "1"),
     "detail_return": (7, "0", lambda text: text == "1"),
+    "homography_refine_highpass": (8, f"[{HIGHPASS}]", lambda text: tuple(json.loads(text))),
 }
 
 
@@ -729,7 +739,8 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # counts what users run; tiny variants follow their big siblings. Both ship the filter, the photometric
 # refinement and the colour map, not the input, and most-nss the detail return; most-net's weights were
 # made before corner pooling. The refinement's levels and prior were chosen for most-nss on held-out
-# sequences of a training split (docs/experiments.md) and most-net uses the same.
+# sequences of a training split (docs/experiments.md) and most-net uses the same; most-nss's second
+# local-mean side was chosen on the validation splits.
 MOST_NET = MostConfig(
     structure=MOST_NET_STRUCTURE,
     homography_pool="global",
@@ -741,7 +752,8 @@ MOST_NET = MostConfig(
     homography_refine_frames="restored+input",
     colour_transform=True,
 )
-MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners", detail_return=True)
+MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners", detail_return=True,
+                   homography_refine_highpass=(5, 11))
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {
         "most-net": MOST_NET,

@@ -48,6 +48,14 @@ def _standardise(image: Tensor, highpass: int) -> Tensor:
     return (image - mean) / (std + 1e-3)
 
 
+def _standardise_all(image: Tensor, highpass: tuple[int, ...]) -> Tensor:
+    """Every channel standardised at every local-mean side, side-major: (b, c, h, w) -> (b, c * k, h, w).
+    A small side keeps only fine detail, which large things moving on their own (instruments, spray)
+    barely carry; a large one keeps the coarser structure that aligns noisy or soft content. As
+    channels of one problem, balanced by their starting residuals, each pair leans on whichever matches."""
+    return torch.cat([_standardise(image, side) for side in highpass], dim=1)
+
+
 def _pixel_to_unit(height: Tensor, width: Tensor, like: Tensor) -> Tensor:
     """N: pixel coordinates (corners at 0 and W, H) -> [-1, 1]; the solve is better conditioned there."""
     zero, one = torch.zeros_like(height), torch.ones_like(height)
@@ -164,7 +172,7 @@ def refine_homography(
     levels: tuple[tuple[int, int], ...],
     prior: float = 0.0,
     *,
-    highpass: int = HIGHPASS,
+    highpass: int | tuple[int, ...] = HIGHPASS,
     huber: float | None = HUBER,
     damping: float = DAMPING,
     prior_scale: str = "hessian",
@@ -179,8 +187,9 @@ def refine_homography(
     factor a multiple of the last one's. ``prior`` > 0 pulls the estimate towards the head's with that
     weight relative to the mean diagonal of the Gauss-Newton matrix (a Gaussian prior): content that
     constrains some direction poorly (flat regions, repeated texture) then keeps the head's value there
-    instead of drifting along it. ``highpass``, ``huber`` (None: plain least squares) and ``damping``:
-    see the module constants, the shipped values. ``prior_scale``: what the prior's weight is relative to,
+    instead of drifting along it. ``highpass``: the local mean's side (see the module constant), or
+    several, each image then matched at each (``_standardise_all``). ``huber`` (None: plain least
+    squares) and ``damping``: see the module constants. ``prior_scale``: what the prior's weight is relative to,
     "hessian" (the mean diagonal: one balance for every pair) or "residual" (that times the level's
     starting mean squared residual, in the standardised images' unit variance: frames that do not
     match each other, whose data term is least trustworthy, hold closer to the head; with several
@@ -197,11 +206,14 @@ def refine_homography(
             raise ValueError(f"prior_scale must be one of {', '.join(PRIOR_SCALES)}, not {prior_scale!r}")
         if accept < 0:
             raise ValueError(f"accept must be >= 0, not {accept}")
-        knobs = (highpass, huber, damping, prior_scale, balance)
+        sides = (highpass,) if isinstance(highpass, int) else tuple(highpass)
+        if not sides or any(side < 0 for side in sides):
+            raise ValueError(f"highpass sides must be >= 0 (0 or 1: no local mean removed), not {highpass!r}")
+        knobs = (sides, huber, damping, prior_scale, balance)
         return _refine(previous.float(), current.float(), h_prev_to_cur.float(), levels, prior, knobs, accept)
 
 
-_Knobs = tuple[int, float | None, float, str, bool]  # highpass, huber, damping, prior_scale, balance
+_Knobs = tuple[tuple[int, ...], float | None, float, str, bool]  # highpass sides, huber, damping, prior_scale, balance
 
 
 def _refine(
@@ -233,8 +245,8 @@ def _iterate(
     template = image = start  # bound by the loop (levels is never empty)
     for factor, steps in levels:
         pool = factor // finest
-        template = _standardise(F.avg_pool2d(previous, pool) if pool > 1 else previous, highpass)
-        image = _standardise(F.avg_pool2d(current, pool) if pool > 1 else current, highpass)
+        template = _standardise_all(F.avg_pool2d(previous, pool) if pool > 1 else previous, highpass)
+        image = _standardise_all(F.avg_pool2d(current, pool) if pool > 1 else current, highpass)
         height = size_tensor(template.shape[-2], template)
         width = size_tensor(template.shape[-1], template)
         n = _pixel_to_unit(height, width, template)

@@ -44,6 +44,7 @@ LAYOUT_OPTIONS = (
     "homography_refine_prior",
     "homography_refine_prior_scale",
     "homography_refine_frames",
+    "homography_refine_highpass",
     "colour_transform",
     "detail_return",
 )
@@ -118,6 +119,8 @@ def _stream(model: torch.nn.Module, clip: torch.Tensor) -> list[torch.Tensor]:
             {"homography_pool": "global", "restoration_filter": 0},
             ("homography_pool", "restoration_filter"),
         ),
+        # most-nss files written before the refinement's local-mean sides
+        ("most-nss-tiny", {"homography_refine_highpass": (5,)}, ("homography_refine_highpass",)),
         ("r2-d4-tiny", {}, ()),
         # r2-d4 files written before the detail gate, and before the colour map
         ("r2-d4-tiny", {"detail_return": False}, ("detail_return",)),

@@ -13,7 +13,7 @@ from models import create_model
 from models.checkpoints import load_model, save_checkpoint
 from models.data.scenes import dead_leaves
 from models.layers import mean_corner_error, offsets_to_homography, warp_by_homography
-from models.refine import _solve, luma, refine_homography
+from models.refine import _solve, _standardise, _standardise_all, luma, refine_homography
 
 LEVELS = ((4, 5), (2, 3))
 
@@ -32,19 +32,37 @@ def _half_luma(image: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(luma(image), 2)
 
 
+@pytest.mark.parametrize("highpass", [5, (5, 11)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_recovers_a_planted_homography_from_a_rough_start(seed: int) -> None:
+def test_recovers_a_planted_homography_from_a_rough_start(seed: int, highpass: int | tuple[int, ...]) -> None:
     previous, current, h_true = _pair(seed)
     height, width = previous.shape[-2:]
     rng = np.random.default_rng(100 + seed)
     start = offsets_to_homography(torch.from_numpy(rng.normal(0, 3, (1, 8))).float(), float(height), float(width))
     start = start @ h_true  # about 3 px off at the corners, what the head leaves on unseen content
     before = float(mean_corner_error(start, h_true, height, width))
-    refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS)
+    refined = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, highpass=highpass)
     after = float(mean_corner_error(refined, h_true, height, width))
     assert before > 1.5
     # The border band that falls outside the second view after warping is the only error source left.
     assert after < 0.5, (before, after)
+
+
+def test_several_local_mean_sides_are_channels_of_one_problem() -> None:
+    """One side is the single-side refinement exactly; several stack each channel at each side, side-major."""
+    previous, current, h_true = _pair(5)
+    start = torch.eye(3)[None]
+    two = torch.cat((_half_luma(previous), _half_luma(previous.flip(-1))), dim=1)
+    stacked = _standardise_all(two, (5, 11))
+    assert stacked.shape[1] == 4
+    torch.testing.assert_close(stacked[:, 2:], _standardise(two, 11), rtol=0, atol=0)
+    one = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, highpass=5)
+    torch.testing.assert_close(refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS,
+                                                 highpass=(5,)), one, rtol=0, atol=0)  # fmt: skip
+    both = refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, highpass=(5, 11))
+    assert not torch.equal(both, one)
+    with pytest.raises(ValueError, match="highpass"):
+        refine_homography(_half_luma(previous), _half_luma(current), start, LEVELS, highpass=(5, -1))
 
 
 def test_keeps_the_start_where_refining_does_not_lower_the_error() -> None:
@@ -183,16 +201,20 @@ def test_balanced_channels_follow_the_one_that_matches() -> None:
 
 def test_refinement_travels_with_the_checkpoint(tmp_path) -> None:
     model = create_model("most-nss-tiny", homography_refine=LEVELS, homography_refine_prior=0.25,
-                         homography_refine_prior_scale="hessian",
-                         homography_refine_frames="restored+input")  # fmt: skip
+                         homography_refine_prior_scale="hessian", homography_refine_frames="restored+input",
+                         homography_refine_highpass=(5, 9))  # fmt: skip
     path = save_checkpoint(model, tmp_path / "w.safetensors")
     loaded, _ = load_model(str(path))
     assert loaded.cfg.homography_refine == LEVELS
     assert loaded.cfg.homography_refine_prior == 0.25
     assert loaded.cfg.homography_refine_prior_scale == "hessian"
     assert loaded.cfg.homography_refine_frames == "restored+input"
+    assert loaded.cfg.homography_refine_highpass == (5, 9)
     with pytest.raises(ValueError, match="prior_scale"):
         create_model("most-nss-tiny", homography_refine_prior_scale="flat")
+    for sides in ((), (5, -1)):
+        with pytest.raises(ValueError, match="highpass"):
+            create_model("most-nss-tiny", homography_refine_highpass=sides)
     assert [s.name for s in loaded.spec.states] == [s.name for s in model.spec.states]
 
 

@@ -8,11 +8,18 @@ local features (the local size of what the network removed, the output's local g
 first sequences, and scores both, clamped to [0, 1], on the last ``--holdout`` ones: PSNR and the
 mean share. Training splits fit; run it on training data (``vident synth --split train``).
 
+``--bands SIGMA``: instead, a per-frame gate with two shares, one for what the network removed
+below a Gaussian of SIGMA pixels and one for the rest (texture against grain), fitted on one dump
+folder and scored on another (``--score``), beside the one-share form; ``--aligned`` scores after
+mapping the output onto the target's colours per channel (gain and offset fitted to the output
+before the gate, the colour-aligned PSNR's map, held for the blend: an approximation).
+
 ::
 
     python -m tools.pixel_gate_probe --model models/checkpoints/most-nss.safetensors --data data/dfit-W32 \\
         --dump runs/probe-most --frames 6
     python -m tools.pixel_gate_probe --dump runs/probe-most --holdout 4
+    python -m tools.pixel_gate_probe --dump runs/probe-most --bands 2 --score runs/probe-most-vu --aligned
 """
 
 from __future__ import annotations
@@ -78,6 +85,69 @@ def frame_terms(x: np.ndarray, r: np.ndarray, y: np.ndarray, local: bool) -> tup
     return g, big_d, c, e0
 
 
+def gaussian(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    k = int(3 * sigma) * 2 + 1
+    taps = torch.exp(-((torch.arange(k, dtype=t.dtype) - k // 2) ** 2) / (2 * sigma * sigma))
+    taps = (taps / taps.sum()).to(t.dtype)
+    c = t.shape[1]
+    t = F.conv2d(F.pad(t, (k // 2,) * 4, mode="replicate"), taps.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    return F.conv2d(t, taps.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+
+
+def band_terms(folder: Path, sigma: float, aligned: bool, holdout: int) -> list[tuple]:
+    """Per frame: features [1, f], pixel count, |e|^2, and the 2x2 Gram and cross terms of (d_low, d_high)."""
+    rows = []
+    files = sorted(folder.glob("*.npz"))
+    for p in files[: len(files) - holdout]:
+        z = np.load(p)
+        for t in range(len(z["r"])):
+            xt = torch.from_numpy(z["x"][t].transpose(2, 0, 1)[None].astype(np.float32) / 255)
+            rt = torch.from_numpy(z["r"][t][None]).float()
+            yt = torch.from_numpy(z["y"][t].transpose(2, 0, 1)[None].astype(np.float64) / 255)
+            matched = input_matched(xt, rt)
+            f = np.concatenate(([1.0], detail_features(xt, matched, rt)[0].double().flatten().numpy()))
+            r, d = rt.double(), (matched - rt).double()
+            if aligned:
+                rr, yy = r[0].reshape(3, -1), yt[0].reshape(3, -1)
+                cov = ((rr - rr.mean(1, keepdim=True)) * (yy - yy.mean(1, keepdim=True))).mean(1)
+                gain = (cov / rr.var(1, unbiased=False).clamp_min(1e-8)).view(1, 3, 1, 1)
+                r = gain * r + (yy.mean(1) - gain.flatten() * rr.mean(1)).view(1, 3, 1, 1)
+                d = gain * d
+            e = r - yt
+            low = gaussian(d, sigma)
+            parts = (low, d - low)
+            gram = np.array([[float((a * b).sum()) for b in parts] for a in parts])
+            cross = np.array([float((a * e).sum()) for a in parts])
+            rows.append((f, e.numel(), float((e * e).sum()), gram, cross))
+    return rows
+
+
+def _shares(gram: np.ndarray, cross: np.ndarray, shares: int) -> tuple[np.ndarray, np.ndarray]:
+    """One share blends d_low + d_high: its terms are the sums of the two-share ones."""
+    return (gram, cross) if shares == 2 else (np.array([[gram.sum()]]), np.array([cross.sum()]))
+
+
+def bands(fit_folder: Path, score_folder: Path, sigma: float, aligned: bool, holdout: int) -> None:
+    """Fit on ``fit_folder`` but its last ``holdout`` sequences (as ``vident fit-detail``); score on another."""
+    fit_rows = band_terms(fit_folder, sigma, False, holdout)
+    score_rows = band_terms(score_folder, sigma, aligned, 0)
+    for shares in (1, 2):
+        gram, rhs = 0.0, 0.0
+        for f, _, _, g, c in fit_rows:
+            g, c = _shares(g, c, shares)
+            gram, rhs = gram + np.kron(g, np.outer(f, f)), rhs + np.kron(c, f)
+        w = solve(gram, rhs).reshape(shares, -1)
+        base, out, mean_share = [], [], []
+        for f, n, e0, g, c in score_rows:
+            g, c = _shares(g, c, shares)
+            a = np.clip(w @ f, 0, 1)
+            base.append(10 * np.log10(n / e0))
+            out.append(10 * np.log10(n / (e0 + 2 * a @ c + a @ g @ a)))
+            mean_share.append(a)
+        print(f"{shares} share(s): PSNR {np.mean(base):.3f} -> {np.mean(out):.3f} dB on {score_folder}, "
+              f"mean share {np.round(np.mean(mean_share, axis=0), 3).tolist()}, w {np.round(w, 3).tolist()}")
+
+
 def solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     k = gram.shape[0]
     return np.linalg.solve(gram + RIDGE * np.trace(gram) / k * np.eye(k), -rhs)
@@ -121,11 +191,17 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, required=True, help="folder of the dumps")
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--holdout", type=int, default=4, help="0: fit and score in sample (a diagnostic)")
+    parser.add_argument("--bands", type=float, help="fit the two-share form with this Gaussian split instead")
+    parser.add_argument("--score", type=Path, help="with --bands: the dump folder to score on")
+    parser.add_argument("--aligned", action="store_true", help="with --bands: score colour-aligned")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.model is not None:
         dump(args.model, args.data, args.dump, args.frames)
-    analyse(args.dump, args.holdout, None)
+    if args.bands is not None:
+        bands(args.dump, args.score or args.dump, args.bands, args.aligned, args.holdout)
+    else:
+        analyse(args.dump, args.holdout, None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ a training split at their full size: the tiny-model parity tests do not show wha
 the refinement on realistic content.
 
     .venv/bin/python -m tools.refine_parity --model models/checkpoints/most-nss.safetensors \\
-        --data data/hfit-mixed-256 --sequences 8 --frames 6 --levels "8:10,4:20" --prior 0.1
+        --data data/hfit-mixed-256 --sequences 8 --frames 6 --levels "8:10,4:20" --prior 0.1 --highpass 5 11
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from export.onnx import export_onnx
 from export.verify import compare_streams
 from models.checkpoints import read_checkpoint, read_metadata, save_checkpoint
 from models.data.format import find_sequences, read_sequence
-from models.refine import PRIOR_SCALES, REFINE_FRAMES
+from models.refine import HIGHPASS, PRIOR_SCALES, REFINE_FRAMES
 from models.registry import create_model
 from models.streaming import as_stream
 from service.backends.onnxrt import OrtBackend
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--levels", default="8:10,4:20", help="factor:steps,... coarse to fine")
     parser.add_argument("--prior", type=float, default=0.1, help="pull to the head's estimate")
     parser.add_argument("--prior-scale", choices=PRIOR_SCALES, default="hessian", help="what the prior is relative to")
+    parser.add_argument("--highpass", type=int, nargs="+", default=[HIGHPASS], help="local-mean sides it matches at")
     parser.add_argument("--refine-frames", choices=REFINE_FRAMES, default="restored", help="the frames it matches")
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO fp32")
     parser.add_argument("--save", type=Path, help="also write the weights with this refinement in their layout here")
@@ -44,7 +45,8 @@ def main() -> None:
     kwargs, state = read_checkpoint(args.model)
     kwargs |= {"homography_refine": parse_levels(args.levels), "homography_refine_prior": args.prior,
                "homography_refine_prior_scale": args.prior_scale,
-               "homography_refine_frames": args.refine_frames}  # fmt: skip
+               "homography_refine_frames": args.refine_frames,
+               "homography_refine_highpass": tuple(args.highpass)}  # fmt: skip
     model = create_model(read_metadata(args.model)["model"], **kwargs)
     model.load_state_dict(state, strict=True)
     model.eval()

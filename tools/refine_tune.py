@@ -5,7 +5,7 @@ The network runs once per frame (without refinement); the refinement (``models/r
 applied to the cached restored frames, so many settings cost one pass of the network.
 
     .venv/bin/python -m tools.refine_tune --model runs/most-nss-mixed-D2/last.safetensors \\
-        --data data/hfit-mixed-256 --sequences 16 --levels "4:5,2:3" "8:5,4:3,2:2" --highpass 0 5 --huber 0 1.5
+        --data data/hfit-mixed-256 --sequences 16 --levels "4:5,2:3" "8:5,4:3,2:2" --highpass 0 5 5,11 --huber 0 1.5
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from models.streaming import stream_intermediates
 
 def parse_levels(text: str) -> tuple[tuple[int, int], ...]:
     return tuple((int(f), int(s)) for f, s in (level.split(":") for level in text.split(",")))
+
+
+def parse_sides(text: str) -> tuple[int, ...]:
+    return tuple(int(side) for side in text.split(","))
 
 
 def head_only(path: str) -> torch.nn.Module:
@@ -81,7 +85,7 @@ def refine_pair(
     prior: float,
     offset_prev: object = 0.0,
     offset_cur: object = 0.0,
-    **knobs: float | str | None,
+    **knobs: float | str | tuple[int, ...] | None,
 ) -> torch.Tensor:
     """The refinement of one cached pair, its full-resolution luma shifted by the offsets first; ``knobs``:
     ``refine_homography``'s highpass, huber and damping."""
@@ -98,7 +102,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a training split in the on-disk format")
     parser.add_argument("--sequences", type=int, default=16, help="the last N sequences (a fit's holdout)")
     parser.add_argument("--levels", nargs="+", default=["4:5,2:3"], help="factor:steps,... coarse to fine")
-    parser.add_argument("--highpass", nargs="+", type=int, default=[refine.HIGHPASS], help="local-mean side")
+    parser.add_argument("--highpass", nargs="+", type=parse_sides, default=[(refine.HIGHPASS,)],
+                        help="local-mean side, or sides matched together (5,11)")
     parser.add_argument("--huber", nargs="+", type=float, default=[refine.HUBER], help="0: plain least squares")
     parser.add_argument("--damping", nargs="+", type=float, default=[refine.DAMPING], help="relative LM damping")
     parser.add_argument("--prior", nargs="+", type=float, default=[0.0], help="pull to the head's estimate")

@@ -170,7 +170,8 @@ def write_card(
         made = checkpoint_config(meta)
         reads = "read" if made["restoration_input"] else "do not read"
         refined = refine_text(made["homography_refine"], made["homography_refine_prior"],  # type: ignore[arg-type]
-                              made["homography_refine_prior_scale"], made["homography_refine_frames"])  # type: ignore[arg-type]  # fmt: skip
+                              made["homography_refine_prior_scale"], made["homography_refine_frames"],  # type: ignore[arg-type]
+                              made["homography_refine_highpass"])  # type: ignore[arg-type]  # fmt: skip
         parts += [
             "",
             "## Scales-to-tasks structure",
@@ -342,7 +343,8 @@ def detail_return_text(meta: dict[str, str]) -> str:
 
 
 def refine_text(
-    levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_scale: str = "hessian", frames: str = "restored"
+    levels: tuple[tuple[int, int], ...], prior: float = 0.0, prior_scale: str = "hessian", frames: str = "restored",
+    highpass: tuple[int, ...] = (5,),
 ) -> str:
     """The photometric homography refinement the layout runs (empty without one)."""
     if not levels:
@@ -351,8 +353,12 @@ def refine_text(
     relative = "the mean Gauss-Newton diagonal" + (" x the level's starting residual" if prior_scale == "residual"
                                                    else "")  # fmt: skip
     pull = f"; prior at the head's estimate {prior:g} x {relative}" if prior > 0 else ""
-    matched = ("restored luma and the input's, each channel weighed by its starting residual,"
-               if frames == "restored+input" else "restored luma")  # fmt: skip
+    matched = ("restored luma and the input's" if frames == "restored+input" else "restored luma")
+    if len(highpass) > 1:
+        sides = " and over ".join(str(side) for side in highpass)
+        matched += f", each with its local mean removed over {sides} pixels"
+    if frames == "restored+input" or len(highpass) > 1:
+        matched += ", each channel weighed by its starting residual,"
     return (f". The output homography is then refined in the graph by inverse-compositional Lucas-Kanade on the "
             f"{matched} against the previous frame's (Gauss-Newton steps: {steps} resolution{pull}; "
             "`models/refine.py`)")  # fmt: skip
