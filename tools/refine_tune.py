@@ -1,5 +1,6 @@
 """Corner error of the homography head, and of its photometric refinement under several settings, on
-held-out sequences of a training split (never the test or real-content split: this chooses a setting).
+held-out sequences of a training split or a validation split (never the test or real-content split: this
+chooses a setting).
 
 The network runs once per frame (without refinement); the refinement (``models/refine.py``) is then
 applied to the cached restored frames, so many settings cost one pass of the network.
