@@ -739,8 +739,8 @@ TINY = {"width": 8, "regressor_widths": (8, 16, 32, 32, 32), "encoder_blocks": 1
 # counts what users run; tiny variants follow their big siblings. Both ship the filter, the photometric
 # refinement and the colour map, not the input, and most-nss the detail return; most-net's weights were
 # made before corner pooling. The refinement's levels and prior were chosen for most-nss on held-out
-# sequences of a training split (docs/experiments.md) and most-net uses the same; most-nss's second
-# local-mean side was chosen on the validation splits.
+# sequences of a training split (docs/experiments.md) and most-net uses the same; the second
+# local-mean side was chosen for most-nss on the validation splits.
 MOST_NET = MostConfig(
     structure=MOST_NET_STRUCTURE,
     homography_pool="global",
@@ -750,10 +750,10 @@ MOST_NET = MostConfig(
     homography_refine_prior=0.1,
     homography_refine_prior_scale="residual",
     homography_refine_frames="restored+input",
+    homography_refine_highpass=(5, 11),
     colour_transform=True,
 )
-MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners", detail_return=True,
-                   homography_refine_highpass=(5, 11))
+MOST_NSS = replace(MOST_NET, structure=MOST_NSS_STRUCTURE, homography_pool="corners", detail_return=True)
 VARIANTS: Mapping[str, MostConfig] = MappingProxyType(
     {
         "most-net": MOST_NET,
