@@ -56,14 +56,19 @@ def box(t: torch.Tensor, k: int) -> torch.Tensor:
     return F.avg_pool2d(F.pad(t, (k // 2,) * 4, mode="replicate"), k, stride=1)
 
 
-def frame_terms(x: np.ndarray, r: np.ndarray, y: np.ndarray, local: bool) -> tuple[np.ndarray, ...]:
-    """Per pixel: the feature rows g (n, K), D = |d|^2, C = <d, r - y>, E0 = |r - y|^2 (summed over channels)."""
+def frame_tensors(x: np.ndarray, r: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """One dumped frame as the gate sees it: the output r, the target y (float64), what the network
+    removed d = x~ - r, and the two per-frame features."""
     xt = torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32) / 255)
     rt = torch.from_numpy(r[None]).float()
     yt = torch.from_numpy(y.transpose(2, 0, 1)[None].astype(np.float64) / 255)
     matched = input_matched(xt, rt)
-    f = detail_features(xt, matched, rt)[0].double()
-    d = (matched - rt).double()
+    return rt, yt, (matched - rt).double(), detail_features(xt, matched, rt)[0].double()
+
+
+def frame_terms(x: np.ndarray, r: np.ndarray, y: np.ndarray, local: bool) -> tuple[np.ndarray, ...]:
+    """Per pixel: the feature rows g (n, K), D = |d|^2, C = <d, r - y>, E0 = |r - y|^2 (summed over channels)."""
+    rt, yt, d, f = frame_tensors(x, r, y)
     e = rt.double() - yt
     n = d.shape[2] * d.shape[3]
     cols = [torch.ones(n, dtype=torch.float64), f[0].expand(n), f[1].expand(n)]
@@ -101,12 +106,9 @@ def band_terms(folder: Path, sigma: float, aligned: bool, holdout: int) -> list[
     for p in files[: len(files) - holdout]:
         z = np.load(p)
         for t in range(len(z["r"])):
-            xt = torch.from_numpy(z["x"][t].transpose(2, 0, 1)[None].astype(np.float32) / 255)
-            rt = torch.from_numpy(z["r"][t][None]).float()
-            yt = torch.from_numpy(z["y"][t].transpose(2, 0, 1)[None].astype(np.float64) / 255)
-            matched = input_matched(xt, rt)
-            f = np.concatenate(([1.0], detail_features(xt, matched, rt)[0].double().flatten().numpy()))
-            r, d = rt.double(), (matched - rt).double()
+            rt, yt, d, features = frame_tensors(z["x"][t], z["r"][t], z["y"][t])
+            f = np.concatenate(([1.0], features.flatten().numpy()))
+            r = rt.double()
             if aligned:
                 rr, yy = r[0].reshape(3, -1), yt[0].reshape(3, -1)
                 cov = ((rr - rr.mean(1, keepdim=True)) * (yy - yy.mean(1, keepdim=True))).mean(1)
