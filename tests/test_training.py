@@ -621,3 +621,33 @@ def test_a_run_keeps_the_layout_of_weights_that_do_not_convert(tmp_path: Path) -
     resumed = Trainer(TrainConfig(model="most-nss-tiny", out=tmp_path / "run"), iter(()))
     assert resumed.model.cfg.restoration_input
     resumed.load()
+
+
+def test_train_only_moves_the_named_branch_and_nothing_else(tmp_path: Path) -> None:
+    """most-nss's full-resolution branch feeds only the restored frame: training it alone must leave
+    every other weight and batch-norm statistic, and so the mask, bit for bit; the card says so."""
+    from models.training.card import write_card
+
+    batch = _fixed_batch()
+    branch = ("alignment.1", "upsample.1", "decoder.1", "restoration_heads.1", "restoration_filters.1")
+    cfg = TrainConfig(model="most-nss-tiny", out=tmp_path, steps=3, batch=2, clip_length=3, height=32, width=48,
+                      lr=3e-3, warmup=1, amp="off", train_only=branch)  # fmt: skip
+    trainer = Trainer(cfg, itertools.repeat(batch))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.eval()
+    mask_before = trainer._clip_losses(batch)[1]["loss_segmentation"]
+    trainer.fit(progress=False)
+    after = trainer.model.state_dict()
+    inside = [k for k in before if k.startswith(tuple(p + "." for p in branch))]
+    assert any(k.startswith("decoder.1.") and k.endswith("running_mean") for k in inside)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in inside)
+    assert any(not torch.equal(before[k], after[k]) for k in inside if "running" not in k)
+    trainer.model.eval()
+    assert trainer._clip_losses(batch)[1]["loss_segmentation"] == mask_before
+    report = {"model": "most-nss-tiny", "frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch",
+              "device": "cpu", "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    card = write_card(tmp_path / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
+    assert f"trained only: {', '.join(branch)} (the rest frozen)" in card
+    with pytest.raises(ValueError, match="decoder.9 matches no parameter"):
+        Trainer(replace(cfg, out=tmp_path / "bad", train_only=("decoder.9",)), iter(()))

@@ -159,6 +159,7 @@ def write_card(
         *([f"- checkpoint: the run's {chosen} of its checkpoints, not necessarily its last step"] if chosen else []),
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine){start}",
+        *([f"- trained only: {', '.join(cfg['train_only'])} (the rest frozen)"] if cfg.get("train_only") else []),
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
         if "structure" in meta
         else "- loss: MSE(R) + 0.6 MSE(R')",

@@ -74,6 +74,9 @@ class TrainConfig:
     sparsity_weight: float = 1e-3
     perceptual_weights: Path | None = None  # R2-D4: VGG-19 .safetensors; the term is off without it
     init_from: Path | None = None  # start from these weights (safetensors), fresh optimiser
+    # Parameter-name prefixes to train (e.g. "restoration_heads.1"); () trains everything. The rest is
+    # frozen and held in eval mode, so its batch norms neither move nor switch to batch statistics.
+    train_only: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,6 +115,23 @@ def recorded_prior(meta: dict[str, str]) -> dict[str, str]:
     return prior_training(Path(parent)) if parent and Path(parent).is_file() else {}
 
 
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def trained_parameters(model: nn.Module, prefixes: tuple[str, ...], label: str) -> dict[str, nn.Parameter]:
+    """The parameters under ``prefixes`` (``--train-only``); a prefix that matches none is refused with
+    the module names there are, since a typo would otherwise freeze the whole network."""
+    names = dict(model.named_parameters())
+    unmatched = [p for p in prefixes if not any(under(n, (p,)) for n in names)]
+    if unmatched:
+        tops = sorted({".".join(n.split(".")[: 2 if isinstance(getattr(model, n.split(".")[0]), nn.ModuleDict) else 1])
+                       for n in names})  # fmt: skip
+        raise ValueError(f"--train-only {', '.join(unmatched)} matches no parameter of {label} "
+                         f"(modules: {', '.join(tops)})")  # fmt: skip
+    return {n: p for n, p in names.items() if under(n, prefixes)}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, batches: Iterator[ClipBatch]) -> None:
         self.cfg = cfg
@@ -142,7 +162,7 @@ class Trainer:
             if not self.is_most or self.model.structure != Structure():  # type: ignore[union-attr]
                 raise ValueError("Neural Scale Search needs every task at every scale (most-net)")
             self.gates = ScaleGates(tau=cfg.gate_tau).to(cfg.device)
-        groups = [{"params": self.model.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        groups = [{"params": self._trainable_parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if self.gates is not None:
             groups.append({"params": self.gates.parameters(), "lr": cfg.gate_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups)
@@ -158,6 +178,29 @@ class Trainer:
         self.seconds = 0.0
         cfg.out.mkdir(parents=True, exist_ok=True)
         self.log_path = cfg.out / "log.jsonl"
+
+    def _trains(self, name: str) -> bool:
+        return not self.cfg.train_only or under(name, self.cfg.train_only)
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter, or with ``cfg.train_only`` those under its prefixes (the rest frozen)."""
+        if not self.cfg.train_only:
+            return list(self.model.parameters())
+        trained = trained_parameters(self.model, self.cfg.train_only, self.cfg.model)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in trained)
+        return list(trained.values())
+
+    def _train_mode(self) -> None:
+        """Training mode for what trains; frozen modules (``cfg.train_only``) stay as they are served."""
+        self.model.train()
+        if not self.cfg.train_only:
+            return
+        for name, module in self.model.named_modules():
+            inside = self._trains(name) if name else False
+            above = any(p.startswith(name + ".") for p in self.cfg.train_only) if name else True
+            if not inside and not above:
+                module.eval()
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -215,7 +258,7 @@ class Trainer:
         return total, logs
 
     def train_step(self, batch: ClipBatch) -> dict[str, float]:
-        self.model.train()
+        self._train_mode()
         self._set_lr()
         start = time.perf_counter()
         total, logs = self._clip_losses(batch.to(self.cfg.device))

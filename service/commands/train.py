@@ -51,12 +51,22 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(exc)
             return 2
+    if args.train_only:
+        from models.registry import create_model
+        from models.training.trainer import trained_parameters
+
+        try:
+            trained_parameters(create_model(args.model), tuple(args.train_only), args.model)
+        except ValueError as exc:
+            print(exc)
+            return 2
     height, width = args.size
     cfg = TrainConfig(
         model=args.model, out=args.out, steps=args.steps, batch=args.batch, clip_length=args.clip_length,
         height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
         amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
         perceptual_weights=args.perceptual_weights, init_from=args.init_from, emphasis=dict(args.emphasis),
+        train_only=tuple(args.train_only),
     )  # fmt: skip
     if args.search:
         path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
@@ -139,6 +149,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--init-from", type=Path, default=None, help="start from these .safetensors weights")
+    p.add_argument("--train-only", type=lambda text: [p for p in text.split(",") if p], default=[],
+                   metavar="PREFIX,...",
+                   help="train only the parameters under these module prefixes (e.g. decoder.1,restoration_heads.1); "
+                   "the rest stays frozen, batch norms included (default: everything)")  # fmt: skip
     p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
     p.add_argument("--search", action="store_true", help="Neural Scale Search: pretrain -> search -> retrain")
     p.add_argument("--pretrain-steps", type=int, default=1000)
