@@ -651,3 +651,15 @@ def test_train_only_moves_the_named_branch_and_nothing_else(tmp_path: Path) -> N
     assert f"trained only: {', '.join(branch)} (the rest frozen)" in card
     with pytest.raises(ValueError, match="decoder.9 matches no parameter"):
         Trainer(replace(cfg, out=tmp_path / "bad", train_only=("decoder.9",)), iter(()))
+
+
+def test_train_only_typo_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "most-nss-tiny", "--out", str(run), "--train-only", "decoder.1,restoraton_heads.1",
+                 "--steps", "1", "--size", "32x48", "--workers", "0"]) == 2  # fmt: skip
+    out = capsys.readouterr().out
+    assert "--train-only restoraton_heads.1 matches no parameter of most-nss-tiny" in out
+    assert "restoration_heads.1" in out  # the names there are
+    assert not run.exists()
