@@ -25,7 +25,7 @@ from models.data.synth import DEGRADATIONS
 from models.hardware import cpu_model
 from models.training.run import training_batches
 from models.training.trainer import TrainConfig, Trainer
-from service.commands.common import frame_size
+from service.commands.common import frame_size, prefixes
 
 
 def generation_rate(cfg: TrainConfig, mix: ContentMix, degradation: str, render: tuple[int, int], workers: int,
@@ -64,21 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--train-only", default="", metavar="PREFIX,...", help="as `vident train --train-only`")
+    p.add_argument("--train-only", type=prefixes, default=(), metavar="PREFIX,...",
+                   help="as `vident train --train-only`")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:  # the trainer writes its log there; nothing is kept
         cfg = TrainConfig(model=args.model, out=Path(scratch), batch=args.batch, clip_length=args.clip_length,
                           height=args.size[0], width=args.size[1], device=args.device, amp=args.amp,
-                          train_only=tuple(p for p in args.train_only.split(",") if p))  # fmt: skip
+                          train_only=args.train_only)  # fmt: skip
         generated = generation_rate(cfg, args.mix, args.degradation, args.render_size, args.workers, args.batches)
         consumed = consumption_rate(cfg, args.mix, args.degradation, args.render_size, args.steps)
     result = {
         "model": args.model, "device": args.device, "cpu": cpu_model(), "threads": torch.get_num_threads(),
         "batch": args.batch, "crop": list(args.size), "render": list(args.render_size), "mix": str(args.mix),
         "degradation": args.degradation, "workers": args.workers, "amp": args.amp,
-        "train_only": args.train_only or None,
+        "train_only": ",".join(args.train_only) or None,
         "clips_per_s_generated": round(generated, 3), "clips_per_s_consumed": round(consumed, 3),
         "ratio": round(generated / consumed, 2),
     }  # fmt: skip

@@ -179,9 +179,6 @@ class Trainer:
         cfg.out.mkdir(parents=True, exist_ok=True)
         self.log_path = cfg.out / "log.jsonl"
 
-    def _trains(self, name: str) -> bool:
-        return not self.cfg.train_only or under(name, self.cfg.train_only)
-
     def _trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter, or with ``cfg.train_only`` those under its prefixes (the rest frozen)."""
         if not self.cfg.train_only:
@@ -196,10 +193,9 @@ class Trainer:
         self.model.train()
         if not self.cfg.train_only:
             return
-        for name, module in self.model.named_modules():
-            inside = self._trains(name) if name else False
-            above = any(p.startswith(name + ".") for p in self.cfg.train_only) if name else True
-            if not inside and not above:
+        for name, module in self.model.named_modules():  # "" (the whole model) holds what trains
+            above = not name or any(p.startswith(name + ".") for p in self.cfg.train_only)
+            if not above and not under(name, self.cfg.train_only):
                 module.eval()
 
     # -- schedule -------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ def frame_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def prefixes(text: str) -> tuple[str, ...]:
+    """A comma-separated list of module prefixes, e.g. ``--train-only decoder.1,restoration_heads.1``."""
+    return tuple(p for p in text.split(",") if p)
+
+
 def share(text: str) -> float:
     """A probability in [0, 1], e.g. ``--recipe-share 0.75``."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.commands.common import frame_size, share
+from service.commands.common import frame_size, prefixes, share
 
 
 def task_factor(text: str) -> tuple[str, float]:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         from models.training.trainer import trained_parameters
 
         try:
-            trained_parameters(create_model(args.model), tuple(args.train_only), args.model)
+            trained_parameters(create_model(args.model), args.train_only, args.model)
         except ValueError as exc:
             print(exc)
             return 2
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
         amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
         perceptual_weights=args.perceptual_weights, init_from=args.init_from, emphasis=dict(args.emphasis),
-        train_only=tuple(args.train_only),
+        train_only=args.train_only,
     )  # fmt: skip
     if args.search:
         path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
@@ -149,7 +149,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="synthetic camera speed multiplier (2.5 at 128x160 matches the pixel motion at 320x416)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--init-from", type=Path, default=None, help="start from these .safetensors weights")
-    p.add_argument("--train-only", type=lambda text: [p for p in text.split(",") if p], default=[],
+    p.add_argument("--train-only", type=prefixes, default=(),
                    metavar="PREFIX,...",
                    help="train only the parameters under these module prefixes (e.g. decoder.1,restoration_heads.1); "
                    "the rest stays frozen, batch norms included (default: everything)")  # fmt: skip
