@@ -663,3 +663,38 @@ def test_train_only_typo_is_refused_before_anything_runs(tmp_path: Path, capsys:
     assert "--train-only restoraton_heads.1 matches no parameter of most-nss-tiny" in out
     assert "restoration_heads.1" in out  # the names there are
     assert not run.exists()
+
+
+def test_colour_aligned_loss_ignores_colour_and_sees_noise() -> None:
+    """The aligned term must be blind to a per-channel gain/offset (what the colour map fixes) and
+    still charge the noise the same as the raw term does, so it trains structure, not colour."""
+    from models.training.losses import charbonnier, colour_aligned
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 24, 32, generator=g)
+    tinted = target * torch.tensor([0.6, 1.1, 0.8])[:, None, None] + torch.tensor([0.2, -0.05, 0.1])[:, None, None]
+    assert charbonnier(tinted, target) > 0.05
+    assert torch.allclose(colour_aligned(tinted, target), target, atol=1e-4)
+    noisy = target + 0.1 * torch.randn(target.shape, generator=g)
+    raw, aligned = charbonnier(noisy, target), charbonnier(colour_aligned(noisy, target), target)
+    assert 0.7 * raw < aligned < raw  # the fit shrinks noise a little toward the mean, never removes it
+    fitted = colour_aligned(noisy.requires_grad_(), target)
+    fitted.sum().backward()
+    assert noisy.grad is not None and noisy.grad.abs().sum() > 0  # gradients reach the prediction
+
+
+def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: Path) -> None:
+    from models.training.card import write_card
+
+    cfg = TrainConfig(model="most-nss-tiny", out=tmp_path, steps=1, batch=2, clip_length=3, height=32, width=48,
+                      lr=3e-3, warmup=1, amp="off", aligned_loss=0.5)  # fmt: skip
+    Trainer(cfg, itertools.repeat(_fixed_batch())).fit(progress=False)
+    report = {"model": "most-nss-tiny", "frames": 2, "sequences": ["seq_000"], "data": "d", "backend": "torch",
+              "device": "cpu", "rows": [{"name": "most-nss-tiny", "psnr": 20.0}]}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    card = write_card(tmp_path / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
+    assert "restoration loss: 0.5 of it after a per-channel colour fit to the target" in card
+    with pytest.raises(ValueError, match="R2-D4 keeps its stage losses"):
+        Trainer(replace(cfg, model="r2-d4-tiny", out=tmp_path / "r2"), iter(()))
+    with pytest.raises(ValueError, match="0-1"):
+        Trainer(replace(cfg, out=tmp_path / "big", aligned_loss=1.5), iter(()))

@@ -27,6 +27,18 @@ def charbonnier(pred: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
 
 
+def colour_aligned(pred: Tensor, target: Tensor) -> Tensor:
+    """``pred`` with a per-image, per-channel gain and offset fitted to ``target`` by least squares
+    (the fit held constant), as colour-aligned PSNR judges it: a loss on it trains structure
+    (noise, blur) and leaves colour to the least-squares colour map."""
+    with torch.no_grad():
+        p, t = pred.float().flatten(2), target.float().flatten(2)
+        pc, tc = p - p.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
+        gain = (pc * tc).mean(-1) / (pc.square().mean(-1) + 1e-6)
+        offset = t.mean(-1) - gain * p.mean(-1)
+    return pred * gain[..., None, None] + offset[..., None, None]
+
+
 def downscale(x: Tensor, scale: int) -> Tensor:
     """A full-resolution label at scale s (1, 2, 3): area averaging, as the network's own inputs."""
     return x if scale == 1 else F.avg_pool2d(x, 2 ** (scale - 1))
@@ -57,13 +69,19 @@ class MostTargets:
     homography: Tensor  # (b, 3, 3)
 
 
-def most_task_losses(step: MostStep, targets: MostTargets) -> dict[str, Tensor]:
-    """Sum over the scales that have a head of each task's loss (eq. 5.3 before task weights)."""
+def most_task_losses(step: MostStep, targets: MostTargets, aligned: float = 0.0) -> dict[str, Tensor]:
+    """Sum over the scales that have a head of each task's loss (eq. 5.3 before task weights).
+    ``aligned``: the share of the restoration loss taken after a per-channel colour fit
+    (:func:`colour_aligned`); 0 is the dissertation's loss."""
     height, width = targets.restored.shape[-2:]
     zero = targets.restored.new_zeros(())
     restoration, segmentation, homography = zero, zero, zero
     for s, pred in step.restored.items():
-        restoration = restoration + charbonnier(pred.float(), downscale(targets.restored, s))
+        target = downscale(targets.restored, s)
+        term = charbonnier(pred.float(), target)
+        if aligned:
+            term = (1 - aligned) * term + aligned * charbonnier(colour_aligned(pred.float(), target), target)
+        restoration = restoration + term
     for s, logits in step.mask_logits.items():
         segmentation = segmentation + mask_loss(logits.float(), downscale(targets.mask, s))
     for s, h in step.homography.items():

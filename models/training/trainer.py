@@ -77,6 +77,8 @@ class TrainConfig:
     # Parameter-name prefixes to train (e.g. "restoration_heads.1"); () trains everything. The rest is
     # frozen and held in eval mode, so its batch norms neither move nor switch to batch statistics.
     train_only: tuple[str, ...] = ()
+    # MOST: share of the restoration loss taken after a per-channel colour fit to the target (0-1).
+    aligned_loss: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -154,6 +156,10 @@ class Trainer:
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
             raise TypeError(f"cannot train {type(self.model).__name__}")
+        if cfg.aligned_loss and not self.is_most:
+            raise ValueError("the colour-aligned restoration loss is MOST's; R2-D4 keeps its stage losses")
+        if not 0.0 <= cfg.aligned_loss <= 1.0:
+            raise ValueError(f"aligned_loss is a share of the restoration loss, 0-1; got {cfg.aligned_loss}")
         if cfg.emphasis and not self.is_most:
             raise ValueError("task emphasis weights MOST's tasks; R2-D4 has fixed stage weights")
         self.model.to(memory_format=torch.channels_last)
@@ -233,7 +239,9 @@ class Trainer:
             if self.is_most:
                 targets = MostTargets(batch.target[:, k], batch.mask[:, k], batch.homography[:, k])
                 losses = (
-                    gated_task_errors(step, targets, gates) if gates is not None else most_task_losses(step, targets)
+                    gated_task_errors(step, targets, gates)
+                    if gates is not None
+                    else most_task_losses(step, targets, cfg.aligned_loss)
                 )
             else:
                 _, losses = r2d4_loss(step, batch.target[:, k], batch.target_blurry[:, k], self.perceptual)

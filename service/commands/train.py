@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
         amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
         perceptual_weights=args.perceptual_weights, init_from=args.init_from, emphasis=dict(args.emphasis),
-        train_only=args.train_only,
+        train_only=args.train_only, aligned_loss=args.aligned_loss,
     )  # fmt: skip
     if args.search:
         path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
@@ -153,6 +153,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    metavar="PREFIX,...",
                    help="train only the parameters under these module prefixes (e.g. decoder.1,restoration_heads.1); "
                    "the rest stays frozen, batch norms included (default: everything)")  # fmt: skip
+    p.add_argument("--aligned-loss", type=share, default=0.0, metavar="SHARE",
+                   help="MOST: the share of the restoration loss taken after a per-channel gain/offset fit to "
+                   "the target, as colour-aligned PSNR judges it (trains noise and blur, leaves colour to the "
+                   "least-squares colour map; default 0, the dissertation's loss)")
     p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
     p.add_argument("--search", action="store_true", help="Neural Scale Search: pretrain -> search -> retrain")
     p.add_argument("--pretrain-steps", type=int, default=1000)
