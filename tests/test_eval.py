@@ -107,3 +107,18 @@ def test_opencv_homography_conversion_exact() -> None:
     np.testing.assert_allclose(h_ours, h_true, atol=1e-4)
     # The unconverted matrix is off by the half-pixel shift through the rotation/scale part.
     assert np.abs(np.vstack((affine, [0, 0, 1])) - h_true).max() > 1e-3
+
+
+def test_synth_refuses_to_write_into_a_data_set_unless_told(tmp_path: Path) -> None:
+    """A second `vident synth` into the same folder would leave old sequences beside new ones (a data
+    set of two configurations); it is refused, and --overwrite replaces the whole set."""
+    out = tmp_path / "set"
+    small = ["--frames", "2", "--size", "32x48"]
+    assert main(["synth", "--out", str(out), "--sequences", "3", *small]) == 0
+    before = (out / "seq_002" / "input" / "000000.png").read_bytes()
+    assert main(["synth", "--out", str(out), "--sequences", "2", "--seed", "5", *small]) == 2
+    assert (out / "seq_002" / "input" / "000000.png").read_bytes() == before
+    assert json.loads((out / "dataset.json").read_text())["sequences"] == 3
+    assert main(["synth", "--out", str(out), "--sequences", "2", "--seed", "5", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in out.glob("seq_*")) == ["seq_000", "seq_001"]
+    assert json.loads((out / "dataset.json").read_text())["seed"] == 5

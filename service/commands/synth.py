@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
             cfg = args.mix.for_clip(cfg, args.seed, args.split, index)
         return render_sequence(cfg, sequence_seed(args.seed, args.split, index))
 
+    out = Path(args.out) if args.out is not None else None
+    held = sorted(out.glob("seq_*")) if out is not None and out.is_dir() else []
+    if out is not None and (held or (out / "dataset.json").exists()) and not args.overwrite:
+        console.print(f"[red]{out} already holds a data set[/] ({len(held)} sequences): writing into it would mix "
+                      "two; give another --out, or --overwrite to replace it")  # fmt: skip
+        return 2
     if args.preview is not None:
         preview_cfg = SynthConfig(**{**asdict(cfg), "frames": max(cfg.frames, 5)})
         seq = render(preview_cfg, args.preview_index)
@@ -78,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"preview of {args.split} sequence {args.preview_index} ({seq.meta['noise']} noise) -> {args.preview}"
         )
-    if args.out is None:
+    if out is None:
         return 0
-    out = Path(args.out)
+    for folder in held:  # --overwrite: none of the old sequences may survive beside the new ones
+        shutil.rmtree(folder)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -140,6 +148,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe-codec", type=share, default=0.0,
                    help="the odds that a sequence under the recipe's camera is compressed by the client (JPEG or "
                    "H.264 over docs/data.md's ranges; default 0, the dissertation's uncompressed recipe)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the data set already in --out (by default such a folder is refused)")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG of one sequence")
     p.add_argument("--preview-index", type=int, default=0, help="which sequence the preview shows (default 0)")
     p.set_defaults(func=run)
