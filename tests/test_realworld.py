@@ -577,3 +577,30 @@ def test_data_rate_benchmark_runs_on_a_tiny_model(tmp_path: Path) -> None:
     assert result["clips_per_s_generated"] > 0 and result["clips_per_s_consumed"] > 0
     ratio = result["clips_per_s_generated"] / result["clips_per_s_consumed"]
     assert result["ratio"] == pytest.approx(ratio, rel=0.02, abs=0.006)  # both rounded in the JSON
+
+
+def test_soft_contents_are_their_photographs_enlarged_as_the_small_portrait_is() -> None:
+    """soft-photos films the training photographs and val-soft val-unrelated's, each enlarged at
+    least 1.8x (the evaluation's smaller portrait) before the 1-1.6x zoom, where the plain contents
+    only reach 1.3 frames; the finest detail is then soft in the target too."""
+    from models.data.scenes import MIN_ENLARGEMENT, load_photo, photos_available
+    from models.data.synth import content_world
+
+    assert VALIDATION_SETS["val-soft"] == VALIDATION_SETS["val-unrelated"]
+    assert len(VALIDATION_PHOTOS) == len(set(VALIDATION_PHOTOS))
+    assert ContentMix.parse("dental=1,soft-photos=1").photo_contents() == {"soft-photos"}
+    cfg = SynthConfig(height=320, width=416, frames=1)
+
+    def enlargement(content: str, names: tuple[str, ...], seed: int) -> float:
+        name = names[int(np.random.default_rng(seed).integers(0, len(names)))]  # content_world's first draw
+        canvas = content_world(np.random.default_rng(seed), replace(cfg, content=content)).rgb
+        return max(canvas.shape[:2]) / max(load_photo(name).shape[:2])
+
+    for soft, plain, names in (("soft-photos", "photos", TRAINING_PHOTOS),
+                               ("val-soft", "val-unrelated", VALIDATION_SETS["val-unrelated"])):  # fmt: skip
+        if not photos_available(names):
+            pytest.skip(f"the packages of {plain}'s photographs are not installed")
+        for seed in range(6):
+            assert MIN_ENLARGEMENT[soft] * 0.99 <= enlargement(soft, names, seed) <= 1.8 * 1.6 * 1.01
+        if plain == "val-unrelated":  # SPORCO's photographs are large: the plain content shrinks them
+            assert all(enlargement(plain, names, seed) < 1.8 for seed in range(6))

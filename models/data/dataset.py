@@ -107,7 +107,7 @@ class ContentMix:
     def photo_contents(self) -> set[str]:
         """The contents in the mix that read the training photographs (dead leaves take half their
         palettes from them)."""
-        return {"photos", "dead-leaves"} & {name for name, weight in self.weights if weight > 0}
+        return {"photos", "soft-photos", "dead-leaves"} & {name for name, weight in self.weights if weight > 0}
 
     def check_split(self, split: str) -> None:
         """Validation photographs only render into the validation split, so they never reach a fit."""

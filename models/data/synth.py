@@ -47,6 +47,7 @@ from models.data.degrade import (
 )
 from models.data.scenes import (
     EVALUATION_PHOTOS,
+    MIN_ENLARGEMENT,
     PHOTOS,
     TRAINING_PHOTOS,
     VALIDATION_SETS,
@@ -60,7 +61,7 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
 # random photograph of a validation set (augmented; validation splits only: ``scenes.VALIDATION_SETS``);
 # or one named photograph as it is
 # ("photo:NAME", what the real-content evaluation split films).
-CONTENTS = ("dental", "dead-leaves", "photos", *VALIDATION_SETS)
+CONTENTS = ("dental", "dead-leaves", "photos", "soft-photos", *VALIDATION_SETS)
 DEGRADATIONS = ("recipe", "wide", "mixed")
 MIXED_RECIPE_SHARE = 0.5  # mixed: the default share of clips that keep the recipe's camera
 DEFAULT_SEED = 2024  # the seed model cards and benchmarks quote (with the split mixed in)
@@ -441,10 +442,11 @@ def content_world(rng: np.random.Generator, cfg: SynthConfig) -> World:
         px = cfg.height / 320.0
         palette = photo_palette(TRAINING_PHOTOS) if rng.random() < 0.5 else None
         rgb = dead_leaves(rng, hw, ww, r_min=1.5 * px, r_max=rng.uniform(0.15, 0.5) * cfg.height, palette=palette)
-    elif cfg.content == "photos" or cfg.content in VALIDATION_SETS:
-        names = TRAINING_PHOTOS if cfg.content == "photos" else VALIDATION_SETS[cfg.content]
+    elif cfg.content in ("photos", "soft-photos") or cfg.content in VALIDATION_SETS:
+        names = VALIDATION_SETS.get(cfg.content, TRAINING_PHOTOS)
         name = names[int(rng.integers(0, len(names)))]
-        rgb = photo_world(rng, name, cfg.height, cfg.width, augment=True)
+        enlarge = MIN_ENLARGEMENT.get(cfg.content, 0.0)
+        rgb = photo_world(rng, name, cfg.height, cfg.width, augment=True, min_scale=enlarge)
     elif cfg.content.startswith("photo:"):
         rgb = photo_world(rng, cfg.content.removeprefix("photo:"), cfg.height, cfg.width, augment=False)
     else:
