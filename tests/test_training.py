@@ -698,3 +698,5 @@ def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: P
         Trainer(replace(cfg, model="r2-d4-tiny", out=tmp_path / "r2"), iter(()))
     with pytest.raises(ValueError, match="0-1"):
         Trainer(replace(cfg, out=tmp_path / "big", aligned_loss=1.5), iter(()))
+    with pytest.raises(ValueError, match="Neural Scale Search"):
+        Trainer(replace(cfg, model="most-net-tiny", out=tmp_path / "nss", search=True), iter(()))

@@ -158,6 +158,8 @@ class Trainer:
             raise TypeError(f"cannot train {type(self.model).__name__}")
         if cfg.aligned_loss and not self.is_most:
             raise ValueError("the colour-aligned restoration loss is MOST's; R2-D4 keeps its stage losses")
+        if cfg.aligned_loss and cfg.search:
+            raise ValueError("the colour-aligned restoration loss is not part of Neural Scale Search's gated errors")
         if not 0.0 <= cfg.aligned_loss <= 1.0:
             raise ValueError(f"aligned_loss is a share of the restoration loss, 0-1; got {cfg.aligned_loss}")
         if cfg.emphasis and not self.is_most:

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and (args.search or not args.minutes > 0):
         print("--minutes must be positive and applies to one run, not to --search's three phases")
         return 2
+    if args.search and args.aligned_loss:
+        print("--aligned-loss applies to a plain run; Neural Scale Search (--search) weighs its own gated errors")
+        return 2
     if args.mix is not None:
         try:
             args.mix.check_split("train")
