@@ -291,18 +291,19 @@ def test_training_and_evaluation_sources_do_not_overlap() -> None:
     assert not np.array_equal(train_seed, real_seed)
 
 
-def test_training_photo_worlds_come_only_from_training_photos(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("content", ["photos", "soft-photos"])
+def test_training_photo_worlds_come_only_from_training_photos(content: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from models.data import scenes, synth
 
     used: list[str] = []
     original = scenes.photo_world
 
-    def spy(rng, name, height, width, augment):  # noqa: ANN001, ANN202
+    def spy(rng, name, height, width, augment, **kwargs):  # noqa: ANN001, ANN003, ANN202
         used.append(name)
-        return original(rng, name, height, width, augment)
+        return original(rng, name, height, width, augment, **kwargs)
 
     monkeypatch.setattr(synth, "photo_world", spy)
-    cfg = SynthConfig(height=48, width=64, frames=1, content="photos")
+    cfg = SynthConfig(height=48, width=64, frames=1, content=content)
     for index in range(10):
         render_sequence(cfg, sequence_seed(0, "train", index))
     assert used and set(used) <= set(TRAINING_PHOTOS)
