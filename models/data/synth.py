@@ -57,8 +57,9 @@ from models.data.scenes import (
 )
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "real": 3}
-# content: the generator's dental scenes; dead leaves; a random training photograph (augmented); a
-# random photograph of a validation set (augmented; validation splits only: ``scenes.VALIDATION_SETS``);
+# content: the generator's dental scenes; dead leaves; a random training photograph (augmented; enlarged
+# first for "soft-photos", ``scenes.MIN_ENLARGEMENT``); a random photograph of a validation set
+# (augmented; validation splits only: ``scenes.VALIDATION_SETS``);
 # or one named photograph as it is
 # ("photo:NAME", what the real-content evaluation split films).
 CONTENTS = ("dental", "dead-leaves", "photos", "soft-photos", *VALIDATION_SETS)
