@@ -77,10 +77,10 @@ def most_task_losses(step: MostStep, targets: MostTargets, aligned: float = 0.0)
     zero = targets.restored.new_zeros(())
     restoration, segmentation, homography = zero, zero, zero
     for s, pred in step.restored.items():
-        target = downscale(targets.restored, s)
-        term = charbonnier(pred.float(), target)
+        pred, target = pred.float(), downscale(targets.restored, s)
+        term = charbonnier(pred, target)
         if aligned:
-            term = (1 - aligned) * term + aligned * charbonnier(colour_aligned(pred.float(), target), target)
+            term = (1 - aligned) * term + aligned * charbonnier(colour_aligned(pred, target), target)
         restoration = restoration + term
     for s, logits in step.mask_logits.items():
         segmentation = segmentation + mask_loss(logits.float(), downscale(targets.mask, s))
