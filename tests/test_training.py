@@ -683,6 +683,25 @@ def test_colour_aligned_loss_ignores_colour_and_sees_noise() -> None:
     assert noisy.grad is not None and noisy.grad.abs().sum() > 0  # gradients reach the prediction
 
 
+def test_r2d4_aligned_loss_fits_each_stage_to_its_own_target() -> None:
+    """Each R2-D4 stage's aligned term must be blind to a tint of that stage's output against its
+    own target (the blurry target for the denoising stage) and still charge noise."""
+    from models.training.losses import r2d4_loss
+
+    g = torch.Generator().manual_seed(0)
+    target, blurry = torch.rand(2, 3, 16, 20, generator=g), torch.rand(2, 3, 16, 20, generator=g)
+    gain, offset = torch.tensor([0.7, 1.2, 0.9]).view(1, 3, 1, 1), torch.tensor([0.05, -0.1, 0.02]).view(1, 3, 1, 1)
+    tinted = {"restored": target * gain + offset, "denoised": blurry * gain + offset}
+    _, plain = r2d4_loss(tinted, target, blurry)
+    _, fitted = r2d4_loss(tinted, target, blurry, aligned=1.0)
+    assert plain["blur"] > 1e-3 and plain["noise"] > 1e-3
+    assert fitted["blur"] < 1e-8 and fitted["noise"] < 1e-8
+    noisy = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in tinted.items()}
+    _, half = r2d4_loss(noisy, target, blurry, aligned=0.5)
+    _, raw = r2d4_loss(noisy, target, blurry)
+    assert 1e-3 < half["blur"] < raw["blur"] and 1e-3 < half["noise"] < raw["noise"]
+
+
 def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: Path) -> None:
     from models.training.card import write_card
 
@@ -694,8 +713,11 @@ def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: P
     (tmp_path / "eval.json").write_text(json.dumps(report))
     card = write_card(tmp_path / "last.safetensors", tmp_path / "eval.json", "vident eval ...").read_text()
     assert "restoration loss: 0.5 of it after a per-channel colour fit to the target" in card
-    with pytest.raises(ValueError, match="R2-D4 keeps its stage losses"):
-        Trainer(replace(cfg, model="r2-d4-tiny", out=tmp_path / "r2"), iter(()))
+    r2 = replace(cfg, model="r2-d4-tiny", out=tmp_path / "r2")
+    Trainer(r2, itertools.repeat(_fixed_batch())).fit(progress=False)
+    (r2.out / "eval.json").write_text(json.dumps({**report, "model": "r2-d4-tiny"}))
+    card = write_card(r2.out / "last.safetensors", r2.out / "eval.json", "vident eval ...").read_text()
+    assert "each stage loss: 0.5 of it after a per-channel colour fit to the target" in card
     with pytest.raises(ValueError, match="0-1"):
         Trainer(replace(cfg, out=tmp_path / "big", aligned_loss=1.5), iter(()))
     with pytest.raises(ValueError, match="Neural Scale Search"):

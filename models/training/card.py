@@ -160,8 +160,8 @@ def write_card(
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine){start}",
         *([f"- trained only: {', '.join(cfg['train_only'])} (the rest frozen)"] if cfg.get("train_only") else []),
-        *([f"- restoration loss: {float(cfg['aligned_loss']):g} of it after a per-channel colour fit to the target"]
-          if cfg.get("aligned_loss") else []),
+        *([f"- {'restoration loss' if 'structure' in meta else 'each stage loss'}: {float(cfg['aligned_loss']):g} "
+           "of it after a per-channel colour fit to the target"] if cfg.get("aligned_loss") else []),
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
         if "structure" in meta
         else "- loss: MSE(R) + 0.6 MSE(R')",

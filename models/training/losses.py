@@ -130,11 +130,19 @@ def r2d4_loss(
     perceptual: VGGPerceptual | None = None,
     noise_weight: float = 0.6,
     perceptual_weight: float = 0.01,
+    aligned: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    parts = {
-        "blur": F.mse_loss(outputs["restored"].float(), target),
-        "noise": F.mse_loss(outputs["denoised"].float(), target_blurry),
-    }
+    """The dissertation's stage losses (eq. 3.25-3.27). ``aligned``: the share of each stage's MSE
+    taken after a per-channel colour fit to that stage's own target (:func:`colour_aligned`)."""
+
+    def stage(pred: Tensor, stage_target: Tensor) -> Tensor:
+        pred = pred.float()
+        term = F.mse_loss(pred, stage_target)
+        if aligned:
+            term = (1 - aligned) * term + aligned * F.mse_loss(colour_aligned(pred, stage_target), stage_target)
+        return term
+
+    parts = {"blur": stage(outputs["restored"], target), "noise": stage(outputs["denoised"], target_blurry)}
     total = parts["blur"] + noise_weight * parts["noise"]
     if perceptual is not None:
         parts["perceptual"] = perceptual(outputs["restored"].float(), target)

@@ -156,8 +156,6 @@ class Trainer:
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
             raise TypeError(f"cannot train {type(self.model).__name__}")
-        if cfg.aligned_loss and not self.is_most:
-            raise ValueError("the colour-aligned restoration loss is MOST's; R2-D4 keeps its stage losses")
         if cfg.aligned_loss and cfg.search:
             raise ValueError("the colour-aligned restoration loss is not part of Neural Scale Search's gated errors")
         if not 0.0 <= cfg.aligned_loss <= 1.0:
@@ -246,7 +244,8 @@ class Trainer:
                     else most_task_losses(step, targets, cfg.aligned_loss)
                 )
             else:
-                _, losses = r2d4_loss(step, batch.target[:, k], batch.target_blurry[:, k], self.perceptual)
+                _, losses = r2d4_loss(step, batch.target[:, k], batch.target_blurry[:, k], self.perceptual,
+                                      aligned=cfg.aligned_loss)
             for name, value in losses.items():
                 task_sums[name] = task_sums.get(name, 0.0) + value / t  # type: ignore[operator]
         logs: dict[str, float] = {f"loss_{k}": float(v.detach()) for k, v in task_sums.items()}

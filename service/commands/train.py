@@ -157,9 +157,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train only the parameters under these module prefixes (e.g. decoder.1,restoration_heads.1); "
                    "the rest stays frozen, batch norms included (default: everything)")  # fmt: skip
     p.add_argument("--aligned-loss", type=share, default=0.0, metavar="SHARE",
-                   help="MOST: the share of the restoration loss taken after a per-channel gain/offset fit to "
-                   "the target, as colour-aligned PSNR judges it (trains noise and blur, leaves colour to the "
-                   "least-squares colour map; default 0, the dissertation's loss)")
+                   help="the share of the restoration loss (R2-D4: of each stage's loss) taken after a "
+                   "per-channel gain/offset fit to the target, as colour-aligned PSNR judges it (trains noise and "
+                   "blur, leaves colour to the least-squares colour map; default 0, the dissertation's loss)")
     p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
     p.add_argument("--search", action="store_true", help="Neural Scale Search: pretrain -> search -> retrain")
     p.add_argument("--pretrain-steps", type=int, default=1000)
