@@ -702,6 +702,35 @@ def test_r2d4_aligned_loss_fits_each_stage_to_its_own_target() -> None:
     assert 1e-3 < half["blur"] < raw["blur"] and 1e-3 < half["noise"] < raw["noise"]
 
 
+def test_colour_loss_charges_colour_and_not_noise() -> None:
+    """The low-frequency term must hold what the aligned term leaves free (a tint) and barely see
+    pixel noise, for MOST's per-scale loss and R2-D4's stage loss alike."""
+    from models.most import MostStep
+    from models.training.losses import MostTargets, charbonnier, low_frequency, most_task_losses, r2d4_loss
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 3, 32, 40, generator=g)
+    tinted = target * torch.tensor([0.8, 1.1, 0.9]).view(1, 3, 1, 1) + 0.05
+    noisy = target + 0.1 * torch.randn(target.shape, generator=g)
+    assert low_frequency(target).shape[-2:] == (4, 5) and low_frequency(target, 3).shape[-2:] == (16, 20)
+
+    def most(pred: torch.Tensor, colour: float) -> float:
+        step = MostStep(restored={1: pred}, mask_logits={}, homography={}, final_restored=pred,
+                        final_mask_logits=pred[:, :1], final_homography=torch.eye(3).expand(2, 3, 3))  # fmt: skip
+        targets = MostTargets(target, torch.zeros_like(target[:, :1]), torch.eye(3).expand(2, 3, 3))
+        return float(most_task_losses(step, targets, aligned=1.0, colour=colour)["restoration"])
+
+    def added(pred: torch.Tensor) -> float:  # the colour term, as a share of a raw Charbonnier of the same error
+        return (most(pred, 1.0) - most(pred, 0.0)) / float(charbonnier(pred, target))
+
+    assert added(tinted) > 0.6 and added(noisy) < 0.2  # 8x8 means keep most of a tint, shrink noise about 8x
+    assert most(tinted, 0.0) < 0.01  # the aligned term alone is blind to the tint
+    _, tint = r2d4_loss({"restored": tinted, "denoised": tinted}, target, target, aligned=1.0, colour=1.0)
+    _, noise = r2d4_loss({"restored": noisy, "denoised": noisy}, target, target, aligned=1.0, colour=1.0)
+    _, noise_alone = r2d4_loss({"restored": noisy, "denoised": noisy}, target, target, aligned=1.0)
+    assert tint["blur"] > 1e-3 and noise["blur"] - noise_alone["blur"] < 0.05 * (noise_alone["blur"])
+
+
 def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: Path) -> None:
     from models.training.card import write_card
 
@@ -718,6 +747,13 @@ def test_aligned_loss_is_recorded_and_refused_where_it_means_nothing(tmp_path: P
     (r2.out / "eval.json").write_text(json.dumps({**report, "model": "r2-d4-tiny"}))
     card = write_card(r2.out / "last.safetensors", r2.out / "eval.json", "vident eval ...").read_text()
     assert "each stage loss: 0.5 of it after a per-channel colour fit to the target" in card
+    coloured = replace(cfg, out=tmp_path / "colour", colour_loss=2.0)
+    Trainer(coloured, itertools.repeat(_fixed_batch())).fit(progress=False)
+    (coloured.out / "eval.json").write_text(json.dumps(report))
+    card = write_card(coloured.out / "last.safetensors", coloured.out / "eval.json", "vident eval ...").read_text()
+    assert "colour loss: weight 2 on 8x8-pixel block means, added to the restoration loss" in card
+    with pytest.raises(ValueError, match=">= 0"):
+        Trainer(replace(cfg, out=tmp_path / "neg", colour_loss=-1.0), iter(()))
     with pytest.raises(ValueError, match="0-1"):
         Trainer(replace(cfg, out=tmp_path / "big", aligned_loss=1.5), iter(()))
     with pytest.raises(ValueError, match="Neural Scale Search"):

@@ -162,6 +162,8 @@ def write_card(
         *([f"- trained only: {', '.join(cfg['train_only'])} (the rest frozen)"] if cfg.get("train_only") else []),
         *([f"- {'restoration loss' if 'structure' in meta else 'each stage loss'}: {float(cfg['aligned_loss']):g} "
            "of it after a per-channel colour fit to the target"] if cfg.get("aligned_loss") else []),
+        *([f"- colour loss: weight {float(cfg['colour_loss']):g} on 8x8-pixel block means, added to the "
+           f"{'restoration' if 'structure' in meta else 'each stage'} loss"] if cfg.get("colour_loss") else []),
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
         if "structure" in meta
         else "- loss: MSE(R) + 0.6 MSE(R')",

@@ -39,6 +39,17 @@ def colour_aligned(pred: Tensor, target: Tensor) -> Tensor:
     return pred * gain[..., None, None] + offset[..., None, None]
 
 
+COLOUR_BLOCK = 8  # full-resolution pixels averaged per side by :func:`low_frequency`
+
+
+def low_frequency(x: Tensor, scale: int = 1) -> Tensor:
+    """``x`` (at scale ``scale``) averaged over blocks of ``COLOUR_BLOCK`` full-resolution pixels: what
+    is left is its colour and shading, with noise and fine structure averaged away, so a loss on it
+    holds colour without charging what the colour-aligned term trains."""
+    side = max(1, COLOUR_BLOCK >> (scale - 1))
+    return F.avg_pool2d(x, side, ceil_mode=True)
+
+
 def downscale(x: Tensor, scale: int) -> Tensor:
     """A full-resolution label at scale s (1, 2, 3): area averaging, as the network's own inputs."""
     return x if scale == 1 else F.avg_pool2d(x, 2 ** (scale - 1))
@@ -69,10 +80,13 @@ class MostTargets:
     homography: Tensor  # (b, 3, 3)
 
 
-def most_task_losses(step: MostStep, targets: MostTargets, aligned: float = 0.0) -> dict[str, Tensor]:
+def most_task_losses(
+    step: MostStep, targets: MostTargets, aligned: float = 0.0, colour: float = 0.0
+) -> dict[str, Tensor]:
     """Sum over the scales that have a head of each task's loss (eq. 5.3 before task weights).
     ``aligned``: the share of the restoration loss taken after a per-channel colour fit
-    (:func:`colour_aligned`); 0 is the dissertation's loss."""
+    (:func:`colour_aligned`); ``colour``: the weight of a Charbonnier term on :func:`low_frequency`
+    added to it; both 0 is the dissertation's loss."""
     height, width = targets.restored.shape[-2:]
     zero = targets.restored.new_zeros(())
     restoration, segmentation, homography = zero, zero, zero
@@ -81,6 +95,8 @@ def most_task_losses(step: MostStep, targets: MostTargets, aligned: float = 0.0)
         term = charbonnier(pred, target)
         if aligned:
             term = (1 - aligned) * term + aligned * charbonnier(colour_aligned(pred, target), target)
+        if colour:
+            term = term + colour * charbonnier(low_frequency(pred, s), low_frequency(target, s))
         restoration = restoration + term
     for s, logits in step.mask_logits.items():
         segmentation = segmentation + mask_loss(logits.float(), downscale(targets.mask, s))
@@ -131,15 +147,19 @@ def r2d4_loss(
     noise_weight: float = 0.6,
     perceptual_weight: float = 0.01,
     aligned: float = 0.0,
+    colour: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The dissertation's stage losses (eq. 3.25-3.27). ``aligned``: the share of each stage's MSE
-    taken after a per-channel colour fit to that stage's own target (:func:`colour_aligned`)."""
+    taken after a per-channel colour fit to that stage's own target (:func:`colour_aligned`);
+    ``colour``: the weight of an MSE on :func:`low_frequency` added to each stage's."""
 
     def stage(pred: Tensor, stage_target: Tensor) -> Tensor:
         pred = pred.float()
         term = F.mse_loss(pred, stage_target)
         if aligned:
             term = (1 - aligned) * term + aligned * F.mse_loss(colour_aligned(pred, stage_target), stage_target)
+        if colour:
+            term = term + colour * F.mse_loss(low_frequency(pred), low_frequency(stage_target))
         return term
 
     parts = {"blur": stage(outputs["restored"], target), "noise": stage(outputs["denoised"], target_blurry)}

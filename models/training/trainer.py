@@ -77,8 +77,10 @@ class TrainConfig:
     # Parameter-name prefixes to train (e.g. "restoration_heads.1"); () trains everything. The rest is
     # frozen and held in eval mode, so its batch norms neither move nor switch to batch statistics.
     train_only: tuple[str, ...] = ()
-    # MOST: share of the restoration loss taken after a per-channel colour fit to the target (0-1).
+    # Share of the restoration loss (R2-D4: of each stage's) taken after a per-channel colour fit to
+    # the target (0-1), and the weight of a term on the output's low frequencies (its colour) added.
     aligned_loss: float = 0.0
+    colour_loss: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -156,8 +158,10 @@ class Trainer:
         self.is_most = isinstance(self.model, MostNet)
         if not self.is_most and not isinstance(self.model, R2D4):
             raise TypeError(f"cannot train {type(self.model).__name__}")
-        if cfg.aligned_loss and cfg.search:
-            raise ValueError("the colour-aligned restoration loss is not part of Neural Scale Search's gated errors")
+        if (cfg.aligned_loss or cfg.colour_loss) and cfg.search:
+            raise ValueError("the colour-aligned and colour losses are not part of Neural Scale Search's gated errors")
+        if cfg.colour_loss < 0:
+            raise ValueError(f"colour_loss is a weight, >= 0; got {cfg.colour_loss}")
         if not 0.0 <= cfg.aligned_loss <= 1.0:
             raise ValueError(f"aligned_loss is a share of the restoration loss, 0-1; got {cfg.aligned_loss}")
         if cfg.emphasis and not self.is_most:
@@ -241,11 +245,11 @@ class Trainer:
                 losses = (
                     gated_task_errors(step, targets, gates)
                     if gates is not None
-                    else most_task_losses(step, targets, cfg.aligned_loss)
+                    else most_task_losses(step, targets, cfg.aligned_loss, cfg.colour_loss)
                 )
             else:
                 _, losses = r2d4_loss(step, batch.target[:, k], batch.target_blurry[:, k], self.perceptual,
-                                      aligned=cfg.aligned_loss)
+                                      aligned=cfg.aligned_loss, colour=cfg.colour_loss)
             for name, value in losses.items():
                 task_sums[name] = task_sums.get(name, 0.0) + value / t  # type: ignore[operator]
         logs: dict[str, float] = {f"loss_{k}": float(v.detach()) for k, v in task_sums.items()}

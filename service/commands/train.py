@@ -45,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None and (args.search or not args.minutes > 0):
         print("--minutes must be positive and applies to one run, not to --search's three phases")
         return 2
-    if args.search and args.aligned_loss:
-        print("--aligned-loss applies to a plain run; Neural Scale Search (--search) weighs its own gated errors")
+    if args.search and (args.aligned_loss or args.colour_loss):
+        print("--aligned-loss and --colour-loss apply to a plain run; Neural Scale Search (--search) weighs its "
+              "own gated errors")  # fmt: skip
+        return 2
+    if not args.colour_loss >= 0:
+        print(f"--colour-loss is a weight, >= 0; got {args.colour_loss}")
         return 2
     if args.mix is not None:
         try:
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         height=height, width=width, lr=args.lr, balancing=args.balancing, seed=args.seed, device=args.device,
         amp=args.amp, checkpoint_every=args.checkpoint_every, gate_tau=args.tau,
         perceptual_weights=args.perceptual_weights, init_from=args.init_from, emphasis=dict(args.emphasis),
-        train_only=args.train_only, aligned_loss=args.aligned_loss,
+        train_only=args.train_only, aligned_loss=args.aligned_loss, colour_loss=args.colour_loss,
     )  # fmt: skip
     if args.search:
         path = neural_scale_search(cfg, args.pretrain_steps, args.search_steps, args.steps, data=args.data,
@@ -160,6 +164,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the share of the restoration loss (R2-D4: of each stage's loss) taken after a "
                    "per-channel gain/offset fit to the target, as colour-aligned PSNR judges it (trains noise and "
                    "blur, leaves colour to the least-squares colour map; default 0, the dissertation's loss)")
+    p.add_argument("--colour-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of a loss on the output's 8x8-pixel block means against the target's (its colour "
+                   "and shading, not its noise or detail), added to the restoration loss (R2-D4: to each stage's); "
+                   "holds the colour that --aligned-loss leaves free (default 0)")
     p.add_argument("--perceptual-weights", type=Path, default=None, help="R2-D4: VGG-19 .safetensors")
     p.add_argument("--search", action="store_true", help="Neural Scale Search: pretrain -> search -> retrain")
     p.add_argument("--pretrain-steps", type=int, default=1000)
