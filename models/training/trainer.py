@@ -160,7 +160,7 @@ class Trainer:
             raise TypeError(f"cannot train {type(self.model).__name__}")
         if (cfg.aligned_loss or cfg.colour_loss) and cfg.search:
             raise ValueError("the colour-aligned and colour losses are not part of Neural Scale Search's gated errors")
-        if cfg.colour_loss < 0:
+        if not cfg.colour_loss >= 0:  # NaN too
             raise ValueError(f"colour_loss is a weight, >= 0; got {cfg.colour_loss}")
         if not 0.0 <= cfg.aligned_loss <= 1.0:
             raise ValueError(f"aligned_loss is a share of the restoration loss, 0-1; got {cfg.aligned_loss}")
