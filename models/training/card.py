@@ -152,6 +152,7 @@ def write_card(
     if status:
         parts += [status.strip(), ""]
     chosen = best_checkpoint_text(meta)
+    loss_of = "restoration" if "structure" in meta else "each stage"  # MOST's one loss, or R2-D4's two
     parts += [
         "## Training",
         "",
@@ -160,10 +161,10 @@ def write_card(
         f"- steps: {meta.get('steps')} x batch {cfg.get('batch')}; optimiser AdamW, lr {cfg.get('lr')} "
         f"(warm-up {cfg.get('warmup')}, cosine){start}",
         *([f"- trained only: {', '.join(cfg['train_only'])} (the rest frozen)"] if cfg.get("train_only") else []),
-        *([f"- {'restoration loss' if 'structure' in meta else 'each stage loss'}: {float(cfg['aligned_loss']):g} "
-           "of it after a per-channel colour fit to the target"] if cfg.get("aligned_loss") else []),
-        *([f"- colour loss: weight {float(cfg['colour_loss']):g} on 8x8-pixel block means, added to the "
-           f"{'restoration' if 'structure' in meta else 'each stage'} loss"] if cfg.get("colour_loss") else []),
+        *([f"- {loss_of} loss: {float(cfg['aligned_loss']):g} of it after a per-channel colour fit to the target"]
+          if cfg.get("aligned_loss") else []),
+        *([f"- colour loss: weight {float(cfg['colour_loss']):g} on 8x8-pixel block means, added to the {loss_of} loss"]
+          if cfg.get("colour_loss") else []),
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
         if "structure" in meta
         else "- loss: MSE(R) + 0.6 MSE(R')",

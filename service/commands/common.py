@@ -39,6 +39,17 @@ def share(text: str) -> float:
     return value
 
 
+def weight(text: str) -> float:
+    """A loss weight >= 0, e.g. ``--colour-loss 1``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text!r}")
+    return value
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, flags: dict[str, type], env_prefix: str) -> None:
     """One flag per settings field (``max_sessions`` -> ``--max-sessions``, ``idle_timeout_s`` -> ``--idle-timeout``),
     default None so that a flag left out keeps the environment's (``env_prefix`` + NAME) or the default value."""

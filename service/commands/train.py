@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.commands.common import frame_size, prefixes, share
+from service.commands.common import frame_size, prefixes, share, weight
 
 
 def task_factor(text: str) -> tuple[str, float]:
@@ -48,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if args.search and (args.aligned_loss or args.colour_loss):
         print("--aligned-loss and --colour-loss apply to a plain run; Neural Scale Search (--search) weighs its "
               "own gated errors")  # fmt: skip
-        return 2
-    if not args.colour_loss >= 0:
-        print(f"--colour-loss is a weight, >= 0; got {args.colour_loss}")
         return 2
     if args.mix is not None:
         try:
@@ -164,7 +161,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the share of the restoration loss (R2-D4: of each stage's loss) taken after a "
                    "per-channel gain/offset fit to the target, as colour-aligned PSNR judges it (trains noise and "
                    "blur, leaves colour to the least-squares colour map; default 0, the dissertation's loss)")
-    p.add_argument("--colour-loss", type=float, default=0.0, metavar="WEIGHT",
+    p.add_argument("--colour-loss", type=weight, default=0.0, metavar="WEIGHT",
                    help="weight of a loss on the output's 8x8-pixel block means against the target's (its colour "
                    "and shading, not its noise or detail), added to the restoration loss (R2-D4: to each stage's); "
                    "holds the colour that --aligned-loss leaves free (default 0)")
