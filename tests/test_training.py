@@ -91,6 +91,19 @@ def test_smoke_training_reduces_the_loss(name: str, tmp_path: Path) -> None:
     assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "log.jsonl").read_text().count("\n") >= 29
 
 
+def test_r2d4_trainer_weighs_the_stages_as_the_dissertation(tmp_path: Path) -> None:
+    """R2-D4's clip loss is MSE(R) + 0.6 MSE(R') (eq. 3.25), whether a frame's total comes from
+    r2d4_loss or the trainer sums the parts over a clip first."""
+    from models.training.losses import r2d4_loss
+
+    cfg = TrainConfig(model="r2-d4-tiny", out=tmp_path, batch=2, clip_length=3, height=32, width=48, amp="off")
+    total, logs = Trainer(cfg, iter(()))._clip_losses(_fixed_batch())
+    assert float(total) == pytest.approx(logs["loss_blur"] + 0.6 * logs["loss_noise"], rel=1e-5)
+    frame = torch.rand(1, 3, 8, 8)
+    one, parts = r2d4_loss({"restored": frame, "denoised": frame.flip(-1)}, frame.flip(-2), frame)
+    assert float(one) == pytest.approx(float(parts["blur"] + 0.6 * parts["noise"]), rel=1e-6)
+
+
 @pytest.mark.parametrize("name", ["most-nss-tiny", "r2-d4-tiny"])
 def test_the_detail_gate_is_fitted_not_trained(name: str, tmp_path: Path) -> None:
     """The losses read the frame before the detail return: a fitted gate changes no loss and gets no

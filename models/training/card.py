@@ -18,6 +18,7 @@ from models.most import TASKS, Structure
 from models.training.colour_fit import ColourFit, colour_fit_of
 from models.training.detail_fit import DetailFit, detail_fit_of
 from models.training.filter_fit import filter_fit_of
+from models.training.losses import R2D4_NOISE_WEIGHT
 from models.training.trainer import recorded_prior
 
 METRIC_COLUMNS = (("psnr", "PSNR", "{:.2f}"), ("psnr_aligned", "PSNR c.a.", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
@@ -167,7 +168,7 @@ def write_card(
           if cfg.get("colour_loss") else []),
         f"- task balancing: {cfg.get('balancing', '-')}{emphasis_text(cfg.get('emphasis'))}"
         if "structure" in meta
-        else "- loss: MSE(R) + 0.6 MSE(R')",
+        else f"- loss: MSE(R) + {R2D4_NOISE_WEIGHT:g} MSE(R')",
         f"- mixed precision: {meta.get('amp')}",
         f"- wall time: {seconds / 3600:.2f} h of optimisation on {hardware or meta.get('hardware') or cpu_model()}",
         f"- weights: {meta.get('dtype', 'float32')} safetensors, no pickle; metadata holds the full training config",

@@ -21,6 +21,8 @@ from models.layers import mean_corner_error, rescale_homography
 from models.most import MostStep
 
 TASKS = ("restoration", "segmentation", "homography")
+R2D4_NOISE_WEIGHT = 0.6  # eq. 3.25: the first (denoising) stage's share
+R2D4_PERCEPTUAL_WEIGHT = 0.01
 
 
 def charbonnier(pred: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
@@ -144,8 +146,6 @@ def r2d4_loss(
     target: Tensor,
     target_blurry: Tensor,
     perceptual: VGGPerceptual | None = None,
-    noise_weight: float = 0.6,
-    perceptual_weight: float = 0.01,
     aligned: float = 0.0,
     colour: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -163,8 +163,15 @@ def r2d4_loss(
         return term
 
     parts = {"blur": stage(outputs["restored"], target), "noise": stage(outputs["denoised"], target_blurry)}
-    total = parts["blur"] + noise_weight * parts["noise"]
     if perceptual is not None:
         parts["perceptual"] = perceptual(outputs["restored"].float(), target)
-        total = total + perceptual_weight * parts["perceptual"]
-    return total, parts
+    return r2d4_total(parts), parts
+
+
+def r2d4_total(parts: dict[str, Tensor]) -> Tensor:
+    """The weighted sum of :func:`r2d4_loss`'s parts; the trainer sums the parts over a clip's
+    frames first, and the sum is linear, so both totals agree."""
+    total = parts["blur"] + R2D4_NOISE_WEIGHT * parts["noise"]
+    if "perceptual" in parts:
+        total = total + R2D4_PERCEPTUAL_WEIGHT * parts["perceptual"]
+    return total

@@ -26,7 +26,7 @@ from models.most import MostNet, Structure
 from models.r2d4 import R2D4
 from models.registry import create_model
 from models.training.balancing import Balancer, create_balancer
-from models.training.losses import MostTargets, VGGPerceptual, most_task_losses, r2d4_loss
+from models.training.losses import MostTargets, VGGPerceptual, most_task_losses, r2d4_loss, r2d4_total
 from models.training.nss import ScaleGates, gated_task_errors
 
 
@@ -257,9 +257,7 @@ class Trainer:
             total, weights = self.balancer.combine(task_sums)
             logs.update({f"weight_{k}": v for k, v in weights.items()})
         else:
-            total = task_sums["blur"] + 0.6 * task_sums["noise"]
-            if "perceptual" in task_sums:
-                total = total + 0.01 * task_sums["perceptual"]
+            total = r2d4_total(task_sums)
         if self.gates is not None:
             total = total + self.cfg.sparsity_weight * self.gates.sparsity()
             logs.update(self.gates.snapshot())
