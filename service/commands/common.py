@@ -28,12 +28,17 @@ def prefixes(text: str) -> tuple[str, ...]:
     return tuple(p for p in text.split(",") if p)
 
 
+def _number(text: str) -> float:
+    """``text`` as a float, NaN where it is none, so one range check refuses both."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def share(text: str) -> float:
     """A probability in [0, 1], e.g. ``--recipe-share 0.75``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a share within [0, 1], got {text!r}")
     return value
@@ -41,10 +46,7 @@ def share(text: str) -> float:
 
 def weight(text: str) -> float:
     """A loss weight >= 0, e.g. ``--colour-loss 1``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text!r}")
     return value
