@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.commands.common import checkpoint, checkpoint_overrides, invalid_settings
+from service.commands.common import checkpoint, checkpoint_overrides, frame_size, image_size, invalid_settings
 from service.jobs.manager import JobManager
 from service.settings import JobsSettings, Settings
 
@@ -81,6 +81,21 @@ def test_checkpoint_flags(tmp_path: Path) -> None:
     assert flagged.checkpoints == {
         "most-nss": tmp_path / "env.safetensors", "r2-d4-tiny": tmp_path / "a", "most-net": tmp_path / "b"
     }  # fmt: skip
+
+
+def test_size_flags_share_the_syntax_and_differ_in_range() -> None:
+    """Network sizes must be multiples of 8; rendered data only 16x16 or more (the stream loop pads)."""
+    assert frame_size("320x416") == image_size("320X416") == (320, 416)
+    assert image_size("270x481") == (270, 481)
+    for bad in ("320x410", "0x16", "-8x16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="multiples of 8"):
+            frame_size(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="16x16"):
+        image_size("15x64")
+    for parse in (frame_size, image_size):
+        for bad in ("320", "320x", "axb", "1x2x3"):
+            with pytest.raises(argparse.ArgumentTypeError, match="must look like"):
+                parse(bad)
 
 
 def test_the_retired_single_checkpoint_variable_names_its_replacement(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,14 +12,28 @@ if TYPE_CHECKING:
 _SECTIONS = ("jobs",)  # nested sections of service.settings.Settings
 
 
-def frame_size(text: str) -> tuple[int, int]:
-    """``HxW`` for a network input: positive multiples of 8 (the networks' size multiple)."""
+def _pair(text: str) -> tuple[int, int]:
+    """``HxW`` as two ints; the callers own the range."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 320x416, got {text!r}") from None
+    return h, w
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """``HxW`` for a network input: positive multiples of 8 (the networks' size multiple)."""
+    h, w = _pair(text)
     if h <= 0 or w <= 0 or h % 8 or w % 8:
         raise argparse.ArgumentTypeError(f"size {text} must be positive multiples of 8")
+    return h, w
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``HxW`` for rendered data: any size from 16x16, since the stream loop pads to the multiple."""
+    h, w = _pair(text)
+    if h < 16 or w < 16:
+        raise argparse.ArgumentTypeError(f"size {text} is too small (16x16 at least)")
     return h, w
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from service.commands.common import share
+from service.commands.common import image_size, share
 from service.commands.train import content_mix
 
 SPLIT_DEFAULTS = {  # split -> (sequences, noise)
@@ -24,16 +24,6 @@ SPLIT_DEFAULTS = {  # split -> (sequences, noise)
     "test": (8, "moderate"),
     "real": (12, "mixed"),  # the real-content evaluation split: noise is drawn per sequence
 }
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 320x416, got {text!r}") from None
-    if h < 16 or w < 16:
-        raise argparse.ArgumentTypeError(f"size {text} is too small (16x16 at least)")
-    return h, w
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +116,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=tuple(SPLITS), default="test", help="split (mixed into the seed)")
     p.add_argument("--sequences", type=int, help="number of sequences (default: train 64, val 8, test 8, real 12)")
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
-    p.add_argument("--size", type=parse_size, default=(320, 416), help="HxW (default 320x416, as Vident-lab)")
+    p.add_argument("--size", type=image_size, default=(320, 416), help="HxW (default 320x416, as Vident-lab)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
     p.add_argument(
         "--noise", choices=NOISE_CHOICES, help="noise level (default: test moderate, train/val mixed per sequence)"
