@@ -116,7 +116,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=tuple(SPLITS), default="test", help="split (mixed into the seed)")
     p.add_argument("--sequences", type=int, help="number of sequences (default: train 64, val 8, test 8, real 12)")
     p.add_argument("--frames", type=int, default=24, help="frames per sequence (default 24)")
-    p.add_argument("--size", type=image_size, default=(320, 416), help="HxW (default 320x416, as Vident-lab)")
+    p.add_argument("--size", type=image_size, default=(320, 416), help="HxW, 16x16 or more (default 320x416)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
     p.add_argument(
         "--noise", choices=NOISE_CHOICES, help="noise level (default: test moderate, train/val mixed per sequence)"
