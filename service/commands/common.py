@@ -30,7 +30,8 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def image_size(text: str) -> tuple[int, int]:
-    """``HxW`` for rendered data: any size from 16x16, since the stream loop pads to the multiple."""
+    """``HxW`` for rendered data: no multiple of 8 (the pipeline pads network inputs), and the
+    renderer's own 16x16 minimum (``SynthConfig``), checked here too for an argparse error."""
     h, w = _pair(text)
     if h < 16 or w < 16:
         raise argparse.ArgumentTypeError(f"size {text} is too small (16x16 at least)")
